@@ -1,0 +1,1 @@
+"""Entry points over ``tasks``: Prefect flows, the ``fanaoi`` CLI and dvc stage commands."""

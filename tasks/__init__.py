@@ -1,0 +1,1 @@
+"""FanAOI pipeline logic as plain functions (no orchestration imports)."""

@@ -1,0 +1,180 @@
+"""Find the labeled images of a data set, split them by content hash, feed them to Keras.
+
+A data set is a folder with one subfolder per class (``data.classes`` in params). The
+label of a class is its position in that list, never its place in alphabetical order.
+An image's split is a function of the sha256 of its bytes and a salt, so adding images
+never moves an old one between train, validation and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tasks.errors import FanaoiError
+from tasks.params import DataParams, ModelParams
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+_HASH_CHUNK = 1 << 20
+
+
+class DatasetError(FanaoiError):
+    """The data folder cannot be used as it is; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class LabeledImage:
+    path: Path
+    class_name: str
+    label: int
+    sha256: str
+    split: str
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def assign_split(sha256: str, salt: str, fractions: Mapping[str, float]) -> str:
+    """Map a content hash to train/validation/test; stable for a given salt and fractions."""
+    bucket = int.from_bytes(hashlib.sha256(f"{salt}:{sha256}".encode()).digest()[:8], "big")
+    position = bucket / 2**64
+    cumulative = 0.0
+    for split in SPLITS:
+        cumulative += fractions[split]
+        if position < cumulative:
+            return split
+    return SPLITS[-1]
+
+
+def is_candidate_file(path: Path) -> bool:
+    """Hidden files (.DS_Store, editor swap files) are never data."""
+    return not path.name.startswith(".")
+
+
+def class_folders(data_dir: Path, classes: Sequence[str]) -> dict[str, Path]:
+    """The class folders, checked: all present, none empty, nothing unexpected beside them."""
+    if not data_dir.is_dir():
+        raise DatasetError(
+            f"{data_dir}: data folder not found; create it with one subfolder per class "
+            f"({', '.join(classes)}) or run `fanaoi demo-data {data_dir}`"
+        )
+    unexpected = sorted(
+        p.name for p in data_dir.iterdir() if p.is_dir() and is_candidate_file(p) and p.name not in classes
+    )
+    if unexpected:
+        raise DatasetError(
+            f"{data_dir / unexpected[0]}: unknown class folder; the classes are "
+            f"{', '.join(classes)} (data.classes in params.yaml): rename or move it out"
+        )
+    folders = {}
+    for name in classes:
+        folder = data_dir / name
+        if not folder.is_dir():
+            raise DatasetError(
+                f"{folder}: class folder missing; create it and add {name} images, "
+                f"or fix data.classes in params.yaml"
+            )
+        folders[name] = folder
+    return folders
+
+
+def list_images(data_dir: Path | str, params: DataParams) -> list[LabeledImage]:
+    """Every image of the data set with its label, hash and split, in a stable order.
+
+    Files whose extension is not an image extension of params are skipped and counted
+    in a warning (the validate stage reports each one).
+    """
+    data_dir = Path(data_dir)
+    mapping = params.class_mapping
+    extensions = {e.lower() for e in params.extensions}
+    images: list[LabeledImage] = []
+    for name, folder in class_folders(data_dir, params.classes).items():
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_candidate_file(p))
+        accepted = [p for p in files if p.suffix.lower() in extensions]
+        if len(accepted) < len(files):
+            log.warning(
+                "%s: skipped %d file(s) that are not %s images",
+                folder, len(files) - len(accepted), "/".join(sorted(extensions)),
+            )
+        if not accepted:
+            raise DatasetError(
+                f"{folder}: no images in class folder; add {name} images "
+                f"({', '.join(sorted(extensions))}) before training"
+            )
+        for path in accepted:
+            digest = sha256_of(path)
+            split = assign_split(digest, params.split_salt, params.split)
+            images.append(LabeledImage(path, name, mapping[name], digest, split))
+    return images
+
+
+def select(images: Iterable[LabeledImage], split: str) -> list[LabeledImage]:
+    return [image for image in images if image.split == split]
+
+
+def require_split(images: Sequence[LabeledImage], split: str, data_dir: Path | str) -> None:
+    """A split with no image of some class cannot train or score a classifier."""
+    present = {image.class_name for image in images}
+    if not images or len(present) < 2:
+        raise DatasetError(
+            f"{data_dir}: the {split} split has {len(images)} image(s) of classes "
+            f"{sorted(present) or 'none'}; add more images to each class folder"
+        )
+
+
+def decode_image(contents: tf.Tensor, model: ModelParams) -> tf.Tensor:
+    """Bytes of a PNG/JPEG/BMP -> float32 tensor in [0, 1] at the model's input size.
+
+    The one preprocessing function for training, evaluation and prediction.
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(contents, channels=model.channels, expand_animations=False)
+    image = tf.image.resize(image, model.input_size, method="bilinear", antialias=True)
+    return tf.cast(image, tf.float32) / 255.0
+
+
+def make_dataset(
+    images: Sequence[LabeledImage],
+    model: ModelParams,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    shuffle_buffer: int = 4096,
+) -> tf.data.Dataset:
+    """tf.data pipeline: parallel read and decode, cache decoded tensors, batch, prefetch.
+
+    With ``shuffle_seed`` the order is reshuffled each epoch from that seed.
+    """
+    import tensorflow as tf
+
+    paths = [str(image.path) for image in images]
+    labels = [float(image.label) for image in images]
+    dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
+    dataset = dataset.map(
+        lambda path, label: (decode_image(tf.io.read_file(path), model), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    ).cache()
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(
+            min(shuffle_buffer, max(len(paths), 1)), seed=shuffle_seed, reshuffle_each_iteration=True
+        )
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def labels_of(images: Sequence[LabeledImage]) -> list[int]:
+    return [image.label for image in images]

@@ -1,0 +1,180 @@
+"""Typed view of params.yaml.
+
+Entry points (CLI, flows, dvc stage commands) read params.yaml once and pass these
+objects down; nothing in ``tasks`` opens the file itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.errors import FanaoiError
+
+
+class ParamsError(FanaoiError):
+    """params.yaml is missing, unreadable or holds a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dir: str = "data"
+    classes: tuple[str, ...] = ("GO", "NG")
+    positive_class: str = "NG"
+    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
+    split_salt: str = "fanaoi-split-v1"
+    split: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.70, "validation": 0.15, "test": 0.15}
+    )
+
+    def __post_init__(self) -> None:
+        if len(self.classes) != 2 or len(set(self.classes)) != 2:
+            raise ParamsError(f"data.classes must name two different classes, got {self.classes}")
+        if self.positive_class != self.classes[1]:
+            raise ParamsError(
+                f"data.positive_class {self.positive_class!r} must be the second entry of "
+                f"data.classes {list(self.classes)} (label 1)"
+            )
+        if set(self.split) != {"train", "validation", "test"}:
+            raise ParamsError("data.split needs exactly the keys train, validation, test")
+        if abs(sum(self.split.values()) - 1.0) > 1e-6 or min(self.split.values()) < 0:
+            raise ParamsError(f"data.split fractions must be >= 0 and sum to 1, got {self.split}")
+
+    @property
+    def class_mapping(self) -> dict[str, int]:
+        """Class name -> label, in the order params gives (positive class = 1)."""
+        return {name: index for index, name in enumerate(self.classes)}
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    count: int = 2400
+    seed: int = 20261125
+    size: int = 96
+    ng_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    architecture: str = "seed_cnn"
+    input_size: tuple[int, int] = (80, 80)
+    color_mode: str = "rgb"
+    conv_filters: tuple[int, ...] = (32, 64)
+    dense_units: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.color_mode not in ("rgb", "grayscale"):
+            raise ParamsError(f"model.color_mode must be rgb or grayscale, got {self.color_mode!r}")
+        if self.architecture not in ("seed_cnn", "small_cnn"):
+            raise ParamsError(
+                f"model.architecture must be seed_cnn or small_cnn, got {self.architecture!r}"
+            )
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.color_mode == "rgb" else 1
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int = 42
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    shuffle_buffer: int = 4096
+    checkpoint_dir: str = "models/checkpoints"
+    jit_compile: bool = False
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    threshold: float = 0.5
+    max_gap: float = 0.02
+    max_overfit: float = 0.05
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    demo: DemoParams = field(default_factory=DemoParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:
+        """Build from the parsed YAML; unknown keys and wrong types name the key."""
+        return _build(cls, raw, source, prefix="")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: {prefix or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamsError(
+            f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known keys here: {', '.join(sorted(names))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, source, prefix=key + ".")
+        else:
+            values[name] = _coerce(hint, value, source, key)
+    try:
+        return cls(**values)
+    except ParamsError as exc:
+        raise ParamsError(f"{source}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    wrong = ParamsError(f"{source}: {key} = {value!r} is not a valid {_describe(hint)}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise wrong
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(item, v, source, key) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        item = typing.get_args(hint)[1]
+        return {str(k): _coerce(item, v, source, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+        return _coerce(inner, value, source, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    return value
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
