@@ -87,6 +87,7 @@ def train_model(
         validation_data=validation_data,
         epochs=train_params.epochs,
         callbacks=callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles, seeded
         verbose=0,
     )
     history = [
