@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import main
+from tests.conftest import make_image_folder
+
+
+def test_help_does_not_import_heavy_packages():
+    code = (
+        "import sys; from flows.cli import build_parser; build_parser();"
+        "heavy = [m for m in ('tensorflow', 'keras', 'great_expectations', 'prefect', 'dvc')"
+        " if m in sys.modules]; print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_bad_data_folder_gives_one_line_error(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    (data / "SCRAP").mkdir()
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  dir: {data}\n")
+    code = main(["--params", str(params), "train", "--model", str(tmp_path / "m" / "c.h5")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "SCRAP: unknown class folder" in err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("argv", [["--params", "/nonexistent/params.yaml", "train"]])
+def test_missing_params_file_is_reported(argv, capsys):
+    assert main(argv) == 1
+    assert "params.yaml: not found" in capsys.readouterr().err

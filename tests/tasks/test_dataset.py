@@ -1,0 +1,81 @@
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tasks.dataset import DatasetError, assign_split, list_images, make_dataset, select
+from tasks.params import DataParams, ModelParams
+from tests.conftest import make_image_folder
+
+FRACTIONS = {"train": 0.7, "validation": 0.15, "test": 0.15}
+
+
+def test_split_is_stable_and_follows_fractions():
+    hashes = [f"{i:064x}" for i in range(4000)]
+    first = [assign_split(h, "salt", FRACTIONS) for h in hashes]
+    assert first == [assign_split(h, "salt", FRACTIONS) for h in hashes]
+    counts = Counter(first)
+    assert counts["train"] / 4000 == pytest.approx(0.7, abs=0.03)
+    assert counts["validation"] / 4000 == pytest.approx(0.15, abs=0.03)
+    other_salt = [assign_split(h, "other", FRACTIONS) for h in hashes]
+    assert other_salt != first
+
+
+def test_adding_images_never_moves_old_ones(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=20, seed=1)
+    params = DataParams(dir=str(data))
+    before = {i.sha256: i.split for i in list_images(data, params)}
+    make_image_folder(tmp_path / "more", per_class=15, seed=2)
+    for cls in ("GO", "NG"):
+        for path in (tmp_path / "more" / cls).iterdir():
+            shutil.copy(path, data / cls / f"new_{path.name}")
+    after = {i.sha256: i.split for i in list_images(data, params)}
+    assert len(after) == 70
+    assert all(after[sha] == split for sha, split in before.items())
+
+
+def test_labels_follow_params_order_not_alphabet(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=3, classes=("ok", "defect"))
+    params = DataParams(dir=str(data), classes=("ok", "defect"), positive_class="defect")
+    labels = {i.class_name: i.label for i in list_images(data, params)}
+    assert labels == {"ok": 0, "defect": 1}  # alphabetical order would give defect = 0
+
+
+def test_unknown_class_folder_is_named(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    (data / "SCRAP").mkdir()
+    with pytest.raises(DatasetError, match=r"data/SCRAP: unknown class folder"):
+        list_images(data, DataParams(dir=str(data)))
+
+
+def test_empty_class_is_named(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    for path in (data / "NG").iterdir():
+        path.unlink()
+    with pytest.raises(DatasetError, match=r"data/NG: no images in class folder"):
+        list_images(data, DataParams(dir=str(data)))
+
+
+def test_non_image_files_are_skipped_with_a_warning(tmp_path, caplog):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    (data / "GO" / "notes.txt").write_text("x")
+    (data / "GO" / ".DS_Store").write_bytes(b"\0")
+    images = list_images(data, DataParams(dir=str(data)))
+    assert len(images) == 4
+    assert "skipped 1 file(s)" in caplog.text
+
+
+def test_pipeline_decodes_resizes_and_scales(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=5)
+    images = list_images(data, DataParams(dir=str(data)))
+    for color_mode, channels in (("rgb", 3), ("grayscale", 1)):
+        model = ModelParams(input_size=(20, 24), color_mode=color_mode)
+        batches = list(make_dataset(images, model, batch_size=4).as_numpy_iterator())
+        features = np.concatenate([b[0] for b in batches])
+        labels = np.concatenate([b[1] for b in batches])
+        assert features.shape == (10, 20, 24, channels)
+        assert 0.0 <= features.min() and features.max() <= 1.0
+        assert list(labels) == [i.label for i in images]
+    assert {i.split for i in images} <= {"train", "validation", "test"}
+    assert len(select(images, "train")) + len(select(images, "validation")) + len(select(images, "test")) == 10
