@@ -97,6 +97,41 @@ class EvaluateParams:
     max_overfit: float = 0.05
 
 
+GATE_METRICS = ("accuracy", "balanced_accuracy", "f1", "auc")
+
+
+@dataclass(frozen=True)
+class GateParams:
+    metric: str = "accuracy"
+    min_delta: float = 0.005
+    max_escape_increase: float = 0.0
+    max_overkill_increase: float = 0.01
+    min_accuracy: float = 0.95
+    max_escape_rate: float = 0.05
+    significance: float | None = None
+    target_escape_rate: float | None = None
+    smoke_images: int = 8
+
+    def __post_init__(self) -> None:
+        if self.metric not in GATE_METRICS:
+            raise ParamsError(
+                f"gate.metric must be one of {', '.join(GATE_METRICS)}, got {self.metric!r}"
+            )
+        for name in ("significance", "target_escape_rate"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ParamsError(f"gate.{name} must be null or between 0 and 1, got {value}")
+        if self.smoke_images < 1:
+            raise ParamsError(f"gate.smoke_images must be at least 1, got {self.smoke_images}")
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    dir: str = "registry"
+    lock_timeout: float = 60.0
+    predict_batch_size: int = 64
+
+
 @dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
@@ -104,6 +139,8 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    gate: GateParams = field(default_factory=GateParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:
