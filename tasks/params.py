@@ -132,6 +132,55 @@ class RegistryParams:
     predict_batch_size: int = 64
 
 
+# Expectation name -> "blocking" (fails the validate stage) or "warning" (reported only).
+VALIDATE_SEVERITY = {
+    "readable": "blocking",
+    "not_empty": "blocking",
+    "format_allowed": "blocking",
+    "mode_allowed": "blocking",
+    "width_in_bounds": "blocking",
+    "height_in_bounds": "blocking",
+    "image_files_only": "warning",
+    "no_loose_files": "warning",
+    "no_unexpected_folders": "blocking",
+    "no_symlink_outside": "blocking",
+    "unique_in_class": "warning",
+    "no_label_conflict": "blocking",
+    "min_per_class": "blocking",
+    "class_fraction": "warning",
+    "no_near_duplicate_leak": "warning",
+    "brightness_in_range": "warning",
+}
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    max_pixels: int = 50_000_000
+    formats: tuple[str, ...] = ("PNG", "JPEG", "BMP")
+    modes: tuple[str, ...] = ("L", "LA", "P", "RGB", "RGBA")
+    min_side: int = 16
+    max_side: int = 4096
+    min_per_class: int = 20
+    min_class_fraction: float = 0.1
+    near_duplicate_distance: int = 3
+    brightness_max_z: float = 6.0
+    cache_dir: str = ".fanaoi"
+    severity: dict[str, str] = field(default_factory=lambda: dict(VALIDATE_SEVERITY))
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.severity) - set(VALIDATE_SEVERITY))
+        if unknown:
+            raise ParamsError(
+                f"validate.severity: unknown expectation(s) {', '.join(unknown)}; "
+                f"known: {', '.join(VALIDATE_SEVERITY)}"
+            )
+        wrong = {k: v for k, v in self.severity.items() if v not in ("blocking", "warning")}
+        if wrong:
+            raise ParamsError(f"validate.severity values must be blocking or warning, got {wrong}")
+        # Expectations left out of params keep their default severity.
+        object.__setattr__(self, "severity", {**VALIDATE_SEVERITY, **self.severity})
+
+
 @dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
@@ -141,6 +190,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     gate: GateParams = field(default_factory=GateParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:
