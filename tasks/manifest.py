@@ -3,13 +3,24 @@
 ``inspect_file`` never raises on a bad image: the row's ``error`` says why it cannot be
 used (zero-byte, truncated, not an image, decompression bomb). The validate stage and
 ``fanaoi ingest`` both judge files by these rows.
+
+``build_manifest`` walks a data folder the way training reads it (class folders searched
+recursively, hidden files skipped, symlinked folders not followed) and adds a row for
+everything training would skip or refuse, so the validate stage can name each one.
+Inspections are cached by (path, size, mtime): re-validating after a night's batch
+decodes only the new files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
+import logging
+import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +28,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import PIL
 from PIL import Image, UnidentifiedImageError
+
+from tasks.dataset import assign_split, is_candidate_file
+from tasks.params import DataParams
+
+log = logging.getLogger(__name__)
+
+# What a manifest row is: an image of a class, or something training skips or refuses.
+IMAGE = "image"
+OTHER_FILE = "other_file"  # in a class folder, not an image file: training skips it
+LOOSE_FILE = "loose_file"  # beside the class folders: training ignores it
+UNEXPECTED_FOLDER = "unexpected_folder"  # not a class: training refuses the data set
+OUTSIDE_LINK = "outside_link"  # symlink leading out of the data folder
+
+_CACHE_VERSION = 1
 
 # dHash: compare neighbouring pixels of a 9x8 grayscale thumbnail -> 64 bits.
 _DHASH_SIZE = (9, 8)
@@ -107,3 +134,160 @@ def _failed(path: Path, size: int, digest: str | None, error: str) -> FileCheck:
 
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+_CHECK_COLUMNS = [f.name for f in dataclasses.fields(FileCheck) if f.name != "path"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    relative: str
+    kind: str
+    class_name: str | None
+    detail: str | None = None  # link target, or what an unexpected folder holds
+    key: tuple[int, int] | None = None  # (size, mtime_ns) of an image, the cache key
+
+
+def build_manifest(
+    data_dir: Path | str, data: DataParams, max_pixels: int, cache_dir: Path | str | None = None
+) -> pd.DataFrame:
+    """One row per entry of the data folder, sorted by path; images inspected or cached.
+
+    Columns: path (relative, '/'-separated), kind, class_name, split, detail, and the
+    fields of FileCheck. ``attrs["inspected"]`` counts the files decoded this time.
+    """
+    data_dir = Path(data_dir)
+    entries = list(_walk_data_folder(data_dir, data))
+    cache_path = _cache_path(Path(cache_dir), data_dir) if cache_dir is not None else None
+    cached = _load_cache(cache_path, max_pixels) if cache_path else {}
+    checks: dict[str, dict] = {}
+    inspected = 0
+    for entry in entries:
+        if entry.kind != IMAGE:
+            continue
+        hit = cached.get(entry.relative)
+        if hit is not None and tuple(hit["key"]) == entry.key:
+            checks[entry.relative] = hit
+            continue
+        check = dataclasses.asdict(inspect_file(entry.path, max_pixels))
+        check.pop("path")
+        checks[entry.relative] = {"key": list(entry.key), **check}
+        inspected += 1
+    if cache_path and (inspected or len(checks) != len(cached)):
+        _save_cache(cache_path, max_pixels, checks)
+    frame = _to_frame(entries, checks, data)
+    frame.attrs["inspected"] = inspected
+    log.info("manifest of %s: %d entries, %d inspected, %d from cache",
+             data_dir, len(frame), inspected, len(checks) - inspected)
+    return frame
+
+
+def _to_frame(entries: list[_Entry], checks: dict[str, dict], data: DataParams) -> pd.DataFrame:
+    rows = []
+    for entry in entries:
+        check = checks.get(entry.relative, {})
+        sha = check.get("sha256")
+        rows.append({
+            "path": entry.relative,
+            "kind": entry.kind,
+            "class_name": entry.class_name,
+            "split": assign_split(sha, data.split_salt, data.split) if sha else None,
+            "detail": entry.detail,
+            **{name: check.get(name) for name in _CHECK_COLUMNS},
+        })
+    frame = pd.DataFrame(rows, columns=["path", "kind", "class_name", "split", "detail",
+                                        *_CHECK_COLUMNS])
+    frame["decodable"] = frame["decodable"].astype("boolean")
+    return frame.sort_values("path", ignore_index=True)
+
+
+def _walk_data_folder(data_dir: Path, data: DataParams) -> Iterator[_Entry]:
+    """Top level: class folders are searched, anything else is one row of its own."""
+    root = data_dir.resolve()
+    with os.scandir(data_dir) as listing:
+        top = sorted(listing, key=lambda e: e.name)
+    for entry in top:
+        path = Path(entry.path)
+        if not is_candidate_file(path):
+            continue
+        if entry.is_symlink() and not _is_inside(path, root):
+            yield _Entry(path, entry.name, OUTSIDE_LINK, None, os.path.realpath(path))
+        elif entry.is_dir() and entry.name in data.classes:
+            yield from _walk_class_folder(path, entry.name, root, data)
+        elif entry.is_dir():
+            count = sum(len(files) for _, _, files in os.walk(path))
+            yield _Entry(path, entry.name + "/", UNEXPECTED_FOLDER, None, f"{count} file(s)")
+        else:
+            yield _Entry(path, entry.name, LOOSE_FILE, None)
+
+
+def _walk_class_folder(
+    folder: Path, class_name: str, root: Path, data: DataParams
+) -> Iterator[_Entry]:
+    """Like ``Path.rglob`` in training: subfolders searched, symlinked folders not followed."""
+    extensions = {e.lower() for e in data.extensions}
+    pending = [folder]
+    while pending:
+        with os.scandir(pending.pop()) as listing:
+            for entry in listing:
+                path = Path(entry.path)
+                relative = path.relative_to(folder.parent).as_posix()
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                elif not is_candidate_file(path):
+                    continue
+                elif entry.is_symlink() and not _is_inside(path, root):
+                    yield _Entry(path, relative, OUTSIDE_LINK, class_name, os.path.realpath(path))
+                else:
+                    yield from _class_file(entry, path, relative, class_name, extensions)
+
+
+def _class_file(entry: os.DirEntry, path: Path, relative: str, class_name: str,
+                extensions: set[str]) -> Iterator[_Entry]:
+    try:
+        info = entry.stat()
+    except OSError:  # a broken link: inspecting it reports the read error
+        yield _Entry(path, relative, IMAGE, class_name, key=(-1, -1))
+        return
+    if stat.S_ISDIR(info.st_mode):
+        return  # a symlinked folder: training does not follow it either
+    if not stat.S_ISREG(info.st_mode) or path.suffix.lower() not in extensions:
+        yield _Entry(path, relative, OTHER_FILE, class_name)
+        return
+    yield _Entry(path, relative, IMAGE, class_name, key=(info.st_size, info.st_mtime_ns))
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(root)
+
+
+def _cache_path(cache_dir: Path, data_dir: Path) -> Path:
+    """One cache file per data folder, named by its absolute path."""
+    tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    return cache_dir / f"manifest-{tag}.json"
+
+
+def _load_cache(path: Path, max_pixels: int) -> dict[str, dict]:
+    """Rows of an earlier run, or nothing if the file is missing, stale or damaged."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if stored.get("header") != _cache_header(max_pixels):
+        return {}
+    return stored.get("files", {})
+
+
+def _save_cache(path: Path, max_pixels: int, checks: dict[str, dict]) -> None:
+    """Write to a temporary file and rename, so a killed run leaves the old cache whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({"header": _cache_header(max_pixels), "files": checks}),
+                         encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _cache_header(max_pixels: int) -> dict:
+    # A new bomb limit or Pillow version may change verdicts: start over.
+    return {"version": _CACHE_VERSION, "max_pixels": max_pixels, "pillow": PIL.__version__}
