@@ -181,6 +181,27 @@ class ValidateParams:
         object.__setattr__(self, "severity", {**VALIDATE_SEVERITY, **self.severity})
 
 
+COLLISION_STRATEGIES = ("CANCEL_NEW", "ENQUEUE")
+
+
+@dataclass(frozen=True)
+class NightlyParams:
+    cron: str = "0 2 * * *"
+    timezone: str | None = None
+    collision_strategy: str = "CANCEL_NEW"
+    retries: int = 3
+    retry_delay_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.collision_strategy not in COLLISION_STRATEGIES:
+            raise ParamsError(
+                f"nightly.collision_strategy must be one of {', '.join(COLLISION_STRATEGIES)}, "
+                f"got {self.collision_strategy!r}"
+            )
+        if self.retries < 0 or self.retry_delay_seconds < 0:
+            raise ParamsError("nightly.retries and nightly.retry_delay_seconds must be >= 0")
+
+
 @dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
@@ -191,6 +212,7 @@ class Params:
     gate: GateParams = field(default_factory=GateParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
+    nightly: NightlyParams = field(default_factory=NightlyParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:
