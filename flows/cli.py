@@ -51,6 +51,21 @@ def _demo_data(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+@command("validate")
+def _validate(args: argparse.Namespace, params: Params) -> int:
+    import dataclasses
+
+    from tasks.validate import run_validate
+
+    if args.directory:
+        data = dataclasses.replace(params.data, dir=args.directory)
+        params = dataclasses.replace(params, data=data)
+    run_validate(params, args.reports, report=print)
+    print(f"report: {Path(args.reports) / 'validation.json'}, Data Docs: "
+          f"{Path(args.reports) / 'data_docs' / 'index.html'}")
+    return 0
+
+
 @command("train")
 def _train(args: argparse.Namespace, params: Params) -> int:
     from tasks.train import run_train
@@ -78,6 +93,46 @@ def _evaluate(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+@command("snapshot")
+def _snapshot(args: argparse.Namespace, params: Params) -> int:
+    from tasks.snapshot import commit_command, commit_message, commit_snapshot, snapshot_data
+
+    result = snapshot_data(Path("."), params.data.dir, push=not args.no_push)
+    state = "new" if result["changed"] else "unchanged"
+    pushed = "pushed to the DVC remote" if result["pushed"] else "not pushed (--no-push)"
+    print(f"data snapshot {result['md5']} ({state}), {pushed}")
+    if args.commit and commit_snapshot(Path("."), commit_message(result["md5"]), params.data.dir):
+        print(f"committed {params.data.dir}.dvc")
+    elif result["changed"]:
+        print(f"record it in git: {commit_command(params.data.dir, result['md5'])}")
+    return 0
+
+
+@command("ingest")
+def _ingest(args: argparse.Namespace, params: Params) -> int:
+    from tasks.ingest import ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED, ingest_batch
+
+    result = ingest_batch(
+        Path(args.batch_dir), params, Path("."), push=not args.no_push, commit=args.commit,
+        report=log.info,
+    )
+    quiet = (ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED)
+    for row in result["files"]:
+        if row["verdict"] not in quiet:
+            print(f"{row['verdict']}: {row['path']}: {row['reason']}")
+    print(", ".join(f"{n} {verdict}" for verdict, n in result["counts"].items()) or "empty batch",
+          f"-> report {result['report_path']}")
+    snapshot = result["snapshot"]
+    if snapshot:
+        print(f"data snapshot {snapshot['md5']} ({'new' if snapshot['changed'] else 'unchanged'})")
+        if result["committed"]:
+            print(f"committed {params.data.dir}.dvc")
+        elif snapshot["changed"]:
+            print(f"record it in git: {result['commit_command']}")
+    # 2: something was rejected (the accepted files were still added); 1: nothing was done.
+    return 2 if result["rejected"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fanaoi",
@@ -92,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--count", type=int, help="number of images (default: demo.count)")
     demo.add_argument("--seed", type=int, help="random seed (default: demo.seed)")
 
+    check = sub.add_parser(
+        "validate", help="check every file of the data set (Great Expectations); exit 1 if blocked"
+    )
+    check.add_argument("directory", nargs="?", help="data folder (default: data.dir)")
+    check.add_argument("--reports", default="reports", help="reports folder")
+
     for name, text in (
         ("train", "train a candidate model on the train split"),
         ("evaluate", "score the candidate; compare evaluate() with the last epoch"),
@@ -99,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
         stage = sub.add_parser(name, help=text)
         stage.add_argument("--model", default="models/candidate.h5", help="candidate path")
         stage.add_argument("--reports", default="reports", help="reports folder")
+
+    snapshot = sub.add_parser("snapshot", help="dvc add + dvc push the data folder")
+    snapshot.add_argument("--no-push", action="store_true", help="record it locally only")
+    snapshot.add_argument("--commit", action="store_true", help="git commit data.dvc")
+
+    ingest = sub.add_parser(
+        "ingest", help="add a labeled batch (GO/, NG/ folders) to the data set, a verdict per file"
+    )
+    ingest.add_argument("batch_dir", help="batch folder laid out like the data set")
+    ingest.add_argument("--no-push", action="store_true", help="snapshot locally, skip dvc push")
+    ingest.add_argument("--commit", action="store_true", help="git commit data.dvc afterwards")
     return parser
 
 
