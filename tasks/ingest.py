@@ -1,0 +1,458 @@
+"""Ingest a labeled batch into the data set: a verdict per file, content-hash names, atomic.
+
+A batch is laid out like the data set (one folder per class). Every file is inspected by
+the validation stage's own per-file check (``tasks.manifest.inspect_file`` and the
+blocking limits of ``validate`` in params). Accepted files are copied to
+``data/<class>/<sha256><ext>``; their origin goes to ``data/.sources.jsonl``, hidden so
+training and validation skip it, yet inside the DVC snapshot, so checking out an older
+snapshot restores the matching index. Originals are only read, never moved or deleted.
+
+The new data folder is built beside the old one (hard links to the files already there,
+copies of the accepted ones) and swapped in with one rename: an ingest interrupted at
+any point leaves ``data/`` as it was or complete. Then ``dvc add`` and ``dvc push``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tasks.dataset import is_candidate_file, sha256_of
+from tasks.errors import FanaoiError
+from tasks.manifest import FileCheck, inspect_file
+from tasks.params import Params, ValidateParams
+from tasks.snapshot import (
+    SnapshotError,
+    commit_command,
+    commit_message,
+    commit_snapshot,
+    require_dvc_repo,
+    snapshot_data,
+)
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = ".sources.jsonl"
+STAGING_PREFIX = ".fanaoi-ingest-"
+LOCK_NAME = ".fanaoi-ingest.lock"
+COMPLETE_MARKER = "complete"
+
+ACCEPTED = "accepted"
+DUPLICATE = "duplicate"  # the same bytes are already in the data set, same class
+DUPLICATE_IN_BATCH = "duplicate_in_batch"
+LABEL_CONFLICT = "label_conflict"  # the same bytes under the other class
+UNREADABLE = "unreadable"  # empty, truncated, not an image, decompression bomb
+INVALID = "invalid"  # decodes, but format, mode or size break a blocking validate limit
+UNEXPECTED = "unexpected"  # not an image file, outside a class folder, a symlink
+IGNORED = "ignored"  # hidden files such as .DS_Store
+REJECTED = (LABEL_CONFLICT, UNREADABLE, INVALID, UNEXPECTED)
+
+
+class IngestError(FanaoiError):
+    """The batch cannot be ingested as given; the message names the path and the fix."""
+
+
+@dataclass
+class Verdict:
+    path: str
+    class_name: str | None
+    verdict: str
+    reason: str = ""
+    sha256: str | None = None
+    stored_as: str | None = None
+
+
+def ingest_batch(
+    batch_dir: Path | str,
+    params: Params,
+    repo_dir: Path | str = ".",
+    *,
+    push: bool = True,
+    commit: bool = False,
+    reports_dir: Path | str | None = None,
+    report: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Judge every file of the batch, add the accepted ones to data/, snapshot with DVC.
+
+    Returns the report (also written as JSON under ``reports/ingest/``): counts, the
+    snapshot, and one verdict per file.
+    """
+    repo_dir, batch_dir = Path(repo_dir).resolve(), Path(batch_dir)
+    data_dir = (repo_dir / params.data.dir).resolve()
+    data_rel = _inside_repo(data_dir, repo_dir)
+    _check_batch_location(batch_dir, data_dir)
+    require_dvc_repo(repo_dir)
+    started = datetime.now(UTC)
+    with ingest_lock(data_dir):
+        recover_interrupted(data_dir, report)
+        verdicts = judge_batch(batch_dir, data_dir, params, data_rel)
+        accepted = [v for v in verdicts if v.verdict == ACCEPTED]
+        if accepted:
+            add_to_data(data_dir, accepted, _index_entries(accepted, batch_dir, started))
+            report(f"added {len(accepted)} image(s) to {data_rel}/")
+    result = _summary(batch_dir, data_rel, started, verdicts)
+    path = report_path(Path(reports_dir) if reports_dir else repo_dir / "reports" / "ingest",
+                       started, batch_dir)
+    result["report_path"] = str(path)
+    try:
+        _snapshot(result, repo_dir, data_dir, push, commit)
+    except SnapshotError as exc:
+        result["snapshot_error"] = str(exc)
+        raise SnapshotError(
+            f"{exc}. The verdicts are in {path}; {data_rel}/ holds the accepted files: "
+            f"rerun the ingest once fixed (it adds nothing twice and retries the snapshot)"
+        ) from None
+    finally:
+        write_report(result, path)
+    return result
+
+
+def _snapshot(result: dict[str, Any], repo_dir: Path, data_dir: Path, push: bool,
+              commit: bool) -> None:
+    """``dvc add`` + ``dvc push`` even when nothing was accepted: a rerun heals a failed push."""
+    data_rel = result["data_dir"]
+    if not data_dir.is_dir():
+        result["snapshot"] = None
+        return
+    snapshot = snapshot_data(repo_dir, data_rel, push=push)
+    result["snapshot"] = snapshot
+    result["commit_command"] = commit_command(data_rel, snapshot["md5"])
+    detail = f"ingest {Path(result['batch']).name}, {result['accepted']} image(s) added"
+    result["committed"] = commit and commit_snapshot(
+        repo_dir, commit_message(snapshot["md5"], detail), data_rel
+    )
+
+
+def judge_batch(batch_dir: Path, data_dir: Path, params: Params, data_rel: str) -> list[Verdict]:
+    """One verdict per file (or unexpected folder) of the batch; reads, never writes."""
+    verdicts, candidates = walk_batch(batch_dir, params.data.classes, params.data.extensions)
+    checked = [(inspect_file(path, params.validate.max_pixels), name) for path, name in candidates]
+    in_data = existing_hashes(data_dir, params.data.classes, data_rel)
+    in_batch: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for check, name in checked:
+        if file_problem(check, params.validate) is None:
+            in_batch[check.sha256].append((name, str(check.path)))
+    for check, name in checked:
+        verdicts.append(_judge_file(
+            check, name, params.validate, in_data=in_data, in_batch=in_batch, data_rel=data_rel
+        ))
+    return verdicts
+
+
+def walk_batch(
+    batch_dir: Path, classes: tuple[str, ...], extensions: tuple[str, ...]
+) -> tuple[list[Verdict], list[tuple[Path, str]]]:
+    """Verdicts for what is not a candidate image, and the (path, class) candidates."""
+    if not batch_dir.is_dir():
+        raise IngestError(
+            f"{batch_dir}: batch folder not found; give a folder with one subfolder per class "
+            f"({', '.join(classes)})"
+        )
+    verdicts: list[Verdict] = []
+    candidates: list[tuple[Path, str]] = []
+    for entry in sorted(batch_dir.iterdir()):
+        if entry.name.startswith("."):
+            verdicts.append(Verdict(str(entry), None, IGNORED, "hidden"))
+        elif entry.is_symlink():
+            verdicts.append(Verdict(str(entry), None, UNEXPECTED, "symlink; copy the file itself"))
+        elif entry.is_dir() and entry.name in classes:
+            _walk_class_folder(entry, extensions, verdicts, candidates)
+        elif entry.is_dir():
+            verdicts.append(Verdict(
+                str(entry), None, UNEXPECTED,
+                f"folder is not a class ({', '.join(classes)}); rename it or move its files "
+                f"into a class folder",
+            ))
+        else:
+            verdicts.append(Verdict(
+                str(entry), None, UNEXPECTED,
+                f"file beside the class folders; move it into one of {', '.join(classes)}",
+            ))
+    return verdicts, candidates
+
+
+def _walk_class_folder(
+    folder: Path, extensions: tuple[str, ...], verdicts: list[Verdict],
+    candidates: list[tuple[Path, str]],
+) -> None:
+    allowed = {e.lower() for e in extensions}
+    for root, dirs, files in os.walk(folder):  # does not follow symlinked folders
+        dirs.sort()
+        for name in [d for d in dirs if d.startswith(".") or Path(root, d).is_symlink()]:
+            dirs.remove(name)
+            hidden = name.startswith(".")
+            verdicts.append(Verdict(
+                str(Path(root, name)), folder.name, IGNORED if hidden else UNEXPECTED,
+                "hidden" if hidden else "symlink; copy the folder itself",
+            ))
+        for name in sorted(files):
+            path = Path(root, name)
+            if not is_candidate_file(path):
+                verdicts.append(Verdict(str(path), folder.name, IGNORED, "hidden"))
+            elif path.is_symlink():
+                verdicts.append(Verdict(str(path), folder.name, UNEXPECTED,
+                                        "symlink; copy the file itself"))
+            elif path.suffix.lower() not in allowed:
+                verdicts.append(Verdict(
+                    str(path), folder.name, UNEXPECTED,
+                    f"not an image file: extension {path.suffix or '(none)'} is not one of "
+                    f"{', '.join(sorted(allowed))} (data.extensions)",
+                ))
+            else:
+                candidates.append((path, folder.name))
+
+
+def file_problem(check: FileCheck, limits: ValidateParams) -> tuple[str, str] | None:
+    """(verdict, reason) when the file breaks a blocking per-file expectation of validate."""
+    blocking = {k for k, v in limits.severity.items() if v == "blocking"}
+    if not check.decodable:  # never admitted, whatever the severity: training cannot decode it
+        return UNREADABLE, check.error or "cannot be decoded"
+    rules = (
+        ("format_allowed", check.format not in limits.formats,
+         f"format {check.format} is not one of {', '.join(limits.formats)} (validate.formats)"),
+        ("mode_allowed", check.mode not in limits.modes,
+         f"colour mode {check.mode} is not one of {', '.join(limits.modes)} (validate.modes)"),
+        ("width_in_bounds", not limits.min_side <= (check.width or 0) <= limits.max_side,
+         f"width {check.width} px outside {limits.min_side}..{limits.max_side} (validate)"),
+        ("height_in_bounds", not limits.min_side <= (check.height or 0) <= limits.max_side,
+         f"height {check.height} px outside {limits.min_side}..{limits.max_side} (validate)"),
+    )
+    for expectation, broken, reason in rules:
+        if broken and expectation in blocking:
+            return INVALID, reason
+    return None
+
+
+def _judge_file(
+    check: FileCheck, name: str, limits: ValidateParams, *,
+    in_data: dict[str, list[tuple[str, str]]], in_batch: dict[str, list[tuple[str, str]]],
+    data_rel: str,
+) -> Verdict:
+    verdict = Verdict(str(check.path), name, ACCEPTED, sha256=check.sha256)
+    problem = file_problem(check, limits)
+    if problem is not None:
+        verdict.verdict, verdict.reason = problem
+        return verdict
+    conflicts = [f"{path} (labeled {other})" for other, path in in_data.get(check.sha256, [])
+                 + in_batch[check.sha256] if other != name]
+    present = [path for other, path in in_data.get(check.sha256, []) if other == name]
+    first_in_batch = next(path for other, path in in_batch[check.sha256] if other == name)
+    if conflicts:
+        verdict.verdict = LABEL_CONFLICT
+        verdict.reason = f"labeled {name} here, but the same bytes are " + ", ".join(conflicts)
+    elif present:
+        verdict.verdict, verdict.reason = DUPLICATE, f"already in the data set as {present[0]}"
+    elif first_in_batch != str(check.path):
+        verdict.verdict, verdict.reason = DUPLICATE_IN_BATCH, f"same bytes as {first_in_batch}"
+    else:
+        verdict.stored_as = f"{data_rel}/{name}/{check.sha256}{check.path.suffix.lower()}"
+    return verdict
+
+
+def existing_hashes(
+    data_dir: Path, classes: tuple[str, ...], data_rel: str
+) -> dict[str, list[tuple[str, str]]]:
+    """sha256 -> [(class, path)] for every file already in the class folders."""
+    found: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for name in classes:
+        folder = data_dir / name
+        if not folder.is_dir():
+            continue
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_candidate_file(p)):
+            relative = f"{data_rel}/{path.relative_to(data_dir).as_posix()}"
+            found[sha256_of(path)].append((name, relative))
+    return found
+
+
+def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dict]) -> None:
+    """Build the new data folder beside the old one, then swap it in with one rename."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=data_dir.parent))
+    try:
+        new_tree = staging / "new"
+        _link_tree(data_dir, new_tree)
+        for verdict in accepted:
+            target = new_tree / verdict.class_name / Path(verdict.stored_as).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copy_durably(Path(verdict.path), target)
+        _write_index(data_dir / INDEX_NAME, new_tree / INDEX_NAME, index_entries)
+        _fsync_path(staging)
+        (staging / COMPLETE_MARKER).touch()
+        swap_in(new_tree, data_dir, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def copy_durably(source: Path, target: Path) -> None:
+    """Copy the bytes and flush them to disk before the folder is swapped in."""
+    shutil.copyfile(source, target)
+    _fsync_path(target)
+
+
+def swap_in(new_tree: Path, data_dir: Path, staging: Path) -> None:
+    """Put ``new_tree`` at ``data_dir``; the old folder ends up inside ``staging``."""
+    if not data_dir.exists():
+        new_tree.rename(data_dir)
+    elif not _exchange(new_tree, data_dir):
+        # Two renames: a crash between them is rolled forward by recover_interrupted.
+        data_dir.rename(staging / "old")
+        new_tree.rename(data_dir)
+    _fsync_path(data_dir.parent)
+
+
+def recover_interrupted(data_dir: Path, report: Callable[[str], None] = log.info) -> None:
+    """Finish or discard what an ingest killed half-way left beside the data folder."""
+    for leftover in sorted(data_dir.parent.glob(STAGING_PREFIX + "*")):
+        if not data_dir.exists():
+            complete = (leftover / COMPLETE_MARKER).exists() and (leftover / "new").is_dir()
+            source = leftover / ("new" if complete else "old")
+            if source.is_dir():
+                source.rename(data_dir)
+                report(f"restored {data_dir} from an interrupted ingest ({leftover})")
+        shutil.rmtree(leftover, ignore_errors=True)
+        report(f"removed {leftover}, left by an interrupted ingest")
+
+
+@contextmanager
+def ingest_lock(data_dir: Path) -> Iterator[None]:
+    """One ingest into a data folder at a time, across processes."""
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = data_dir.parent / LOCK_NAME
+    with lock_path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IngestError(
+                f"{lock_path}: another ingest into {data_dir} is running; wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def report_path(folder: Path, started: datetime, batch_dir: Path) -> Path:
+    """reports/ingest/<UTC time>-<batch name>.json, never overwriting an earlier report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{started.strftime('%Y%m%dT%H%M%SZ')}-{batch_dir.resolve().name}"
+    path, suffix = folder / f"{stem}.json", 2
+    while path.exists():
+        path, suffix = folder / f"{stem}-{suffix}.json", suffix + 1
+    return path
+
+
+def write_report(result: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def rejected_count(result: dict[str, Any]) -> int:
+    return sum(result["counts"].get(verdict, 0) for verdict in REJECTED)
+
+
+def _summary(batch_dir: Path, data_rel: str, started: datetime, verdicts: list[Verdict]) -> dict:
+    counts = Counter(v.verdict for v in verdicts)
+    return {
+        "batch": str(batch_dir.resolve()),
+        "data_dir": data_rel,
+        "started": started.isoformat(timespec="seconds"),
+        "counts": dict(sorted(counts.items())),
+        "accepted": counts[ACCEPTED],
+        "rejected": sum(counts[v] for v in REJECTED),
+        "files": [asdict(v) for v in verdicts],
+    }
+
+
+def _index_entries(accepted: list[Verdict], batch_dir: Path, started: datetime) -> list[dict]:
+    batch = str(batch_dir.resolve())
+    when = started.isoformat(timespec="seconds")
+    return [
+        {"file": v.stored_as, "class": v.class_name, "sha256": v.sha256,
+         "source": str(Path(v.path).resolve()), "batch": batch, "ingested_at": when}
+        for v in accepted
+    ]
+
+
+def _write_index(old: Path, new: Path, entries: list[dict]) -> None:
+    # A fresh file, never the hard link to the old one: the old folder must stay as it was.
+    lines = old.read_text(encoding="utf-8") if old.is_file() else ""
+    lines += "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
+    new.write_text(lines, encoding="utf-8")
+    _fsync_path(new)
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Mirror ``source`` at ``target`` with hard links (copies where links fail)."""
+    target.mkdir()
+    if not source.is_dir():
+        return
+    for root, dirs, files in os.walk(source):
+        here = target / Path(root).relative_to(source)
+        for name in dirs:
+            (here / name).mkdir()
+        for name in files:
+            if here == target and name == INDEX_NAME:
+                continue
+            src, dst = Path(root, name), here / name
+            if src.is_symlink():
+                dst.symlink_to(os.readlink(src))
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL):  # kernel or file system without exchange
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _inside_repo(data_dir: Path, repo_dir: Path) -> str:
+    try:
+        return data_dir.relative_to(repo_dir).as_posix()
+    except ValueError:
+        raise IngestError(
+            f"{data_dir}: data.dir is outside the repository {repo_dir}; DVC can only version "
+            f"a folder inside it (set data.dir in params.yaml)"
+        ) from None
+
+
+def _check_batch_location(batch_dir: Path, data_dir: Path) -> None:
+    batch = batch_dir.resolve()
+    if batch == data_dir or data_dir in batch.parents or batch in data_dir.parents:
+        raise IngestError(
+            f"{batch_dir}: the batch overlaps the data folder {data_dir}; put the batch "
+            f"in a folder of its own outside {data_dir.name}/"
+        )
