@@ -248,9 +248,17 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
         raise ParamsError(f"{source}: {exc}") from None
 
 
+_SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
 def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(hint)
     wrong = ParamsError(f"{source}: {key} = {value!r} is not a valid {_describe(hint)}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        inner = next(a for a in typing.get_args(hint) if a is not type(None))
+        return _coerce(inner, value, source, key)
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise wrong
@@ -261,28 +269,13 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             raise wrong
         item = typing.get_args(hint)[1]
         return {str(k): _coerce(item, v, source, f"{key}.{k}") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
-        return _coerce(inner, value, source, key)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise wrong
+    allowed = _SCALARS.get(hint)
+    if allowed is None:
         return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise wrong
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise wrong
-        return value
-    return value
+    # bool is an int in Python; a YAML `yes` must not pass as a number.
+    if not isinstance(value, allowed) or (hint is not bool and isinstance(value, bool)):
+        raise wrong
+    return float(value) if hint is float else value
 
 
 def _describe(hint: Any) -> str:

@@ -7,8 +7,11 @@ the stage: it reads the data folder and writes the candidate model and reports.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,26 +38,74 @@ def set_seeds(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def _epoch_logger(
-    epochs: int, images_per_epoch: int, report: Callable[[str], None]
+class _Checkpoint:
+    """Per-epoch state of one training run, so a killed run resumes where it stopped.
+
+    Keras' BackupAndRestore keeps the weights and optimizer; this adds the finished
+    epochs' metrics and a fingerprint of the run, so a backup left by a run with other
+    params or data is discarded instead of resumed.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder = folder
+        self.journal = folder / "history.jsonl"
+        marker = folder / "fingerprint"
+        if folder.exists() and (not marker.exists() or marker.read_text() != fingerprint):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(fingerprint)
+
+    def finished_epochs(self) -> list[dict[str, float]]:
+        metadata = self.folder / "training_metadata.json"
+        if not metadata.exists() or not self.journal.exists():
+            return []
+        done = json.loads(metadata.read_text())["epoch"]
+        rows = [json.loads(line) for line in self.journal.read_text().splitlines() if line]
+        return [row for row in rows if row["epoch"] <= done]
+
+    def record(self, row: dict[str, float]) -> None:
+        with self.journal.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def run_fingerprint(
+    train_images: Sequence[LabeledImage], model_params: ModelParams, train_params: TrainParams
+) -> str:
+    content = json.dumps(
+        [dataclasses.asdict(model_params), dataclasses.asdict(train_params),
+         sorted(image.sha256 for image in train_images)],
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def _epoch_recorder(
+    epochs: int,
+    images_per_epoch: int,
+    rows: list[dict[str, float]],
+    report: Callable[[str], None],
+    checkpoint: _Checkpoint | None,
 ) -> keras.callbacks.Callback:
     import keras
 
-    class EpochLogger(keras.callbacks.Callback):
+    class EpochRecorder(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             seconds = time.perf_counter() - self.started
-            logs = logs or {}
-            logs["seconds"] = seconds
+            row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+            row["seconds"] = seconds
+            rows.append(row)
+            if checkpoint is not None:
+                checkpoint.record(row)
             report(
                 f"epoch {epoch + 1}/{epochs}: "
-                + " ".join(f"{k}={logs[k]:.4f}" for k in HISTORY_COLUMNS[1:5] if k in logs)
+                + " ".join(f"{k}={row[k]:.4f}" for k in HISTORY_COLUMNS[1:5] if k in row)
                 + f" ({seconds:.1f}s, {images_per_epoch / seconds:.0f} img/s)"
             )
 
-    return EpochLogger()
+    return EpochRecorder()
 
 
 def train_model(
@@ -62,13 +113,16 @@ def train_model(
     validation_images: Sequence[LabeledImage],
     model_params: ModelParams,
     train_params: TrainParams,
+    *,
     checkpoint_dir: Path | None = None,
     report: Callable[[str], None] = log.info,
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, list[dict[str, float]]]:
     """Fit a fresh model; returns it and one row of metrics per epoch.
 
-    With ``checkpoint_dir`` the state is saved after every epoch and a killed run resumes
-    from the last finished epoch (Keras BackupAndRestore); the folder is removed on success.
+    With ``checkpoint_dir`` the state is saved after every epoch and a killed run with
+    the same params and data resumes from its last finished epoch; the folder is removed
+    when training completes.
     """
     import keras
 
@@ -79,22 +133,26 @@ def train_model(
         shuffle_seed=train_params.seed, shuffle_buffer=train_params.shuffle_buffer,
     )
     validation_data = make_dataset(validation_images, model_params, train_params.batch_size)
-    callbacks = [_epoch_logger(train_params.epochs, len(train_images), report)]
+    rows: list[dict[str, float]] = []
+    checkpoint = None
+    callbacks: list[keras.callbacks.Callback] = []
     if checkpoint_dir is not None:
-        callbacks.insert(0, keras.callbacks.BackupAndRestore(str(checkpoint_dir)))
-    fit = model.fit(
+        fingerprint = run_fingerprint(train_images, model_params, train_params)
+        checkpoint = _Checkpoint(Path(checkpoint_dir), fingerprint)
+        rows.extend(checkpoint.finished_epochs())
+        if rows:
+            report(f"resuming from the checkpoint after epoch {rows[-1]['epoch']}")
+        callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir)))
+    callbacks.append(_epoch_recorder(train_params.epochs, len(train_images), rows, report, checkpoint))
+    model.fit(
         train_data,
         validation_data=validation_data,
         epochs=train_params.epochs,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *extra_callbacks],
         shuffle=False,  # the tf.data pipeline shuffles, seeded
         verbose=0,
     )
-    history = [
-        {"epoch": epoch + 1, **{k: float(v[index]) for k, v in fit.history.items()}}
-        for index, epoch in enumerate(fit.epoch)
-    ]
-    return model, history
+    return model, rows
 
 
 def write_history(history: Sequence[dict[str, float]], path: Path) -> None:
