@@ -1,0 +1,143 @@
+"""Classify images with the champion, using the card's class mapping, preprocessing and threshold.
+
+Images are decoded with the same function training used (tasks.dataset.decode_image), in
+batches; a file that cannot be read or decoded gets an error of its own and the others
+are still classified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tasks.dataset import decode_image, is_candidate_file
+from tasks.errors import FanaoiError
+from tasks.model import load_model, model_params_from_file, read_model_metadata
+from tasks.params import ModelParams
+from tasks.registry import CHAMPION_MODEL, champion_card
+
+if TYPE_CHECKING:
+    import keras
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A loaded model and what is needed to read its output."""
+
+    model: keras.Model
+    model_params: ModelParams
+    class_names: tuple[str, str]  # by label: class_names[1] is the positive (defect) class
+    threshold: float
+    version: str | None = None
+
+
+def _class_names(mapping: dict[str, int]) -> tuple[str, str]:
+    by_label = {label: name for name, label in mapping.items()}
+    return by_label[0], by_label[1]
+
+
+def predictor_from_file(model_path: Path | str, threshold: float) -> Predictor:
+    """A Predictor for a FanAOI .h5, with the mapping and preprocessing stored in the file."""
+    model_path = Path(model_path)
+    mapping = read_model_metadata(model_path)["class_mapping"]
+    return Predictor(
+        load_model(model_path), model_params_from_file(model_path), _class_names(mapping), threshold
+    )
+
+
+def load_champion(registry_dir: Path | str) -> Predictor:
+    """The champion of the registry with its card's mapping, preprocessing and threshold."""
+    card = champion_card(registry_dir)
+    preprocessing = card["preprocessing"]
+    model_params = ModelParams(
+        input_size=tuple(preprocessing["input_size"]), color_mode=preprocessing["color_mode"]
+    )
+    return Predictor(
+        load_model(Path(registry_dir) / CHAMPION_MODEL), model_params,
+        _class_names(card["class_mapping"]), float(card["threshold"]), card["version"],
+    )
+
+
+def expand_paths(paths: Iterable[Path | str], extensions: Sequence[str]) -> list[Path]:
+    """Files as given; folders replaced by the image files under them, sorted."""
+    suffixes = {e.lower() for e in extensions}
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and is_candidate_file(p) and p.suffix.lower() in suffixes
+            ))
+        else:
+            files.append(path)
+    if not files:
+        raise FanaoiError(
+            f"{', '.join(map(str, paths))}: no images ({'/'.join(sorted(suffixes))}) to classify"
+        )
+    return files
+
+
+def probabilities_of(predictor: Predictor, files: Sequence[Path], batch_size: int) -> np.ndarray:
+    """Positive-class probability per file; NaN where the file cannot be read or decoded."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(([str(f) for f in files], np.arange(len(files))))
+    dataset = (
+        dataset.map(
+            lambda path, i: (decode_image(tf.io.read_file(path), predictor.model_params), i),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        .ignore_errors()  # a bad file drops out here; its error is read again on its own below
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    probabilities = np.full(len(files), np.nan, dtype=np.float64)
+    for images, indexes in dataset:
+        probabilities[indexes.numpy()] = predictor.model.predict_on_batch(images).reshape(-1)
+    return probabilities
+
+
+def decode_error(path: Path, model_params: ModelParams) -> str:
+    """Why one file cannot be turned into a model input."""
+    import tensorflow as tf
+
+    try:
+        decode_image(tf.io.read_file(str(path)), model_params)
+    except (tf.errors.OpError, ValueError) as exc:
+        message = getattr(exc, "message", str(exc))
+        return message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+    return "not decoded"
+
+
+def predict_files(
+    predictor: Predictor, files: Sequence[Path], batch_size: int
+) -> list[dict[str, Any]]:
+    """One result per file: label and positive-class probability, or the error."""
+    probabilities = probabilities_of(predictor, files, batch_size)
+    results = []
+    for path, probability in zip(files, probabilities, strict=True):
+        if np.isnan(probability):
+            results.append({
+                "path": str(path), "label": None, "probability": None,
+                "error": decode_error(path, predictor.model_params),
+            })
+        else:
+            results.append({
+                "path": str(path),
+                "label": predictor.class_names[int(probability >= predictor.threshold)],
+                "probability": float(probability),
+                "error": None,
+            })
+    return results
+
+
+def smoke_probabilities(model_path: str, image_paths: Sequence[str]) -> list[float]:
+    """Run in a fresh process by the publish smoke test: load the file, score the images."""
+    predictor = predictor_from_file(model_path, threshold=0.5)
+    probabilities = probabilities_of(predictor, [Path(p) for p in image_paths], batch_size=32)
+    return [float(p) for p in probabilities]
