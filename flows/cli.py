@@ -133,6 +133,115 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
     return 2 if result["rejected"] else 0
 
 
+def _print_decision(result: dict) -> None:
+    print(f"decision: {result['decision'].upper()}  ({result['metric']}, threshold {result['threshold']:.4f})")
+    for reason in result["reasons"]:
+        print(f"  - {reason}")
+
+
+@command("gate")
+def _gate(args: argparse.Namespace, params: Params) -> int:
+    from tasks.gate import run_gate
+    from tasks.registry import publish
+
+    result = run_gate(params, args.model, args.reports, record=not args.no_publish)
+    _print_decision(result)
+    if result["decision"] == "promote" and not args.no_publish:
+        card = publish(args.model, result, params, repo_dir=".")
+        print(f"published {card['version']}: {Path(params.registry.dir) / 'champion.h5'}")
+    return 0
+
+
+@command("promote")
+def _promote(args: argparse.Namespace, params: Params) -> int:
+    from tasks.gate import run_gate
+    from tasks.registry import publish
+
+    result = run_gate(params, args.model, args.reports, record=False)
+    _print_decision(result)
+    card = publish(args.model, result, params, repo_dir=".", force_reason=args.reason)
+    print(f"forced {card['version']} (reason: {args.reason}): {Path(params.registry.dir) / 'champion.h5'}")
+    return 0
+
+
+@command("champion")
+def _champion(args: argparse.Namespace, params: Params) -> int:
+    import json
+
+    from tasks.registry import champion_card
+
+    card = champion_card(params.registry.dir)
+    if args.json:
+        print(json.dumps(card, indent=2))
+        return 0
+    validation, positive = card["metrics"]["validation"], card["positive_class"]
+    print(f"champion {card['version']}  {Path(params.registry.dir) / 'champion.h5'}")
+    for key, value in (
+        ("published", f"{card['time']} ({card['action']}{': ' + card['reason'] if card['reason'] else ''})"),
+        ("data snapshot", card["data_snapshot"]),
+        ("git revision", card["git_revision"]),
+        ("classes", ", ".join(f"{name}={label}" for name, label in card["class_mapping"].items())),
+        ("input", f"{card['input_size'][0]}x{card['input_size'][1]} {card['preprocessing']['color_mode']}"),
+        ("threshold", f"{card['threshold']:.4f} (p({positive}) >= threshold -> {positive})"),
+        ("validation", f"accuracy {validation['accuracy']:.4f}  escape {validation['escape_rate']:.4f}  "
+                       f"overkill {validation['overkill_rate']:.4f}  on {validation['count']} images"),
+    ):
+        print(f"  {key + ':':15}{value}")
+    return 0
+
+
+@command("history")
+def _history(args: argparse.Namespace, params: Params) -> int:
+    from tasks.registry import champion_at, parse_time, read_log
+
+    if args.at:
+        entry = champion_at(params.registry.dir, parse_time(args.at))
+        print(f"champion at {args.at}: " + (
+            f"{entry['version']} ({entry['action']} at {entry['time']})" if entry else "none"
+        ))
+        return 0
+    entries = read_log(params.registry.dir)
+    print(f"{'time':26}{'action':10}{'version':9}{'previous':10}reasons")
+    for entry in entries:
+        failed = [r for r in entry.get("reasons", []) if r.endswith("FAIL")]
+        why = "; ".join(failed or entry.get("reasons", [])[-1:])
+        print(f"{entry['time']:26}{entry['action']:10}{entry.get('version') or '-':9}"
+              f"{entry.get('previous') or '-':10}{why}")
+    return 0
+
+
+@command("rollback")
+def _rollback(args: argparse.Namespace, params: Params) -> int:
+    from tasks.registry import rollback
+
+    card = rollback(params.registry, args.version, args.reason)
+    print(f"champion is now {card['version']}: {Path(params.registry.dir) / 'champion.h5'}")
+    return 0
+
+
+@command("predict")
+def _predict(args: argparse.Namespace, params: Params) -> int:
+    import json
+
+    from tasks.predict import expand_paths, load_champion, predict_files
+
+    files = expand_paths(args.paths, params.data.extensions)
+    predictor = load_champion(params.registry.dir)
+    results = predict_files(predictor, files, args.batch_size or params.registry.predict_batch_size)
+    if args.json:
+        print(json.dumps({"champion": predictor.version, "threshold": predictor.threshold,
+                          "positive_class": predictor.class_names[1], "results": results}, indent=2))
+    else:
+        positive = predictor.class_names[1]
+        for row in results:
+            outcome = f"error: {row['error']}" if row["error"] else (
+                f"{row['label']}  p({positive})={row['probability']:.4f}"
+            )
+            print(f"{row['path']}  {outcome}")
+    # 1 when some file could not be classified; the others were still printed.
+    return 1 if any(row["error"] for row in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fanaoi",
@@ -171,6 +280,27 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("batch_dir", help="batch folder laid out like the data set")
     ingest.add_argument("--no-push", action="store_true", help="snapshot locally, skip dvc push")
     ingest.add_argument("--commit", action="store_true", help="git commit data.dvc afterwards")
+
+    gate = sub.add_parser("gate", help="candidate vs champion: promote (and publish) or reject")
+    gate.add_argument("--no-publish", action="store_true", help="decide only; change nothing")
+    promote = sub.add_parser("promote", help="publish the candidate whatever the gate says (logged)")
+    promote.add_argument("--force", action="store_true", required=True, help="required: override the gate")
+    promote.add_argument("--reason", required=True, help="why; goes to the card and the log")
+    for stage in (gate, promote):
+        stage.add_argument("--model", default="models/candidate.h5", help="candidate path")
+        stage.add_argument("--reports", default="reports", help="reports folder")
+
+    show = sub.add_parser("champion", help="show the champion's model card")
+    show.add_argument("--json", action="store_true", help="the whole card as JSON")
+    history = sub.add_parser("history", help="every gate decision, promotion and rollback")
+    history.add_argument("--at", metavar="TIME", help="which version was champion at TIME (ISO 8601)")
+    back = sub.add_parser("rollback", help="make an earlier published version the champion again")
+    back.add_argument("version", help="e.g. v0003 or 3 (see `fanaoi history`)")
+    back.add_argument("--reason", help="why; goes to the log")
+    predict = sub.add_parser("predict", help="classify images with the champion")
+    predict.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    predict.add_argument("--json", action="store_true", help="results as JSON")
+    predict.add_argument("--batch-size", type=int, help="default: registry.predict_batch_size")
     return parser
 
 
