@@ -190,9 +190,9 @@ def run_expectations(
     # GX logs its own set-up (hundreds of lines) at INFO; our report says what matters.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     # Imported here: GX takes seconds to import and only this stage needs it.
-    import great_expectations as gx  # noqa: PLC0415
-    import great_expectations.expectations as gxe  # noqa: PLC0415
-    from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: PLC0415
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
