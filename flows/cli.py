@@ -190,6 +190,15 @@ def _champion(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _history_why(entry: dict) -> str:
+    """A rejection shows the rules that failed; an override or a rollback the operator's reason."""
+    reasons = entry.get("reasons", [])
+    if entry["action"] == "promote":
+        return "every rule passed"
+    failed = "; ".join(r for r in reasons if r.endswith("FAIL"))
+    return failed or (reasons[-1] if reasons else "")
+
+
 @command("history")
 def _history(args: argparse.Namespace, params: Params) -> int:
     from tasks.registry import champion_at, parse_time, read_log
@@ -200,13 +209,13 @@ def _history(args: argparse.Namespace, params: Params) -> int:
             f"{entry['version']} ({entry['action']} at {entry['time']})" if entry else "none"
         ))
         return 0
-    entries = read_log(params.registry.dir)
-    print(f"{'time':26}{'action':10}{'version':9}{'previous':10}reasons")
-    for entry in entries:
-        failed = [r for r in entry.get("reasons", []) if r.endswith("FAIL")]
-        why = "; ".join(failed or entry.get("reasons", [])[-1:])
-        print(f"{entry['time']:26}{entry['action']:10}{entry.get('version') or '-':9}"
-              f"{entry.get('previous') or '-':10}{why}")
+    print(f"{'time':26}{'action':9}{'version':8}{'previous':9}{'metric':20}{'escape':8}{'overkill':9}why")
+    for entry in read_log(params.registry.dir):
+        why = _history_why(entry)
+        metric = f"{entry['metric']} {entry['value']:.4f}" if "metric" in entry else "-"
+        rates = [f"{entry[k]:.4f}" if k in entry else "-" for k in ("escape_rate", "overkill_rate")]
+        print(f"{entry['time']:26}{entry['action']:9}{entry.get('version') or '-':8}"
+              f"{entry.get('previous') or '-':9}{metric:20}{rates[0]:8}{rates[1]:9}{why}")
     return 0
 
 

@@ -7,6 +7,7 @@ are still classified.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from tasks.registry import CHAMPION_MODEL, champion_card
 
 if TYPE_CHECKING:
     import keras
+
+# TensorFlow wraps op errors in "{{function_node ...}} message [Op:ReadFile] name:".
+_TF_DECORATION = re.compile(r"\{\{function_node [^}]*\}\}|\s*\[Op:\w+\].*$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,8 @@ def decode_error(path: Path, model_params: ModelParams) -> str:
     try:
         decode_image(tf.io.read_file(str(path)), model_params)
     except (tf.errors.OpError, ValueError) as exc:
-        message = getattr(exc, "message", str(exc))
-        return message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+        message = _TF_DECORATION.sub("", getattr(exc, "message", str(exc))).strip()
+        return message.splitlines()[0] if message else type(exc).__name__
     return "not decoded"
 
 

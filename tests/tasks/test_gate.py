@@ -1,0 +1,188 @@
+import json
+
+import numpy as np
+import pytest
+
+from tasks.gate import calibrate_threshold, decide, mcnemar_exact, run_gate
+from tasks.params import GateParams
+from tasks.registry import CHAMPION_MODEL, read_log
+from tests.tasks.champion_support import (
+    copy_registry,
+    gate_params,
+    good_model,
+    one_version_registry,
+    train_good_model,
+)
+
+
+def metrics(accuracy, escape_rate=0.0, overkill_rate=0.0, **others):
+    return {
+        "accuracy": accuracy, "escape_rate": escape_rate, "overkill_rate": overkill_rate,
+        "balanced_accuracy": 1 - (escape_rate + overkill_rate) / 2, "f1": accuracy, "auc": accuracy,
+        **others,
+    }
+
+
+def failed(rules):
+    return [rule["rule"] for rule in rules if not rule["passed"]]
+
+
+GATE = GateParams(min_delta=0.005, max_escape_increase=0.0, max_overkill_increase=0.01,
+                  min_accuracy=0.95, max_escape_rate=0.05)
+
+
+def test_first_run_is_judged_on_the_floors_only():
+    decision, rules = decide(metrics(0.96, escape_rate=0.04), None, GATE)
+    assert decision == "promote"
+    assert [rule["rule"] for rule in rules] == ["min_accuracy", "max_escape_rate"]
+    decision, rules = decide(metrics(0.94, escape_rate=0.06), None, GATE)
+    assert decision == "reject" and failed(rules) == ["min_accuracy", "max_escape_rate"]
+
+
+def test_gain_below_min_delta_is_rejected_and_a_clear_gain_promoted():
+    champion = metrics(0.960)
+    decision, rules = decide(metrics(0.963), champion, GATE)
+    assert decision == "reject" and failed(rules) == ["primary_metric"]
+    primary = rules[2]
+    assert primary["delta"] == pytest.approx(0.003) and primary["limit"] == 0.005
+    assert "+0.0030 >= min_delta 0.0050: FAIL" in primary["text"]
+    assert decide(metrics(0.970), champion, GATE)[0] == "promote"
+
+
+def test_better_accuracy_with_more_escapes_is_rejected():
+    champion = metrics(0.960, escape_rate=0.020, overkill_rate=0.060)
+    candidate = metrics(0.980, escape_rate=0.030, overkill_rate=0.010)
+    decision, rules = decide(candidate, champion, GATE)
+    assert decision == "reject"
+    assert failed(rules) == ["max_escape_increase"]
+    escape = next(rule for rule in rules if rule["rule"] == "max_escape_increase")
+    assert escape["increase"] == pytest.approx(0.010)
+
+
+def test_overkill_may_grow_within_its_tolerance_only():
+    champion = metrics(0.960, overkill_rate=0.020)
+    assert decide(metrics(0.970, overkill_rate=0.030), champion, GATE)[0] == "promote"
+    decision, rules = decide(metrics(0.970, overkill_rate=0.031), champion, GATE)
+    assert decision == "reject" and failed(rules) == ["max_overkill_increase"]
+
+
+def test_primary_metric_follows_params():
+    champion = metrics(0.96, auc=0.990)
+    candidate = metrics(0.99, auc=0.991)  # accuracy gains, AUC does not by min_delta
+    gate = GateParams(metric="auc", min_accuracy=0.9)
+    decision, rules = decide(candidate, champion, gate)
+    assert decision == "reject" and failed(rules) == ["primary_metric"]
+    assert rules[2]["metric"] == "auc"
+
+
+def test_mcnemar_matches_a_hand_computation():
+    # 8 images only the candidate gets right, 1 only the champion, 11 both right.
+    candidate = [True] * 8 + [False] + [True] * 11
+    champion = [False] * 8 + [True] + [True] * 11
+    test = mcnemar_exact(candidate, champion)
+    assert (test["candidate_only_correct"], test["champion_only_correct"], test["discordant"]) == (8, 1, 9)
+    # Two-sided exact binomial, n = 9, k = 1: 2 * (C(9,0) + C(9,1)) / 2**9 = 20 / 512.
+    assert test["p_value"] == pytest.approx(20 / 512)
+    champion_metrics, candidate_metrics = metrics(0.90), metrics(0.95)
+    passes = decide(candidate_metrics, champion_metrics, GateParams(significance=0.05, min_accuracy=0.9), test)
+    fails = decide(candidate_metrics, champion_metrics, GateParams(significance=0.01, min_accuracy=0.9), test)
+    assert passes[0] == "promote" and fails[0] == "reject" and failed(fails[1]) == ["mcnemar"]
+
+
+def test_mcnemar_never_favours_a_candidate_that_is_significantly_worse():
+    test = mcnemar_exact([False] * 9 + [True], [True] * 9 + [True])
+    assert test["p_value"] == pytest.approx(2 * 1 / 2**9)
+    _, rules = decide(metrics(0.99), metrics(0.9), GateParams(significance=0.05, min_accuracy=0.9), test)
+    assert failed(rules) == ["mcnemar"]
+
+
+def test_no_discordant_pairs_gives_p_one():
+    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
+
+
+def test_calibrated_threshold_is_the_highest_that_meets_the_target():
+    labels = np.array([1] * 10 + [0] * 4)
+    scores = np.array([0.05, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.01, 0.1, 0.25, 0.6])
+    threshold = calibrate_threshold(labels, scores, target_escape_rate=0.2)  # 2 of 10 may escape
+    assert threshold == pytest.approx(0.3)
+    escapes = np.sum((scores < threshold) & (labels == 1))
+    assert escapes == 2
+    assert np.sum((scores < np.nextafter(threshold, 1)) & (labels == 1)) == 3  # any higher: too many
+    assert calibrate_threshold(labels, scores, 0.0) == pytest.approx(0.05)
+
+
+@pytest.fixture
+def data_dir(trained_workspace):
+    return trained_workspace["data_dir"]
+
+
+@pytest.fixture
+def base(tmp_path_factory):
+    return tmp_path_factory.getbasetemp()
+
+
+@pytest.mark.slow
+def test_first_run_promotes_on_floors_and_writes_its_reasons(data_dir, base, tmp_path):
+    params = gate_params(data_dir, tmp_path / "registry")
+    result = run_gate(params, good_model(data_dir, base), tmp_path / "reports")
+    written = json.loads((tmp_path / "reports" / "gate.json").read_text())
+    assert written["decision"] == result["decision"] == "promote"
+    assert written["champion"] == {"status": "none", "version": None}
+    assert written["reasons"][0].startswith("no champion yet")
+    assert [rule["rule"] for rule in written["rules"]] == ["min_accuracy", "max_escape_rate"]
+    assert written["candidate"]["metrics"]["count"] == written["validation_images"] > 0
+    assert len(written["smoke"]) == params.gate.smoke_images
+    assert not (tmp_path / "registry" / "log.jsonl").exists()  # a promotion is logged by publish
+
+
+@pytest.mark.slow
+def test_identical_retrain_is_rejected_below_min_delta(data_dir, base, tmp_path):
+    registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
+    params = gate_params(data_dir, registry)
+    retrained = train_good_model(params, tmp_path / "retrained.h5")
+    result = run_gate(params, retrained, tmp_path / "reports")
+    assert result["decision"] == "reject"
+    assert result["champion"]["status"] == "ok" and result["champion"]["version"] == "v0001"
+    primary = next(rule for rule in result["rules"] if rule["rule"] == "primary_metric")
+    assert primary["delta"] == pytest.approx(0.0, abs=1e-9) and not primary["passed"]
+    assert result["mcnemar"]["discordant"] == 0
+    logged = read_log(registry)[-1]
+    assert logged["action"] == "reject" and any(r.endswith("FAIL") for r in logged["reasons"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_unusable_champion_is_reported_and_judged_on_floors(data_dir, base, tmp_path, damage):
+    registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
+    champion_file = registry / CHAMPION_MODEL
+    if damage == "corrupt":
+        champion_file.write_bytes(champion_file.read_bytes()[:2000])
+    else:
+        champion_file.unlink()
+    params = gate_params(data_dir, registry)
+    result = run_gate(params, good_model(data_dir, base), tmp_path / "reports", record=False)
+    assert result["champion"]["status"] == "unusable"
+    assert result["champion"]["version"] == "v0001"  # from champion.json
+    assert str(champion_file) in result["champion"]["problem"]
+    assert "unusable" in result["reasons"][0] and "floors only" in result["reasons"][0]
+    assert [rule["rule"] for rule in result["rules"]] == ["min_accuracy", "max_escape_rate"]
+    assert result["decision"] == "promote"  # the floors pass; a failing candidate would not
+    strict = gate_params(data_dir, registry, min_accuracy=1.01)
+    assert run_gate(strict, good_model(data_dir, base), tmp_path / "reports", record=False)["decision"] == "reject"
+
+
+@pytest.mark.slow
+def test_calibrated_threshold_goes_into_the_result(data_dir, base, tmp_path):
+    params = gate_params(data_dir, tmp_path / "registry", target_escape_rate=0.0)
+    result = run_gate(params, good_model(data_dir, base), tmp_path / "reports", record=False)
+    assert result["threshold_source"].startswith("calibrated")
+    assert result["candidate"]["metrics"]["escape_rate"] == 0.0
+    assert result["candidate"]["metrics"]["threshold"] == result["threshold"] != 0.5
+
+
+def test_missing_candidate_is_a_clear_error(data_dir, tmp_path):
+    from tasks.model import ModelFileError
+
+    with pytest.raises(ModelFileError, match="candidate.h5: model file not found"):
+        run_gate(gate_params(data_dir, tmp_path / "registry"), tmp_path / "candidate.h5", tmp_path)
+    assert not (tmp_path / "gate.json").exists()
