@@ -112,10 +112,20 @@ def _snapshot(args: argparse.Namespace, params: Params) -> int:
 def _ingest(args: argparse.Namespace, params: Params) -> int:
     from tasks.ingest import ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED, ingest_batch
 
-    result = ingest_batch(
-        Path(args.batch_dir), params, Path("."), push=not args.no_push, commit=args.commit,
-        report=log.info,
-    )
+    if args.flow:
+        from flows.prefect_env import use_offline_defaults
+
+        use_offline_defaults()
+        from flows.ingest import ingest_batch_flow
+
+        result = ingest_batch_flow(
+            args.batch_dir, args.params, push=not args.no_push, commit=args.commit
+        )
+    else:
+        result = ingest_batch(
+            Path(args.batch_dir), params, Path("."), push=not args.no_push, commit=args.commit,
+            report=log.info,
+        )
     quiet = (ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED)
     for row in result["files"]:
         if row["verdict"] not in quiet:
@@ -251,6 +261,53 @@ def _predict(args: argparse.Namespace, params: Params) -> int:
     return 1 if any(row["error"] for row in results) else 0
 
 
+@command("retrain")
+def _retrain(args: argparse.Namespace, params: Params) -> int:
+    from flows.prefect_env import use_offline_defaults
+
+    project = Path(args.params).resolve().parent
+    data_dir = project / params.data.dir
+    if not data_dir.is_dir() or not any(data_dir.iterdir()):
+        from tasks.demo_data import generate_demo_dataset
+
+        demo = params.demo
+        print(f"{data_dir} is empty: drawing the demo data set ({demo.count} images, seed {demo.seed})")
+        generate_demo_dataset(data_dir, count=demo.count, seed=demo.seed, size=demo.size,
+                              ng_fraction=demo.ng_fraction, classes=params.data.classes)
+    use_offline_defaults()
+    from flows.nightly import nightly_retrain
+
+    state = nightly_retrain(params_path=str(project / "params.yaml"), push=not args.no_push,
+                            return_state=True)
+    if state.is_cancelled():
+        print(f"fanaoi retrain: {state.message}", file=sys.stderr)
+        return 1
+    summary = state.result()  # a failed run raises its own error here
+    print(f"decision: {summary['decision'].upper()}"
+          + (f" (last decision: {summary['last_decision']})" if summary["decision"] == "unchanged" else ""))
+    for reason in summary["reasons"]:
+        print(f"  - {reason}")
+    print(f"champion: {summary['champion_path'] or 'none yet'} ({summary['champion_version'] or '-'})")
+    print(f"candidate: {summary['candidate_path']}")
+    return 0
+
+
+@command("serve")
+def _serve(args: argparse.Namespace, params: Params) -> int:
+    from flows.prefect_env import use_offline_defaults
+
+    use_offline_defaults()
+    from prefect import serve
+
+    from flows.nightly import nightly_deployment
+
+    deployment = nightly_deployment(params, Path(args.params))
+    print(f"serving nightly-retrain/{deployment.name} on cron {params.nightly.cron!r}; "
+          f"run it now with `prefect deployment run nightly-retrain/{deployment.name}`")
+    serve(deployment)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fanaoi",
@@ -289,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("batch_dir", help="batch folder laid out like the data set")
     ingest.add_argument("--no-push", action="store_true", help="snapshot locally, skip dvc push")
     ingest.add_argument("--commit", action="store_true", help="git commit data.dvc afterwards")
+    ingest.add_argument(
+        "--flow", action="store_true", help="run as the Prefect flow ingest-batch (dashboard)"
+    )
 
     gate = sub.add_parser("gate", help="candidate vs champion: promote (and publish) or reject")
     gate.add_argument("--no-publish", action="store_true", help="decide only; change nothing")
@@ -310,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     predict.add_argument("--json", action="store_true", help="results as JSON")
     predict.add_argument("--batch-size", type=int, help="default: registry.predict_batch_size")
+
+    retrain = sub.add_parser(
+        "retrain", help="run the nightly flow once (demo data first if data/ is empty)"
+    )
+    retrain.add_argument("--no-push", action="store_true", help="snapshot locally, skip dvc push")
+    sub.add_parser("serve", help="serve the nightly deployment on its cron (params: nightly)")
     return parser
 
 

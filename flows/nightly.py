@@ -1,0 +1,380 @@
+"""The nightly retraining flow: validate -> snapshot -> train -> evaluate -> gate -> publish.
+
+Each step is a Prefect task over the same ``tasks/`` function that the dvc.yaml stage
+command runs. Before a stage runs, DVC says whether its deps, params and outs changed
+since ``dvc.lock`` recorded them: an unchanged stage is skipped (task state "Skipped"),
+and a stage that ran is recorded in ``dvc.lock``, so the flow and ``dvc repro`` share one
+record and neither redoes the other's work. A night with nothing new finishes in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled, Completed, State
+from prefect.tasks import exponential_backoff
+
+from flows.params import load_params
+from tasks.errors import FanaoiError
+from tasks.params import NightlyParams, Params, ParamsError
+from tasks.stages import RunInProgress, exclusive_run, record_stage, stage_changes
+
+CANDIDATE = "models/candidate.h5"
+REPORTS = "reports"
+RUN_LOCK = ".fanaoi/nightly.lock"
+REPORT_KEY = "nightly-retrain-report"
+METRICS_KEY = "nightly-retrain-metrics"
+SKIPPED = "Skipped"
+
+# Errors that say nothing about the data or the model: a full disk, a dropped network
+# share, a busy DVC lock, an unreachable DVC remote. Missing files and permissions do not
+# heal by waiting, and neither does bad data.
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# tasks.snapshot reports every dvc failure as SnapshotError; these ones may pass on a retry.
+TRANSIENT_SNAPSHOT_FAILURES = ("`dvc push` failed", "holds the repository lock", "disk full")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying; validation failures and other FanaoiErrors are not."""
+    from dvc.lock import LockError
+
+    from tasks.snapshot import SnapshotError
+
+    if isinstance(exc, LockError):
+        return True
+    if isinstance(exc, SnapshotError):
+        return any(marker in str(exc) for marker in TRANSIENT_SNAPSHOT_FAILURES)
+    if isinstance(exc, FanaoiError):
+        return False
+    return isinstance(exc, OSError) and not isinstance(exc, PERMANENT_OS_ERRORS)
+
+
+def retry_on_transient(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect retry condition: retry only what :func:`is_transient` calls transient."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the state's own exception, classified below
+        return is_transient(exc)
+    return False
+
+
+def retry_options(nightly: NightlyParams) -> dict[str, Any]:
+    return {
+        "retries": nightly.retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=nightly.retry_delay_seconds)
+        if nightly.retry_delay_seconds
+        else 0,
+        "retry_condition_fn": retry_on_transient,
+    }
+
+
+def _skip_if_current(stage: str) -> State | None:
+    """A "Skipped" state carrying the stage's last report when DVC says nothing changed."""
+    logger = get_run_logger()
+    changes = stage_changes(Path.cwd(), stage)
+    if changes:
+        logger.info("%s runs: %s", stage, " | ".join(changes))
+        return None
+    logger.info("%s skipped: deps, params and outs unchanged since dvc.lock", stage)
+    return Completed(name=SKIPPED, message="inputs unchanged since dvc.lock", data=None)
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_stage(params: Params) -> dict[str, Any] | State:
+    """Great Expectations on the manifest of data/; a blocking failure fails the run."""
+    if skipped := _skip_if_current("validate"):
+        return skipped
+    from tasks.validate import run_validate
+
+    result = run_validate(params, REPORTS, report=get_run_logger().info)
+    record_stage(Path.cwd(), "validate")
+    return {"valid": result["valid"], "summary": result["summary"]}
+
+
+@task(name="snapshot", cache_policy=NO_CACHE)
+def snapshot_stage(data_dir: str, push: bool) -> dict[str, Any]:
+    """``dvc add`` data/ and ``dvc push`` it: the snapshot id every model card cites."""
+    from tasks.snapshot import snapshot_data
+
+    result = snapshot_data(Path.cwd(), data_dir, push=push)
+    get_run_logger().info(
+        "data snapshot %s (%s%s)", result["md5"], "new" if result["changed"] else "unchanged",
+        ", pushed" if result["pushed"] else "",
+    )
+    return result
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_stage(params: Params) -> dict[str, Any] | State:
+    """Fit the candidate; every epoch is logged to this task run."""
+    if skipped := _skip_if_current("train"):
+        return skipped
+    from tasks.train import run_train
+
+    summary = run_train(params, CANDIDATE, REPORTS, report=get_run_logger().info)
+    record_stage(Path.cwd(), "train")
+    return {"last_epoch": summary["last_epoch"], "seconds": summary["seconds"]}
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_stage(params: Params) -> dict[str, Any] | State:
+    """Score the candidate; compare evaluate() with the last epoch."""
+    if skipped := _skip_if_current("evaluate"):
+        return skipped
+    from tasks.evaluate import run_evaluate
+
+    result = run_evaluate(params, CANDIDATE, REPORTS, report=get_run_logger().info)
+    record_stage(Path.cwd(), "evaluate")
+    return {"validation_accuracy": result["validation"]["accuracy"]}
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def gate_stage(params: Params) -> dict[str, Any] | State:
+    """Candidate vs champion on the same validation split: promote or reject, with reasons."""
+    if skipped := _skip_if_current("gate"):
+        return skipped
+    from tasks.gate import run_gate
+
+    return run_gate(params, CANDIDATE, REPORTS, report=get_run_logger().info)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_stage(params: Params, gate: dict[str, Any]) -> dict[str, Any] | None:
+    """Publish a promoted candidate under the registry lock, then record the gate stage.
+
+    The gate stage is recorded only after publishing, so a publish that failed is redone
+    by the next run (or ``dvc repro``) instead of being skipped as up to date.
+    """
+    from tasks.registry import publish
+
+    card = None
+    if gate["decision"] == "promote":
+        card = publish(CANDIDATE, gate, params, repo_dir=".", report=get_run_logger().info)
+    record_stage(Path.cwd(), "gate")
+    return card
+
+
+def _read_report(name: str) -> dict[str, Any] | None:
+    path = Path(REPORTS) / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+@flow(name="nightly-retrain")
+def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict[str, Any] | State:
+    """Retrain when data, params or code changed; publish only a candidate that beats the champion.
+
+    ``params_path`` names the project: its folder holds dvc.yaml, data/ and the registry.
+    A run started while another holds the project's run lock ends Cancelled at once.
+    """
+    params_file = Path(params_path).resolve()
+    if params_file.name != "params.yaml":
+        raise ParamsError(
+            f"{params_file}: the dvc.yaml stages read params.yaml; rename the file or "
+            f"pass the params.yaml of the project to run"
+        )
+    params = load_params(params_file)
+    project = params_file.parent
+    try:
+        with exclusive_run(project / RUN_LOCK, "nightly_retrain run"), contextlib.chdir(project):
+            return _run_pipeline(params, push)
+    except RunInProgress as exc:
+        get_run_logger().warning(str(exc))
+        return Cancelled(message=str(exc))
+
+
+def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
+    logger = get_run_logger()
+    retrying = retry_options(params.nightly)
+    stages: dict[str, bool] = {}
+
+    def run(stage: Any, *args: Any) -> Any:
+        state = stage.with_options(**retrying)(*args, return_state=True)
+        result = state.result()  # raises the task's own exception when it failed
+        stages[stage.name] = state.name != SKIPPED
+        return result
+
+    try:
+        run(validate_stage, params)
+        snapshot = snapshot_stage.with_options(**retrying)(params.data.dir, push)
+        run(train_stage, params)
+        run(evaluate_stage, params)
+        gate = run(gate_stage, params)
+        card = publish_stage.with_options(**retrying)(params, gate) if stages["gate"] else None
+    except FanaoiError as exc:
+        report_failure(str(exc), stages)
+        raise
+    summary = summarize(params, stages, snapshot, card)
+    if not any(stages.values()):
+        logger.info(
+            "nothing changed since the last run (data snapshot %s, params and code unchanged): "
+            "no stage ran; champion stays %s", snapshot["md5"], summary["champion_version"],
+        )
+    report_run(summary)
+    return summary
+
+
+TABLE_METRICS = (
+    "accuracy", "balanced_accuracy", "precision", "recall", "f1",
+    "escape_rate", "overkill_rate", "auc",
+)
+
+
+def summarize(
+    params: Params, stages: dict[str, bool], snapshot: dict[str, Any], card: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What the run decided and where the models are, from the reports the stages wrote."""
+    from tasks.registry import CHAMPION_MODEL, read_champion
+
+    gate = _read_report("gate.json") or {}
+    evaluation = _read_report("evaluation.json") or {}
+    champion = read_champion(params.registry.dir)
+    registry = Path(params.registry.dir).resolve()
+    return {
+        "decision": gate.get("decision") if stages["gate"] else "unchanged",
+        "last_decision": gate.get("decision"),
+        "reasons": gate.get("reasons", []),
+        "stages": {name: "ran" if ran else "skipped" for name, ran in stages.items()},
+        "data_snapshot": snapshot["md5"],
+        "data_changed": snapshot["changed"],
+        "published_version": card["version"] if card else None,
+        "champion_version": champion.version if champion else None,
+        "champion_path": str(registry / CHAMPION_MODEL) if champion else None,
+        "candidate_path": str(Path(CANDIDATE).resolve()),
+        "metrics": metric_rows(gate),
+        "last_epoch_vs_evaluate": evaluation.get("last_epoch_vs_evaluate", {}),
+    }
+
+
+def metric_rows(gate: dict[str, Any]) -> list[dict[str, Any]]:
+    """Candidate vs champion on the gate's validation images, one row per metric."""
+    candidate = gate.get("candidate", {}).get("metrics", {})
+    champion = gate.get("champion", {}).get("metrics") or {}
+    rows = []
+    for name in TABLE_METRICS:
+        if name not in candidate:
+            continue
+        ours, theirs = candidate[name], champion.get(name)
+        delta = ours - theirs if ours is not None and theirs is not None else None
+        rows.append({
+            "metric": name, "candidate": _rounded(ours), "champion": _rounded(theirs),
+            "delta": _rounded(delta),
+        })
+    return rows
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def report_markdown(summary: dict[str, Any]) -> str:
+    """The run's page in the dashboard: decision, reasons, snapshot, evaluate vs last epoch."""
+    decision = summary["decision"]
+    lines = [f"# Nightly retrain: {decision.upper()}", ""]
+    if decision == "unchanged":
+        lines.append(
+            f"Nothing changed since the last run: no stage ran. Last decision: "
+            f"**{summary['last_decision'] or 'none yet'}**."
+        )
+    elif summary["published_version"]:
+        lines.append(
+            f"Published **{summary['published_version']}** as `{summary['champion_path']}`."
+        )
+    else:
+        lines.append(f"Candidate `{summary['candidate_path']}` not published.")
+    lines += [
+        "",
+        f"- champion: {summary['champion_version'] or 'none'}",
+        f"- data snapshot (data.dvc md5): `{summary['data_snapshot']}`"
+        + (" (new)" if summary["data_changed"] else ""),
+        "- stages: " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()),
+        "",
+        "## Reasons",
+        "",
+        *[f"- {reason}" for reason in summary["reasons"] or ["(no gate decision yet)"]],
+        "",
+        *evaluate_vs_last_epoch_table(summary["last_epoch_vs_evaluate"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_vs_last_epoch_table(comparison: dict[str, Any]) -> list[str]:
+    """Markdown rows: the last epoch's logged numbers beside evaluate() on the final weights."""
+    if not comparison:
+        return []
+    rows = [
+        "## evaluate() vs last epoch",
+        "",
+        "| | last epoch | evaluate() |",
+        "|---|---|---|",
+    ]
+    for split in ("train", "validation"):
+        for measure in ("accuracy", "loss"):
+            logged = comparison[f"last_epoch_{split}_{measure}"]
+            measured = comparison[f"evaluate_{split}_{measure}"]
+            rows.append(f"| {split} {measure} | {logged:.4f} | {measured:.4f} |")
+    rows += [
+        "",
+        f"- validation accuracy gap: {comparison['validation_accuracy_gap']:.4f}"
+        + (" **FLAGGED** (above evaluate.max_gap)" if comparison["validation_gap_flag"] else ""),
+        f"- train - validation gap: {comparison['train_validation_gap']:.4f}"
+        + (" **FLAGGED** (above evaluate.max_overfit)" if comparison["overfit_flag"] else ""),
+    ]
+    return rows
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_run(summary: dict[str, Any]) -> None:
+    """Markdown and table artifacts under stable keys: the dashboard keeps their history."""
+    create_markdown_artifact(
+        report_markdown(summary), key=REPORT_KEY,
+        description=f"nightly retrain: {summary['decision']}",
+    )
+    if summary["metrics"]:
+        create_table_artifact(
+            summary["metrics"], key=METRICS_KEY,
+            description="candidate vs champion on the gate's validation images",
+        )
+
+
+def report_failure(message: str, stages: dict[str, bool]) -> None:
+    """A failed night gets a report too: the operator reads why at 7 am."""
+    done = ", ".join(f"{name} {'ran' if ran else 'skipped'}" for name, ran in stages.items())
+    create_markdown_artifact(
+        f"# Nightly retrain: FAILED\n\n{message}\n\n- stages before the failure: {done or 'none'}\n"
+        f"- the champion is unchanged\n",
+        key=REPORT_KEY, description="nightly retrain: failed",
+    )
+
+
+DEPLOYMENT_NAME = "nightly"
+
+
+def local_timezone() -> str:
+    """This machine's IANA time zone name, so "02:00" means 02:00 on the line's clock."""
+    import tzlocal
+
+    return tzlocal.get_localzone_name()
+
+
+def nightly_deployment(params: Params, params_file: Path) -> Any:
+    """The nightly_retrain deployment: cron from params, one run at a time."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.schedules import Cron
+
+    nightly = params.nightly
+    return nightly_retrain.to_deployment(
+        name=DEPLOYMENT_NAME,
+        schedules=[Cron(nightly.cron, timezone=nightly.timezone or local_timezone())],
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=nightly.collision_strategy
+        ),
+        parameters={"params_path": str(params_file.resolve())},
+        description="Nightly retraining of the GO/NG fan classifier (params.yaml: nightly)",
+        tags=["fanaoi"],
+    )
