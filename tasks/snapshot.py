@@ -60,10 +60,10 @@ def snapshot_data(repo_dir: Path | str, data_dir: str = "data", push: bool = Tru
             f"or restore the last snapshot with `dvc checkout {data_dir}.dvc`"
         )
     before = data_snapshot_id(repo_dir, data_dir)
-    run_dvc(repo_dir, "add", "--quiet", data_dir)
+    run_dvc(repo_dir, "add", data_dir)
     after = data_snapshot_id(repo_dir, data_dir)
     if push:
-        run_dvc(repo_dir, "push", "--quiet", pointer_file(repo_dir, data_dir).name)
+        run_dvc(repo_dir, "push", pointer_file(repo_dir, data_dir).name)
     return {"md5": after, "changed": after != before, "pushed": push}
 
 
@@ -119,7 +119,7 @@ def explain_dvc_failure(repo_dir: Path, args: tuple[str, ...], output: str) -> s
     command = "dvc " + " ".join(a for a in args if not a.startswith("-"))
     errors = re.findall(r"ERROR: (.*)", output)
     lines = output.strip().splitlines()
-    reason = " ".join(errors) if errors else (lines[-1] if lines else "no output")
+    reason = " ".join(errors) if errors else (lines[-1] if lines else "no output, see `dvc doctor`")
     if "no remote specified" in output:
         return (
             f"{repo_dir}: `{command}` found no DVC remote; add one with `{DEFAULT_REMOTE_HINT}` "

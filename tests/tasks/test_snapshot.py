@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tasks.snapshot import (
+    SnapshotError,
+    commit_command,
+    commit_snapshot,
+    data_snapshot_id,
+    explain_dvc_failure,
+    snapshot_data,
+)
+from tests.conftest import make_image_folder
+from tests.dvc_support import make_dvc_repo, run
+
+
+def test_snapshot_id_is_none_before_the_first_snapshot(tmp_path: Path) -> None:
+    assert data_snapshot_id(tmp_path) is None
+
+
+def test_snapshot_id_is_the_md5_recorded_in_data_dvc(tmp_path: Path) -> None:
+    (tmp_path / "data.dvc").write_text(
+        "outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  nfiles: 3\n  path: data\n"
+    )
+    assert data_snapshot_id(tmp_path) == "0123456789abcdef0123456789abcdef.dir"
+
+
+def test_a_broken_pointer_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "data.dvc").write_text("just: text\n")
+    with pytest.raises(SnapshotError, match=r"data\.dvc: not a DVC pointer.*git checkout"):
+        data_snapshot_id(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("ERROR: failed to push data to the cloud - config file error: no remote specified",
+         r"no DVC remote; add one with `dvc remote add -d local"),
+        ("ERROR: unexpected error - [Errno 28] No space left on device",
+         r"disk full during `dvc add data`.*\.dvc/cache"),
+        ("ERROR: Unable to acquire lock. Most likely another DVC process is running",
+         r"another dvc command holds the repository lock"),
+        ("ERROR: output 'data' does not exist", r"`dvc add data` failed: output 'data' does not"),
+    ],
+)
+def test_dvc_failures_become_one_line_with_the_fix(output: str, expected: str) -> None:
+    message = explain_dvc_failure(Path("/repo"), ("add", "--quiet", "data"), output)
+    assert "\n" not in message
+    assert message.startswith("/repo: ")
+    assert re.search(expected, message)
+
+
+def test_commit_command_records_the_pointer_file() -> None:
+    assert commit_command("data", "abcdef0123.dir") == (
+        "git add data.dvc && git commit -m 'Data snapshot abcdef01'"
+    )
+
+
+def test_a_folder_without_dvc_is_refused_with_the_fix(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "data", per_class=1)
+    with pytest.raises(SnapshotError, match=r"not a DVC repository.*dvc init"):
+        snapshot_data(tmp_path)
+
+
+@pytest.mark.integration
+def test_snapshot_adds_pushes_and_reports_change(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    repo = make_dvc_repo(tmp_path / "repo", remote)
+    make_image_folder(repo / "data", per_class=3)
+
+    first = snapshot_data(repo)
+    assert first["changed"] and first["pushed"]
+    assert first["md5"] == data_snapshot_id(repo) and first["md5"].endswith(".dir")
+    assert sum(1 for p in remote.rglob("*") if p.is_file()) == 7  # 6 images + the .dir listing
+
+    assert snapshot_data(repo) == {"md5": first["md5"], "changed": False, "pushed": True}
+
+    assert commit_snapshot(repo, "Data snapshot") is True
+    assert commit_snapshot(repo, "Data snapshot") is False  # nothing new to commit
+    assert "data.dvc" in run(repo, "git", "show", "--name-only", "HEAD").stdout
+
+    (repo / "data" / "GO" / "go_000.png").unlink()
+    second = snapshot_data(repo, push=False)
+    assert second["changed"] and not second["pushed"] and second["md5"] != first["md5"]
+
+
+@pytest.mark.integration
+def test_push_without_a_remote_names_the_fix_and_keeps_the_snapshot(tmp_path: Path) -> None:
+    repo = make_dvc_repo(tmp_path / "repo", remote=None)
+    make_image_folder(repo / "data", per_class=2)
+    with pytest.raises(SnapshotError, match=r"no DVC remote; add one with `dvc remote add -d"):
+        snapshot_data(repo)
+    assert data_snapshot_id(repo) is not None  # dvc add succeeded before the push failed
