@@ -1,0 +1,216 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tasks.gate import run_gate
+from tasks.model import load_model
+from tasks.registry import (
+    CHAMPION_CARD,
+    CHAMPION_MODEL,
+    PublishError,
+    RegistryError,
+    RegistryLockedError,
+    champion_at,
+    champion_card,
+    list_versions,
+    parse_time,
+    publish,
+    read_champion,
+    read_log,
+    registry_lock,
+    rollback,
+    version_name,
+)
+from tests.tasks.champion_support import (
+    copy_registry,
+    gate_params,
+    good_model,
+    one_version_registry,
+    save_random_model,
+    two_version_registry,
+)
+
+
+@pytest.fixture
+def data_dir(trained_workspace):
+    return trained_workspace["data_dir"]
+
+
+@pytest.fixture
+def base(tmp_path_factory):
+    return tmp_path_factory.getbasetemp()
+
+
+def test_version_names_are_normalised():
+    assert version_name("3") == version_name("v3") == version_name("v0003") == "v0003"
+    with pytest.raises(RegistryError, match="versions look like v0003"):
+        version_name("latest")
+
+
+def test_lock_held_elsewhere_gives_a_clear_error(tmp_path):
+    with registry_lock(tmp_path), pytest.raises(RegistryLockedError) as caught:
+        with registry_lock(tmp_path, timeout=0.2):
+            pass
+    message = str(caught.value)
+    assert f"another FanAOI run (pid {os.getpid()} on " in message
+    assert str(tmp_path) in message and "registry.lock_timeout" in message
+    with registry_lock(tmp_path, timeout=0.2):  # released: the next one gets it at once
+        pass
+
+
+@pytest.mark.integration
+def test_lock_is_exclusive_across_processes_and_freed_when_the_holder_dies(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            from tasks.registry import registry_lock
+            with registry_lock({str(tmp_path)!r}):
+                print("held", flush=True)
+                time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RegistryLockedError, match=f"pid {holder.pid} on "):
+            with registry_lock(tmp_path, timeout=0.3):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with registry_lock(tmp_path, timeout=2):
+        pass
+
+
+def test_champion_at_answers_from_the_log(tmp_path):
+    lines = [
+        {"time": "2026-11-01T02:00:00+00:00", "action": "promote", "version": "v0001"},
+        {"time": "2026-11-02T02:00:00+00:00", "action": "reject", "version": None},
+        {"time": "2026-11-03T02:00:00+00:00", "action": "force", "version": "v0002"},
+        {"time": "2026-11-03T09:30:00+00:00", "action": "rollback", "version": "v0001"},
+    ]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"time": "2026-11-0')
+    assert champion_at(tmp_path, parse_time("2026-10-31T23:00Z")) is None
+    assert champion_at(tmp_path, parse_time("2026-11-02T12:00Z"))["version"] == "v0001"
+    assert champion_at(tmp_path, parse_time("2026-11-03T09:00Z"))["version"] == "v0002"
+    assert champion_at(tmp_path, datetime(2026, 11, 4, tzinfo=UTC))["action"] == "rollback"
+    with pytest.raises(RegistryError, match="not a time"):
+        parse_time("yesterday")
+
+
+def test_empty_registry_has_no_champion(tmp_path):
+    assert read_champion(tmp_path) is None
+    with pytest.raises(RegistryError, match="no champion yet"):
+        champion_card(tmp_path)
+
+
+@pytest.mark.slow
+def test_first_publish_writes_champion_card_version_and_log(data_dir, base):
+    registry = one_version_registry(data_dir, base)
+    card = json.loads((registry / CHAMPION_CARD).read_text())
+    assert card == json.loads((registry / "versions" / "v0001" / "card.json").read_text())
+    assert card["version"] == "v0001" and card["action"] == "promote"
+    assert card["class_mapping"] == {"GO": 0, "NG": 1} and card["positive_class"] == "NG"
+    assert card["input_size"] == [32, 32] and card["preprocessing"]["color_mode"] == "rgb"
+    assert card["threshold"] == 0.5 and card["metrics"]["validation"]["accuracy"] >= 0.8
+    assert card["params"]["gate"]["min_accuracy"] == 0.8
+    assert card["git_revision"] is None or len(card["git_revision"]) == 40
+    assert read_champion(registry).card == card  # the card embedded in champion.h5
+    assert (registry / CHAMPION_MODEL).read_bytes() == (registry / "versions/v0001/model.h5").read_bytes()
+    [entry] = read_log(registry)
+    assert entry["action"] == "promote" and entry["version"] == "v0001" and entry["previous"] is None
+
+
+@pytest.mark.slow
+def test_rollback_restores_the_earlier_bytes(data_dir, base, tmp_path):
+    first_bytes = (one_version_registry(data_dir, base) / CHAMPION_MODEL).read_bytes()
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    assert read_champion(registry).version == "v0002"
+    assert (registry / CHAMPION_MODEL).read_bytes() != first_bytes
+    card = rollback(gate_params(data_dir, registry).registry, "1", reason="v2 overkills on line 3")
+    assert card["version"] == "v0001"
+    assert (registry / CHAMPION_MODEL).read_bytes() == first_bytes
+    assert json.loads((registry / CHAMPION_CARD).read_text())["version"] == "v0001"
+    last = read_log(registry)[-1]
+    assert (last["action"], last["version"], last["previous"]) == ("rollback", "v0001", "v0002")
+    assert last["reasons"] == ["v2 overkills on line 3"]
+    with pytest.raises(RegistryError, match="v0009: no such published version; versions: v0001, v0002"):
+        rollback(gate_params(data_dir, registry).registry, "v9")
+
+
+@pytest.mark.slow
+def test_crash_between_write_and_rename_leaves_the_old_champion(data_dir, base, tmp_path, monkeypatch):
+    registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
+    before = (registry / CHAMPION_MODEL).read_bytes(), (registry / CHAMPION_CARD).read_bytes()
+    params = gate_params(data_dir, registry, min_accuracy=0.0, min_delta=-1.0, max_escape_rate=1.0,
+                         max_escape_increase=1.0, max_overkill_increase=1.0)
+    candidate = save_random_model(params, tmp_path / "candidate.h5")
+    result = run_gate(params, candidate, tmp_path / "reports")
+    assert result["decision"] == "promote"
+
+    def crash(source, target):
+        raise OSError(28, "No space left on device", str(target))
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="No space left"):
+        publish(candidate, result, params)
+    monkeypatch.undo()
+    assert ((registry / CHAMPION_MODEL).read_bytes(), (registry / CHAMPION_CARD).read_bytes()) == before
+    assert read_champion(registry).version == "v0001"
+    assert load_model(registry / CHAMPION_MODEL).count_params() > 0
+    assert not list(registry.glob(".*.tmp"))  # the temp file was removed
+    assert [e["action"] for e in read_log(registry)] == ["promote"]
+
+
+@pytest.mark.slow
+def test_crash_between_model_and_card_keeps_them_in_agreement(data_dir, base, tmp_path, monkeypatch):
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    real_replace, calls = os.replace, []
+
+    def crash_on_card(source, target):
+        calls.append(target)
+        if Path(target).name == CHAMPION_CARD:
+            raise OSError(5, "Input/output error", str(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", crash_on_card)
+    with pytest.raises(OSError):
+        rollback(gate_params(data_dir, registry).registry, "v0001")
+    monkeypatch.undo()
+    # champion.h5 is v0001 now, champion.json still says v0002: the model file decides.
+    assert json.loads((registry / CHAMPION_CARD).read_text())["version"] == "v0002"
+    champion = read_champion(registry)
+    assert champion.version == "v0001" and champion.problem is None
+    assert champion_card(registry) == json.loads((registry / "versions/v0001/card.json").read_text())
+
+
+@pytest.mark.slow
+def test_candidate_that_does_not_reproduce_in_a_fresh_process_is_not_published(data_dir, base, tmp_path):
+    registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
+    before = (registry / CHAMPION_MODEL).read_bytes()
+    params = gate_params(data_dir, registry)
+    good = good_model(data_dir, base)
+    result = run_gate(params, good, tmp_path / "reports", record=False)
+    result["decision"] = "promote"
+    swapped = save_random_model(params, tmp_path / "swapped.h5")  # not the file the gate scored
+    with pytest.raises(PublishError, match="where the gate measured .* not published"):
+        publish(swapped, result, params)
+    assert (registry / CHAMPION_MODEL).read_bytes() == before
+    assert list_versions(registry) == ["v0001"]
+    assert not list((registry / "versions").glob(".incoming-*"))
+    last = read_log(registry)[-1]
+    assert last["action"] == "reject" and "fresh process" in last["reasons"][0]
+
+
+def test_publishing_a_rejected_candidate_needs_force(data_dir, tmp_path):
+    params = gate_params(data_dir, tmp_path / "registry")
+    rejected = {"decision": "reject", "failed": ["accuracy 0.5 >= floor 0.8: FAIL"]}
+    with pytest.raises(PublishError, match=r"gate rejected it \(accuracy 0.5 >= floor 0.8: FAIL\).*--force"):
+        publish(tmp_path / "candidate.h5", rejected, params)
+    assert not (tmp_path / "registry").exists()
