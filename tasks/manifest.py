@@ -44,7 +44,7 @@ LOOSE_FILE = "loose_file"  # beside the class folders: training ignores it
 UNEXPECTED_FOLDER = "unexpected_folder"  # not a class: training refuses the data set
 OUTSIDE_LINK = "outside_link"  # symlink leading out of the data folder
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 # dHash: compare neighbouring pixels of a 9x8 grayscale thumbnail -> 64 bits.
 _DHASH_SIZE = (9, 8)
@@ -141,7 +141,7 @@ _CHECK_COLUMNS = [f.name for f in dataclasses.fields(FileCheck) if f.name != "pa
 
 @dataclass(frozen=True)
 class _Entry:
-    path: Path
+    path: str
     relative: str
     kind: str
     class_name: str | None
@@ -161,19 +161,18 @@ def build_manifest(
     entries = list(_walk_data_folder(data_dir, data))
     cache_path = _cache_path(Path(cache_dir), data_dir) if cache_dir is not None else None
     cached = _load_cache(cache_path, max_pixels) if cache_path else {}
-    checks: dict[str, dict] = {}
+    # relative path -> [size, mtime_ns, *FileCheck fields]: lists keep the cache compact
+    checks: dict[str, list] = {}
     inspected = 0
     for entry in entries:
         if entry.kind != IMAGE:
             continue
         hit = cached.get(entry.relative)
-        if hit is not None and tuple(hit["key"]) == entry.key:
-            checks[entry.relative] = hit
-            continue
-        check = dataclasses.asdict(inspect_file(entry.path, max_pixels))
-        check.pop("path")
-        checks[entry.relative] = {"key": list(entry.key), **check}
-        inspected += 1
+        if hit is None or (hit[0], hit[1]) != entry.key:
+            check = inspect_file(Path(entry.path), max_pixels)
+            hit = [*entry.key, *(getattr(check, name) for name in _CHECK_COLUMNS)]
+            inspected += 1
+        checks[entry.relative] = hit
     if cache_path and (inspected or len(checks) != len(cached)):
         _save_cache(cache_path, max_pixels, checks)
     frame = _to_frame(entries, checks, data)
@@ -183,21 +182,18 @@ def build_manifest(
     return frame
 
 
-def _to_frame(entries: list[_Entry], checks: dict[str, dict], data: DataParams) -> pd.DataFrame:
-    rows = []
-    for entry in entries:
-        check = checks.get(entry.relative, {})
-        sha = check.get("sha256")
-        rows.append({
-            "path": entry.relative,
-            "kind": entry.kind,
-            "class_name": entry.class_name,
-            "split": assign_split(sha, data.split_salt, data.split) if sha else None,
-            "detail": entry.detail,
-            **{name: check.get(name) for name in _CHECK_COLUMNS},
-        })
-    frame = pd.DataFrame(rows, columns=["path", "kind", "class_name", "split", "detail",
-                                        *_CHECK_COLUMNS])
+def _to_frame(entries: list[_Entry], checks: dict[str, list], data: DataParams) -> pd.DataFrame:
+    missing = [None] * (2 + len(_CHECK_COLUMNS))
+    rows = [
+        [entry.relative, entry.kind, entry.class_name, entry.detail,
+         *checks.get(entry.relative, missing)[2:]]
+        for entry in entries
+    ]
+    frame = pd.DataFrame(rows, columns=["path", "kind", "class_name", "detail", *_CHECK_COLUMNS])
+    frame.insert(3, "split", [
+        assign_split(sha, data.split_salt, data.split) if isinstance(sha, str) else None
+        for sha in frame["sha256"]
+    ])
     frame["decodable"] = frame["decodable"].astype("boolean")
     return frame.sort_values("path", ignore_index=True)
 
@@ -208,57 +204,63 @@ def _walk_data_folder(data_dir: Path, data: DataParams) -> Iterator[_Entry]:
     with os.scandir(data_dir) as listing:
         top = sorted(listing, key=lambda e: e.name)
     for entry in top:
-        path = Path(entry.path)
-        if not is_candidate_file(path):
+        if not is_candidate_file(entry):
             continue
-        if entry.is_symlink() and not _is_inside(path, root):
-            yield _Entry(path, entry.name, OUTSIDE_LINK, None, os.path.realpath(path))
+        if entry.is_symlink() and not _is_inside(entry.path, root):
+            yield _Entry(entry.path, entry.name, OUTSIDE_LINK, None, os.path.realpath(entry.path))
         elif entry.is_dir() and entry.name in data.classes:
-            yield from _walk_class_folder(path, entry.name, root, data)
+            yield from _walk_class_folder(entry.path, entry.name, root, data)
         elif entry.is_dir():
-            count = sum(len(files) for _, _, files in os.walk(path))
-            yield _Entry(path, entry.name + "/", UNEXPECTED_FOLDER, None, f"{count} file(s)")
+            count = sum(len(files) for _, _, files in os.walk(entry.path))
+            yield _Entry(entry.path, entry.name + "/", UNEXPECTED_FOLDER, None, f"{count} file(s)")
         else:
-            yield _Entry(path, entry.name, LOOSE_FILE, None)
+            yield _Entry(entry.path, entry.name, LOOSE_FILE, None)
 
 
 def _walk_class_folder(
-    folder: Path, class_name: str, root: Path, data: DataParams
+    folder: str, class_name: str, root: Path, data: DataParams
 ) -> Iterator[_Entry]:
-    """Like ``Path.rglob`` in training: subfolders searched, symlinked folders not followed."""
+    """Like ``Path.rglob`` in training: subfolders searched, symlinked folders not followed.
+
+    Plain strings and ``os.scandir`` here: this loop runs once per image on every
+    validation, cached or not.
+    """
     extensions = {e.lower() for e in data.extensions}
-    pending = [folder]
+    pending = [(folder, class_name + "/")]
     while pending:
-        with os.scandir(pending.pop()) as listing:
+        directory, prefix = pending.pop()
+        with os.scandir(directory) as listing:
             for entry in listing:
-                path = Path(entry.path)
-                relative = path.relative_to(folder.parent).as_posix()
+                relative = prefix + entry.name
                 if entry.is_dir(follow_symlinks=False):
-                    pending.append(path)
-                elif not is_candidate_file(path):
+                    pending.append((entry.path, relative + "/"))
+                elif not is_candidate_file(entry):
                     continue
-                elif entry.is_symlink() and not _is_inside(path, root):
-                    yield _Entry(path, relative, OUTSIDE_LINK, class_name, os.path.realpath(path))
+                elif entry.is_symlink() and not _is_inside(entry.path, root):
+                    target = os.path.realpath(entry.path)
+                    yield _Entry(entry.path, relative, OUTSIDE_LINK, class_name, target)
                 else:
-                    yield from _class_file(entry, path, relative, class_name, extensions)
+                    yield from _class_file(entry, relative, class_name, extensions)
 
 
-def _class_file(entry: os.DirEntry, path: Path, relative: str, class_name: str,
-                extensions: set[str]) -> Iterator[_Entry]:
+def _class_file(
+    entry: os.DirEntry, relative: str, class_name: str, extensions: set[str]
+) -> Iterator[_Entry]:
     try:
         info = entry.stat()
     except OSError:  # a broken link: inspecting it reports the read error
-        yield _Entry(path, relative, IMAGE, class_name, key=(-1, -1))
+        yield _Entry(entry.path, relative, IMAGE, class_name, key=(-1, -1))
         return
     if stat.S_ISDIR(info.st_mode):
         return  # a symlinked folder: training does not follow it either
-    if not stat.S_ISREG(info.st_mode) or path.suffix.lower() not in extensions:
-        yield _Entry(path, relative, OTHER_FILE, class_name)
+    suffix = os.path.splitext(entry.name)[1].lower()
+    if not stat.S_ISREG(info.st_mode) or suffix not in extensions:
+        yield _Entry(entry.path, relative, OTHER_FILE, class_name)
         return
-    yield _Entry(path, relative, IMAGE, class_name, key=(info.st_size, info.st_mtime_ns))
+    yield _Entry(entry.path, relative, IMAGE, class_name, key=(info.st_size, info.st_mtime_ns))
 
 
-def _is_inside(path: Path, root: Path) -> bool:
+def _is_inside(path: str, root: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(root)
 
 
@@ -268,7 +270,7 @@ def _cache_path(cache_dir: Path, data_dir: Path) -> Path:
     return cache_dir / f"manifest-{tag}.json"
 
 
-def _load_cache(path: Path, max_pixels: int) -> dict[str, dict]:
+def _load_cache(path: Path, max_pixels: int) -> dict[str, list]:
     """Rows of an earlier run, or nothing if the file is missing, stale or damaged."""
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
@@ -279,7 +281,7 @@ def _load_cache(path: Path, max_pixels: int) -> dict[str, dict]:
     return stored.get("files", {})
 
 
-def _save_cache(path: Path, max_pixels: int, checks: dict[str, dict]) -> None:
+def _save_cache(path: Path, max_pixels: int, checks: dict[str, list]) -> None:
     """Write to a temporary file and rename, so a killed run leaves the old cache whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
