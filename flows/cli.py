@@ -205,7 +205,7 @@ def _history_why(entry: dict) -> str:
     reasons = entry.get("reasons", [])
     if entry["action"] == "promote":
         return "every rule passed"
-    failed = "; ".join(r for r in reasons if r.endswith("FAIL"))
+    failed = "; ".join(r for r in reasons if r.endswith("FAIL")) if entry["action"] == "reject" else ""
     return failed or (reasons[-1] if reasons else "")
 
 
@@ -277,7 +277,7 @@ def _retrain(args: argparse.Namespace, params: Params) -> int:
     use_offline_defaults()
     from flows.nightly import nightly_retrain
 
-    state = nightly_retrain(params_path=str(project / "params.yaml"), push=not args.no_push,
+    state = nightly_retrain(params_path=str(Path(args.params).resolve()), push=not args.no_push,
                             return_state=True)
     if state.is_cancelled():
         print(f"fanaoi retrain: {state.message}", file=sys.stderr)

@@ -1,0 +1,120 @@
+"""The registry commands of the CLI: gate, promote, champion, history, rollback, predict."""
+
+import json
+
+import pytest
+
+from flows.cli import main
+from tasks.registry import CHAMPION_MODEL, read_log
+from tests.tasks.champion_support import (
+    copy_registry,
+    one_version_registry,
+    save_random_model,
+    two_version_registry,
+    write_params_file,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def project(trained_workspace, tmp_path_factory, tmp_path):
+    """A params file, a copy of the two-version registry (v0002 champion) and a weak candidate."""
+    data_dir, base = trained_workspace["data_dir"], tmp_path_factory.getbasetemp()
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    params_file = write_params_file(tmp_path / "params.yaml", data_dir, registry)
+    return {"data_dir": data_dir, "base": base, "registry": registry, "params": str(params_file), "tmp": tmp_path}
+
+
+def run(project, *argv):
+    return main(["--params", project["params"], *argv])
+
+
+def test_champion_shows_the_card(project, capsys):
+    assert run(project, "champion") == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"champion v0002  {project['registry'] / CHAMPION_MODEL}")
+    assert "force: line test" in out and "GO=0, NG=1" in out and "32x32 rgb" in out
+    assert run(project, "champion", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "v0002"
+
+
+def test_history_lists_decisions_and_answers_at(project, capsys):
+    assert run(project, "history") == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split()[1] for row in rows[1:]] == ["promote", "force"]
+    assert rows[2].split()[2:4] == ["v0002", "v0001"] and rows[2].endswith("forced by operator: line test")
+    promoted, forced = (entry["time"] for entry in read_log(project["registry"]))
+    assert run(project, "history", "--at", promoted) == 0
+    assert capsys.readouterr().out.startswith(f"champion at {promoted}: v0001 (promote")
+    assert run(project, "history", "--at", "2000-01-01") == 0
+    assert capsys.readouterr().out.strip() == "champion at 2000-01-01: none"
+
+
+def test_rollback_then_champion(project, capsys):
+    first = (one_version_registry(project["data_dir"], project["base"]) / CHAMPION_MODEL).read_bytes()
+    assert run(project, "rollback", "v1", "--reason", "v2 rejects good fans") == 0
+    assert "champion is now v0001" in capsys.readouterr().out
+    assert (project["registry"] / CHAMPION_MODEL).read_bytes() == first
+    assert run(project, "champion") == 0
+    assert capsys.readouterr().out.startswith("champion v0001")
+
+
+def test_worse_candidate_is_rejected_and_nothing_changes(project, capsys):
+    champion = project["registry"] / CHAMPION_MODEL
+    before = champion.read_bytes()
+    assert run(project, "rollback", "1") == 0  # the good model is champion again
+    good = champion.read_bytes()
+    weak = save_random_model(main_params(project), project["tmp"] / "weak.h5", seed=11)
+    capsys.readouterr()
+    assert run(project, "gate", "--model", str(weak), "--reports", str(project["tmp"] / "reports")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("decision: REJECT") and "FAIL" in out and "published" not in out
+    assert champion.read_bytes() == good != before
+    assert read_log(project["registry"])[-1]["action"] == "reject"
+    gate = json.loads((project["tmp"] / "reports" / "gate.json").read_text())
+    assert gate["decision"] == "reject" and gate["champion"]["version"] == "v0001"
+
+
+def main_params(project):
+    from flows.params import load_params
+
+    return load_params(project["params"])
+
+
+def test_corrupt_champion_gives_one_line_errors_and_gate_still_decides(project, capsys):
+    champion = project["registry"] / CHAMPION_MODEL
+    champion.write_bytes(b"\x89HDF\r\n\x1a\n garbage")
+    assert run(project, "champion") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"fanaoi champion: error: {champion}: not a readable .h5 file")
+    assert "fanaoi rollback VERSION` (versions: v0001, v0002)" in err
+    image = next((project["data_dir"] / "GO").iterdir())
+    assert run(project, "predict", str(image)) == 1
+    assert str(champion) in capsys.readouterr().err
+    weak = save_random_model(main_params(project), project["tmp"] / "weak.h5", seed=11)
+    reports = str(project["tmp"] / "reports")
+    assert run(project, "gate", "--no-publish", "--model", str(weak), "--reports", reports) == 0
+    out = capsys.readouterr().out
+    assert "champion v0002 is unusable" in out and "floors only" in out and "REJECT" in out
+    assert len(read_log(project["registry"])) == 2  # --no-publish records nothing
+
+
+def test_predict_prints_label_and_probability_per_file(project, capsys):
+    assert run(project, "rollback", "1") == 0
+    folder = project["data_dir"] / "NG"
+    bad = project["tmp"] / "bad.png"
+    bad.write_text("no image")
+    capsys.readouterr()
+    assert run(project, "predict", str(folder), str(bad), "--json") == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["champion"] == "v0001" and result["positive_class"] == "NG"
+    rows = result["results"]
+    assert len(rows) == len(list(folder.iterdir())) + 1
+    assert rows[-1]["path"] == str(bad) and rows[-1]["error"]
+    assert sum(row["label"] == "NG" for row in rows[:-1]) >= 0.8 * (len(rows) - 1)
+    one = next(folder.iterdir())
+    assert run(project, "predict", str(one)) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{one}  NG  p(NG)=") or line.startswith(f"{one}  GO  p(NG)=")
