@@ -192,11 +192,8 @@ def run_expectations(
     # Imported here: GX takes seconds to import and only this stage needs it.
     import great_expectations as gx
     import great_expectations.expectations as gxe
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    _add_docs_site(context, docs_dir)
+    context = gx.get_context(mode="ephemeral", project_config=_context_config(docs_dir))
     source = context.data_sources.add_pandas("manifest")
     suites = {name: context.suites.add(gx.ExpectationSuite(name=name))
               for name in (SUITE_FILES, SUITE_CLASSES)}
@@ -209,7 +206,7 @@ def run_expectations(
             gx.ValidationDefinition(name=table, data=batch, suite=suites[table])
         )
         result = definition.run(
-            batch_parameters={"dataframe": _gx_frame(frame)},
+            batch_parameters={"dataframe": frame},
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]},
         )
         for item in result.results:
@@ -224,14 +221,15 @@ def run_expectations(
     return outcomes
 
 
-def _gx_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Plain numpy/object columns: GX's pandas metrics do not all take nullable dtypes."""
-    return frame.astype({c: object for c in frame.columns if str(frame[c].dtype) == "boolean"})
+def _context_config(docs_dir: Path) -> Any:
+    """In-memory stores, no progress bars, and one Data Docs site: ``docs_dir``."""
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
 
-
-def _add_docs_site(context: Any, docs_dir: Path) -> None:
-    # The ephemeral context has no file store, so Data Docs need a site of their own.
-    context.add_data_docs_site("fanaoi", {
+    site = {
         "class_name": "SiteBuilder",
         "show_how_to_buttons": False,
         "store_backend": {
@@ -242,7 +240,12 @@ def _add_docs_site(context: Any, docs_dir: Path) -> None:
         # Validation pages show every expectation with its result; separate suite pages
         # would double the rendering time of every run.
         "site_section_builders": {"expectations": "False", "profiling": "False"},
-    })
+    }
+    return DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        data_docs_sites={"fanaoi": site},
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
 
 
 def summarize(
