@@ -38,6 +38,11 @@ def _open_repo(repo_dir: Path) -> Any:
         ) from None
 
 
+def _target(repo_dir: Path, stage: str) -> str:
+    """The stage addressed through its dvc.yaml: DVC resolves a bare name from the cwd."""
+    return f"{repo_dir.resolve() / 'dvc.yaml'}:{stage}"
+
+
 def stage_changes(repo_dir: Path | str, stage: str) -> list[str]:
     """What changed since dvc.lock recorded ``stage``; empty when the stage is up to date."""
     from dvc.exceptions import DvcException
@@ -45,14 +50,15 @@ def stage_changes(repo_dir: Path | str, stage: str) -> list[str]:
 
     repo = _open_repo(Path(repo_dir))
     try:
-        status = repo.status(targets=[stage])
+        status = repo.status(targets=[_target(Path(repo_dir), stage)])
     except LockError:
         raise  # another DVC process is busy: transient, the caller may retry
     except DvcException as exc:
         raise StageStateError(f"{Path(repo_dir) / 'dvc.yaml'}: stage {stage!r}: {exc}") from None
     finally:
         repo.close()
-    return [_describe(entry) for entry in status.get(stage, [])]
+    # One target, so at most one key (the stage's address relative to the cwd).
+    return [_describe(entry) for entries in status.values() for entry in entries]
 
 
 def _describe(entry: dict[str, Any] | str) -> str:
@@ -76,7 +82,7 @@ def record_stage(repo_dir: Path | str, stage: str) -> None:
 
     repo = _open_repo(Path(repo_dir))
     try:
-        repo.commit(stage, force=True)
+        repo.commit(_target(Path(repo_dir), stage), force=True)
     except LockError:
         raise
     except DvcException as exc:
