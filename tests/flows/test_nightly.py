@@ -1,0 +1,258 @@
+"""The nightly flow under a temporary Prefect API, on a tiny git + DVC project."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+import yaml
+from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+from flows.nightly import (
+    METRICS_KEY,
+    REPORT_KEY,
+    SKIPPED,
+    is_transient,
+    metric_rows,
+    nightly_deployment,
+    nightly_retrain,
+    report_markdown,
+)
+from flows.params import load_params
+from tasks.registry import list_versions, read_champion, read_log
+from tasks.snapshot import SnapshotError, data_snapshot_id
+from tasks.stages import stage_changes
+from tasks.validate import ValidationFailed
+from tests.dvc_support import run
+from tests.flows.conftest import update_params
+
+PIPELINE_STAGES = ("validate", "train", "evaluate", "gate")
+
+
+def flow_run_id(state: Any) -> UUID:
+    return state.state_details.flow_run_id
+
+
+def task_runs(state: Any) -> dict[str, Any]:
+    """Task runs of a flow run by task name (validate, snapshot, train, ...)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)]))
+        )
+    return {task_run.name.rsplit("-", 1)[0]: task_run for task_run in runs}
+
+
+def artifacts(state: Any) -> dict[str, Any]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id(state)]))
+        )
+    return {artifact.key: artifact for artifact in found}
+
+
+def log_messages(state: Any) -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id(state)]))
+        )
+    return [entry.message for entry in logs]
+
+
+def copy_project(project: Path, target: Path) -> Path:
+    """A private copy (git, DVC cache, dvc.lock, registry) for a test that changes things."""
+    shutil.copytree(project, target, symlinks=True)
+    return target
+
+
+def test_first_run_trains_gates_and_publishes(nightly_project: dict[str, Any]) -> None:
+    project, state = nightly_project["project"], nightly_project["state"]
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["decision"] == "promote"
+    assert summary["stages"] == dict.fromkeys(PIPELINE_STAGES, "ran")
+    assert summary["published_version"] == "v0001"
+    assert summary["champion_path"] == str(project / "registry" / "champion.h5")
+
+    runs = task_runs(state)
+    for name in ("validate", "snapshot", "train", "evaluate", "gate", "publish", "report"):
+        assert runs[name].state.name == "Completed", name
+    champion = read_champion(project / "registry")
+    assert champion.version == "v0001" and champion.problem is None
+    assert champion.card["data_snapshot"] == data_snapshot_id(project)
+    # The flow recorded every stage in dvc.lock: DVC sees nothing left to do.
+    assert all(stage_changes(project, stage) == [] for stage in PIPELINE_STAGES)
+
+    epochs = [m for m in log_messages(state) if m.startswith("epoch 1/")]
+    assert epochs, "per-epoch progress must reach the Prefect logger"
+
+
+def test_first_run_publishes_report_and_metrics_artifacts(nightly_project: dict[str, Any]) -> None:
+    project, state = nightly_project["project"], nightly_project["state"]
+    found = artifacts(state)
+    report = found[REPORT_KEY]
+    assert report.type == "markdown"
+    assert "# Nightly retrain: PROMOTE" in report.data
+    assert data_snapshot_id(project) in report.data
+    assert "| validation accuracy |" in report.data  # the evaluate-vs-last-epoch table
+    table = found[METRICS_KEY]
+    assert table.type == "table"
+    rows = {row["metric"]: row for row in json.loads(table.data)}
+    gate = json.loads((project / "reports" / "gate.json").read_text())
+    assert rows["accuracy"]["candidate"] == round(gate["candidate"]["metrics"]["accuracy"], 4)
+    assert rows["accuracy"]["champion"] is None  # first run: no champion to compare with
+
+
+def test_second_run_with_nothing_changed_skips_every_stage(nightly_project: dict[str, Any]) -> None:
+    project = nightly_project["project"]
+    state = nightly_retrain(params_path=str(project / "params.yaml"), return_state=True)
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["decision"] == "unchanged"
+    assert summary["last_decision"] == "promote"
+    assert summary["stages"] == dict.fromkeys(PIPELINE_STAGES, "skipped")
+    runs = task_runs(state)
+    assert {runs[name].state.name for name in PIPELINE_STAGES} == {SKIPPED}
+    assert "publish" not in runs
+    assert list_versions(project / "registry") == ["v0001"]
+    assert any(m.startswith("nothing changed since the last run") for m in log_messages(state))
+    assert "# Nightly retrain: UNCHANGED" in artifacts(state)[REPORT_KEY].data
+    # dvc repro reads the same record: nothing to do for it either.
+    assert "up to date" in run(project, "dvc", "status").stdout
+
+
+def test_two_runs_at_once_publish_once(nightly_project: dict[str, Any], tmp_path: Path) -> None:
+    project = copy_project(nightly_project["project"], tmp_path / "project")
+    # A gate rule change: the gate stage reruns (no training) and promotes the same model.
+    update_params(project, {"gate": {"min_delta": -1.0}})
+    params_path = str(project / "params.yaml")
+    states: list[Any] = []
+    start = threading.Barrier(2)
+
+    def start_run() -> None:
+        start.wait()
+        states.append(nightly_retrain(params_path=params_path, return_state=True))
+
+    threads = [threading.Thread(target=start_run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+
+    completed = [s for s in states if s.is_completed()]
+    cancelled = [s for s in states if s.is_cancelled()]
+    assert len(completed) == 1 and len(cancelled) == 1, [s.message for s in states]
+    assert "another nightly_retrain run is running" in cancelled[0].message
+    summary = completed[0].result()
+    assert summary["stages"] == {"validate": "skipped", "train": "skipped",
+                                 "evaluate": "skipped", "gate": "ran"}
+    assert summary["published_version"] == "v0002"
+    assert list_versions(project / "registry") == ["v0001", "v0002"]
+    champion = read_champion(project / "registry")
+    assert champion.version == "v0002" and champion.problem is None
+    assert [e["action"] for e in read_log(project / "registry")] == ["promote", "promote"]
+
+
+def test_validation_failure_fails_the_run_without_retries(
+    nightly_project: dict[str, Any], tmp_path: Path
+) -> None:
+    project = copy_project(nightly_project["project"], tmp_path / "project")
+    (project / "data" / "GO" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+    state = nightly_retrain(params_path=str(project / "params.yaml"), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(ValidationFailed, match="broken.png"):
+        state.result()
+    runs = task_runs(state)
+    assert runs["validate"].state.name == "Failed"
+    assert runs["validate"].run_count == 1  # bad data does not heal by retrying
+    assert "train" not in runs
+    report = artifacts(state)[REPORT_KEY].data
+    assert "# Nightly retrain: FAILED" in report and "broken.png" in report
+    assert read_champion(project / "registry").version == "v0001"
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (OSError(28, "No space left on device"), True),
+        (TimeoutError("share did not answer"), True),
+        (FileNotFoundError(2, "No such file", "data/GO"), False),
+        (PermissionError(13, "Permission denied", "registry"), False),
+        (ValidationFailed("data/GO/x.png: not an image"), False),
+        (SnapshotError("/p: `dvc push` failed: connection reset"), True),
+        (SnapshotError("/p: another dvc command holds the repository lock; wait"), True),
+        (SnapshotError("/p: `dvc push` found no DVC remote; add one"), False),
+    ],
+)
+def test_only_transient_failures_are_retried(error: Exception, transient: bool) -> None:
+    assert is_transient(error) is transient
+
+
+def test_report_says_unchanged_and_keeps_the_last_decision() -> None:
+    summary = {
+        "decision": "unchanged", "last_decision": "reject", "reasons": ["accuracy 0.9 < 0.95"],
+        "stages": dict.fromkeys(PIPELINE_STAGES, "skipped"), "data_snapshot": "abc.dir",
+        "data_changed": False, "published_version": None, "champion_version": "v0003",
+        "champion_path": "/r/champion.h5", "candidate_path": "/m/candidate.h5",
+        "metrics": [], "last_epoch_vs_evaluate": {},
+    }
+    text = report_markdown(summary)
+    assert "# Nightly retrain: UNCHANGED" in text
+    assert "Last decision: **reject**" in text
+    assert "`abc.dir`" in text and "champion: v0003" in text
+    assert "- accuracy 0.9 < 0.95" in text
+
+
+def test_metric_rows_compare_candidate_with_champion() -> None:
+    gate = {
+        "candidate": {"metrics": {"accuracy": 0.97, "escape_rate": 0.01, "auc": None}},
+        "champion": {"metrics": {"accuracy": 0.95, "escape_rate": 0.02, "auc": 0.99}},
+    }
+    rows = {row["metric"]: row for row in metric_rows(gate)}
+    assert rows["accuracy"] == {"metric": "accuracy", "candidate": 0.97, "champion": 0.95,
+                                "delta": 0.02}
+    assert rows["escape_rate"]["delta"] == -0.01
+    assert rows["auc"]["delta"] is None
+    assert "f1" not in rows
+
+
+def test_deployment_takes_cron_and_one_run_at_a_time_from_params(tmp_path: Path) -> None:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"nightly": {
+        "cron": "30 1 * * 1-5", "timezone": "Asia/Taipei", "collision_strategy": "ENQUEUE",
+    }}))
+    deployment = nightly_deployment(load_params(params_file), params_file)
+
+    assert deployment.name == "nightly"
+    schedule = deployment.schedules[0].schedule
+    assert (schedule.cron, schedule.timezone) == ("30 1 * * 1-5", "Asia/Taipei")
+    assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+    assert deployment.concurrency_limit == 1
+    assert deployment.parameters == {"params_path": str(params_file)}
+
+
+def test_prefect_yaml_declares_the_schedule_of_params_yaml() -> None:
+    root = Path(__file__).resolve().parents[2]
+    declared = yaml.safe_load((root / "prefect.yaml").read_text())["deployments"][0]
+    nightly = load_params(root / "params.yaml").nightly
+    assert declared["entrypoint"] == "flows/nightly.py:nightly_retrain"
+    assert declared["schedules"][0]["cron"] == nightly.cron
+    assert declared["concurrency_limit"] == {
+        "limit": 1, "collision_strategy": nightly.collision_strategy,
+    }
