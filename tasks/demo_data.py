@@ -168,17 +168,16 @@ def sample_defect(rng: np.random.Generator, kind: str, fan: Fan) -> Defect:
 
 
 def _sample_scratch(rng: np.random.Generator, fan: Fan) -> Defect:
-    """A slightly bent bright line across blades and hub, like a tool slip."""
+    """A slightly bent bright line across blades and hub, like a tool slip over the rotor."""
     angle = rng.uniform(0, 2 * math.pi)
-    length = fan.blade_radius * rng.uniform(1.0, 1.6)
-    start = _polar(fan.centre, fan.blade_radius * rng.uniform(0.0, 0.5), rng.uniform(0, 2 * math.pi))
-    bend = rng.uniform(-0.12, 0.12) * length
-    middle = _polar(start, length / 2, angle)
-    middle = _polar(middle, bend, angle + math.pi / 2)
-    path = (start, middle, _polar(start, length, angle))
-    shade = int(rng.uniform(200, 240))
-    width = SUPERSAMPLE * fan.size / 96 * rng.uniform(2.0, 2.8)
-    return Defect("scratch", path=path, width=width, colour=(shade,) * 3, opacity=rng.uniform(0.85, 1.0))
+    across = angle + math.pi / 2
+    nearest = _polar(fan.centre, fan.blade_radius * rng.uniform(-0.45, 0.45), across)
+    half = fan.blade_radius * rng.uniform(0.55, 0.8)
+    bent = _polar(nearest, rng.uniform(-0.12, 0.12) * half, across)
+    path = (_polar(nearest, -half, angle), bent, _polar(nearest, half, angle))
+    width = SUPERSAMPLE * fan.size / 96 * rng.uniform(2.5, 3.2)
+    shade = int(rng.uniform(210, 245))
+    return Defect("scratch", path=path, width=width, colour=(shade,) * 3, opacity=rng.uniform(0.9, 1.0))
 
 
 def _sample_stain(rng: np.random.Generator, fan: Fan, blade: int) -> Defect:
@@ -188,7 +187,7 @@ def _sample_stain(rng: np.random.Generator, fan: Fan, blade: int) -> Defect:
         centre = _polar(fan.centre, fan.hub_radius * rng.uniform(0, 0.6), rng.uniform(0, 2 * math.pi))
     else:
         centre = _blade_point(fan, blade, rng.uniform(0.35, 0.8), 0.5)
-    radius = fan.size * SUPERSAMPLE * rng.uniform(0.06, 0.085)
+    radius = fan.size * SUPERSAMPLE * rng.uniform(0.07, 0.095)
     blobs = tuple(
         (centre[0] + dx, centre[1] + dy) for dx, dy in rng.normal(0, radius * 0.45, (4, 2))
     )
