@@ -203,6 +203,32 @@ class NightlyParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    check_images: int = 200
+    max_abs_diff: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.check_images < 1:
+            raise ParamsError(f"export.check_images must be at least 1, got {self.check_images}")
+        if self.max_abs_diff < 0:
+            raise ParamsError(f"export.max_abs_diff must be >= 0, got {self.max_abs_diff}")
+
+
+@dataclass(frozen=True)
+class ServeParams:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 10_000_000
+    max_pixels: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ParamsError(f"serve.port must be between 0 and 65535, got {self.port}")
+        if self.max_upload_bytes < 1 or self.max_pixels < 1:
+            raise ParamsError("serve.max_upload_bytes and serve.max_pixels must be at least 1")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     demo: DemoParams = field(default_factory=DemoParams)
@@ -213,6 +239,8 @@ class Params:
     registry: RegistryParams = field(default_factory=RegistryParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     nightly: NightlyParams = field(default_factory=NightlyParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    serve: ServeParams = field(default_factory=ServeParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:
