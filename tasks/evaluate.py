@@ -20,7 +20,7 @@ import numpy as np
 
 from tasks.dataset import LabeledImage, labels_of, list_images, make_dataset, require_split, select
 from tasks.errors import FanaoiError
-from tasks.model import load_model
+from tasks.model import load_model, read_model_metadata
 from tasks.params import ModelParams, Params
 
 if TYPE_CHECKING:
@@ -167,6 +167,15 @@ def write_plots(
     _write_csv(plots / "roc.csv", roc_points(labels, scores), ("fpr", "tpr", "threshold"))
 
 
+def model_record(model_path: Path) -> dict[str, Any]:
+    """How the scored weights came about, from the model file (params may have changed since).
+
+    A file saved before the training record existed gives None for each entry.
+    """
+    training = read_model_metadata(model_path)["training"]
+    return {key: training.get(key) for key in ("first_layer_init", "init", "pruned")}
+
+
 def run_evaluate(
     params: Params,
     model_path: Path | str = "models/candidate.h5",
@@ -199,7 +208,7 @@ def run_evaluate(
         read_last_epoch(reports_dir / "history.csv"), evaluated,
         params.evaluate.max_gap, params.evaluate.max_overfit,
     )
-    result = {**scored, "last_epoch_vs_evaluate": comparison}
+    result = {**scored, "last_epoch_vs_evaluate": comparison, "model": model_record(model_path)}
     (reports_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     validation = scored["validation"]
     report(

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from tasks.errors import FanaoiError
 from tasks.params import ModelParams
 
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
 
 MAPPING_ATTR = "fanaoi_class_mapping"
 PREPROCESSING_ATTR = "fanaoi_preprocessing"
+TRAINING_ATTR = "fanaoi_training"
 
 
 class ModelFileError(FanaoiError):
@@ -33,14 +36,19 @@ def build_model(params: ModelParams, learning_rate: float, jit_compile: bool = F
     model = keras.Sequential(name=params.architecture)
     model.add(keras.Input(shape=(height, width, params.channels)))
     filters = params.conv_filters if params.architecture == "seed_cnn" else params.conv_filters[:1]
-    for count in filters:
-        model.add(layers.Conv2D(count, (3, 3), activation="relu"))
+    for index, count in enumerate(filters):
+        # `edges` starts from glorot and overwrites kernels below; he_normal is a built-in
+        # name, so the saved .h5 loads without custom objects either way.
+        initializer = "he_normal" if index == 0 and params.first_layer_init == "he_normal" else "glorot_uniform"
+        model.add(layers.Conv2D(count, (3, 3), activation="relu", kernel_initializer=initializer))
         model.add(layers.MaxPooling2D((2, 2)))
     model.add(layers.Flatten())
     model.add(layers.Dense(params.dense_units, activation="relu"))
     if params.dropout > 0:
         model.add(layers.Dropout(params.dropout))
     model.add(layers.Dense(1, activation="sigmoid"))
+    if params.first_layer_init == "edges":
+        place_edge_kernels(model.layers[0])
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="binary_crossentropy",
@@ -48,6 +56,45 @@ def build_model(params: ModelParams, learning_rate: float, jit_compile: bool = F
         jit_compile=jit_compile,
     )
     return model
+
+
+def edge_kernels() -> np.ndarray:
+    """3x3 Sobel x/y, Prewitt x/y and zero-mean Gabor kernels at 0/45/90/135 degrees, (3, 3, 8)."""
+    sobel_x = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
+    prewitt_x = np.array([[-1, 0, 1], [-1, 0, 1], [-1, 0, 1]], dtype=np.float64)
+    kernels = [sobel_x, sobel_x.T, prewitt_x, prewitt_x.T]
+    yy, xx = np.mgrid[-1:2, -1:2].astype(np.float64)
+    for degrees in (0, 45, 90, 135):
+        theta = np.deg2rad(degrees)
+        along = xx * np.cos(theta) + yy * np.sin(theta)
+        across = -xx * np.sin(theta) + yy * np.cos(theta)
+        # sigma 1 px, wavelength 3 px: the finest line pattern a 3x3 kernel can hold.
+        gabor = np.exp(-(along**2 + 0.25 * across**2) / 2) * np.cos(2 * np.pi * along / 3)
+        kernels.append(gabor - gabor.mean())  # zero mean: responds to edges, not brightness
+    return np.stack(kernels, axis=-1)
+
+
+def place_edge_kernels(conv: keras.layers.Conv2D) -> int:
+    """Put the edge kernels into the first filters of a built 3x3 Conv2D; returns how many.
+
+    Each kernel sees every input channel with weight 1/channels (an edge of the image's
+    brightness, whatever its colour) and is scaled to the L2 norm a glorot-uniform filter
+    of this layer has on average, so its activations start in the range of the random
+    filters beside it.
+    """
+    kernel, bias = conv.get_weights()
+    height, width, channels, filters = kernel.shape
+    if (height, width) != (3, 3):
+        raise ValueError(f"edge kernels are 3x3, {conv.name} has {height}x{width} kernels")
+    bank = edge_kernels()
+    count = min(filters, bank.shape[-1])
+    limit = np.sqrt(6.0 / (height * width * (channels + filters)))
+    target_norm = np.sqrt(height * width * channels * limit**2 / 3)
+    for index in range(count):
+        filt = np.repeat(bank[:, :, None, index] / channels, channels, axis=2)
+        kernel[..., index] = filt * target_norm / np.linalg.norm(filt)
+    conv.set_weights([kernel, bias])
+    return count
 
 
 def preprocessing_of(params: ModelParams) -> dict[str, Any]:
@@ -61,22 +108,32 @@ def preprocessing_of(params: ModelParams) -> dict[str, Any]:
 
 
 def save_model(
-    model: keras.Model, path: Path | str, class_mapping: dict[str, int], params: ModelParams
+    model: keras.Model,
+    path: Path | str,
+    class_mapping: dict[str, int],
+    params: ModelParams,
+    training: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a Keras HDF5 file with the class mapping and preprocessing as attributes."""
+    """Write a Keras HDF5 file with the class mapping, preprocessing and training record.
+
+    ``training`` says how the weights came about (initialisation, pruning); the model
+    card and the evaluation report read it from the file, so it cannot drift from it.
+    """
     import h5py
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
+    record = {"first_layer_init": params.first_layer_init, **(training or {})}
     with h5py.File(path, "a") as handle:
         handle.attrs[MAPPING_ATTR] = json.dumps(class_mapping)
         handle.attrs[PREPROCESSING_ATTR] = json.dumps(preprocessing_of(params))
+        handle.attrs[TRAINING_ATTR] = json.dumps(record)
     return path
 
 
 def read_model_metadata(path: Path | str) -> dict[str, Any]:
-    """Class mapping and preprocessing stored in a FanAOI .h5 file, without TensorFlow."""
+    """Class mapping, preprocessing and training record of a FanAOI .h5 file, without TensorFlow."""
     import h5py
 
     path = Path(path)
@@ -85,6 +142,8 @@ def read_model_metadata(path: Path | str) -> dict[str, Any]:
             return {
                 "class_mapping": json.loads(handle.attrs[MAPPING_ATTR]),
                 "preprocessing": json.loads(handle.attrs[PREPROCESSING_ATTR]),
+                # files written before the training record existed have none
+                "training": json.loads(handle.attrs.get(TRAINING_ATTR, "{}")),
             }
     except FileNotFoundError:
         raise ModelFileError(f"{path}: model file not found; train one with `fanaoi train`") from None

@@ -57,6 +57,9 @@ class DemoParams:
     ng_fraction: float = 0.5
 
 
+FIRST_LAYER_INITS = ("glorot_uniform", "he_normal", "edges")
+
+
 @dataclass(frozen=True)
 class ModelParams:
     architecture: str = "seed_cnn"
@@ -65,8 +68,14 @@ class ModelParams:
     conv_filters: tuple[int, ...] = (32, 64)
     dense_units: int = 128
     dropout: float = 0.0
+    first_layer_init: str = "glorot_uniform"
 
     def __post_init__(self) -> None:
+        if self.first_layer_init not in FIRST_LAYER_INITS:
+            raise ParamsError(
+                f"model.first_layer_init must be one of {', '.join(FIRST_LAYER_INITS)}, "
+                f"got {self.first_layer_init!r}"
+            )
         if self.color_mode not in ("rgb", "grayscale"):
             raise ParamsError(f"model.color_mode must be rgb or grayscale, got {self.color_mode!r}")
         if self.architecture not in ("seed_cnn", "small_cnn"):
@@ -79,6 +88,9 @@ class ModelParams:
         return 3 if self.color_mode == "rgb" else 1
 
 
+INIT_FROM = (None, "champion")
+
+
 @dataclass(frozen=True)
 class TrainParams:
     seed: int = 42
@@ -88,6 +100,14 @@ class TrainParams:
     shuffle_buffer: int = 4096
     checkpoint_dir: str = "models/checkpoints"
     jit_compile: bool = False
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.init_from not in INIT_FROM:
+            raise ParamsError(
+                f"train.init_from must be null (random initialisation) or champion, "
+                f"got {self.init_from!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,20 @@ class GateParams:
                 raise ParamsError(f"gate.{name} must be null or between 0 and 1, got {value}")
         if self.smoke_images < 1:
             raise ParamsError(f"gate.smoke_images must be at least 1, got {self.smoke_images}")
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    fraction: float = 0.25
+    fine_tune_epochs: int = 2
+    learning_rate: float = 0.0005
+    speed_images: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction < 1:
+            raise ParamsError(f"prune.fraction must be >= 0 and < 1, got {self.fraction}")
+        if self.fine_tune_epochs < 0 or self.speed_images < 1:
+            raise ParamsError("prune.fine_tune_epochs must be >= 0 and prune.speed_images >= 1")
 
 
 @dataclass(frozen=True)
@@ -236,6 +270,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     gate: GateParams = field(default_factory=GateParams)
+    prune: PruneParams = field(default_factory=PruneParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     nightly: NightlyParams = field(default_factory=NightlyParams)

@@ -382,6 +382,8 @@ def build_card(
         "positive_class": next(name for name, label in mapping.items() if label == 1),
         "input_size": metadata["preprocessing"]["input_size"],
         "preprocessing": metadata["preprocessing"],
+        # initial weights (random or a champion version), first-layer init, pruning
+        "training": metadata["training"],
         "threshold": gate_result["threshold"],
         "metrics": {"validation": gate_result["candidate"]["metrics"]},
         "gate": {

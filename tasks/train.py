@@ -14,12 +14,15 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.dataset import LabeledImage, list_images, make_dataset, require_split, select
-from tasks.model import build_model, save_model
+from tasks.dataset import LabeledImage, list_images, make_dataset, require_split, select, sha256_of
+from tasks.errors import FanaoiError
+from tasks.model import build_model, load_model, read_model_metadata, save_model
 from tasks.params import ModelParams, Params, TrainParams
+from tasks.registry import CHAMPION_MODEL, read_champion
 
 if TYPE_CHECKING:
     import keras
@@ -27,6 +30,73 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+RANDOM_INIT = {"from": "random"}
+
+
+class WarmStartError(FanaoiError):
+    """``train.init_from: champion`` cannot be honoured; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """The champion a run starts from instead of random weights."""
+
+    path: Path
+    version: str | None
+    sha256: str
+
+    def record(self) -> dict[str, Any]:
+        """What train.json and the model card say about the initial weights."""
+        return {"from": "champion", "version": self.version, "sha256": self.sha256}
+
+
+def find_warm_start(params: Params) -> WarmStart | None:
+    """The registry champion when ``train.init_from`` is champion (checked usable), else None."""
+    if params.train.init_from is None:
+        return None
+    registry_dir = Path(params.registry.dir)
+    fix = "set train.init_from: null in params.yaml to start from random weights"
+    champion = read_champion(registry_dir)
+    if champion is None:
+        raise WarmStartError(
+            f"{registry_dir / CHAMPION_MODEL}: train.init_from is champion but the registry has "
+            f"no champion; publish one first (`fanaoi gate`) or {fix}"
+        )
+    if champion.problem:
+        raise WarmStartError(f"{champion.problem}; or {fix}")
+    mapping = read_model_metadata(champion.model_path)["class_mapping"]
+    if mapping != params.data.class_mapping:
+        raise WarmStartError(
+            f"{champion.model_path}: champion {champion.version} has class mapping {mapping}, "
+            f"data.classes gives {params.data.class_mapping}; its output would mean the opposite "
+            f"class: {fix}"
+        )
+    return WarmStart(champion.model_path, champion.version, sha256_of(champion.model_path))
+
+
+def load_warm_start(model: keras.Model, warm_start: WarmStart) -> None:
+    """Copy the champion's weights into ``model``; shapes must match layer by layer."""
+    source = load_model(warm_start.path)
+    fix = (
+        "set model.input_size, color_mode, conv_filters, dense_units and architecture to the "
+        "champion's (see `fanaoi champion --json`), or set train.init_from: null"
+    )
+    if tuple(source.input_shape[1:]) != tuple(model.input_shape[1:]):
+        raise WarmStartError(
+            f"{warm_start.path}: champion {warm_start.version} takes input "
+            f"{tuple(source.input_shape[1:])}, model params build {tuple(model.input_shape[1:])}; {fix}"
+        )
+    theirs, ours = source.weights, model.weights
+    for index in range(max(len(theirs), len(ours))):
+        their_shape = tuple(theirs[index].shape) if index < len(theirs) else None
+        our_shape = tuple(ours[index].shape) if index < len(ours) else None
+        if their_shape != our_shape:
+            name = (ours[index] if index < len(ours) else theirs[index]).path
+            raise WarmStartError(
+                f"{warm_start.path}: champion {warm_start.version} has weight {index} ({name}) "
+                f"of shape {their_shape}, model params give {our_shape}; {fix}"
+            )
+    model.set_weights(source.get_weights())
 
 
 def set_seeds(seed: int) -> None:
@@ -69,10 +139,14 @@ class _Checkpoint:
 
 
 def run_fingerprint(
-    train_images: Sequence[LabeledImage], model_params: ModelParams, train_params: TrainParams
+    train_images: Sequence[LabeledImage],
+    model_params: ModelParams,
+    train_params: TrainParams,
+    init: dict[str, Any] = RANDOM_INIT,
 ) -> str:
+    """Same fingerprint, same run: params (init_from among them), initial weights and data."""
     content = json.dumps(
-        [dataclasses.asdict(model_params), dataclasses.asdict(train_params),
+        [dataclasses.asdict(model_params), dataclasses.asdict(train_params), init,
          sorted(image.sha256 for image in train_images)],
         sort_keys=True, default=str,
     )
@@ -117,17 +191,21 @@ def train_model(
     checkpoint_dir: Path | None = None,
     report: Callable[[str], None] = log.info,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+    warm_start: WarmStart | None = None,
 ) -> tuple[keras.Model, list[dict[str, float]]]:
-    """Fit a fresh model; returns it and one row of metrics per epoch.
+    """Fit a model from random weights, or from the champion's with ``warm_start``.
 
-    With ``checkpoint_dir`` the state is saved after every epoch and a killed run with
-    the same params and data resumes from its last finished epoch; the folder is removed
-    when training completes.
+    Returns the model and one row of metrics per epoch. With ``checkpoint_dir`` the state
+    is saved after every epoch and a killed run with the same params, initial weights and
+    data resumes from its last finished epoch; the folder is removed when training completes.
     """
     import keras
 
     set_seeds(train_params.seed)
     model = build_model(model_params, train_params.learning_rate, train_params.jit_compile)
+    if warm_start is not None:
+        load_warm_start(model, warm_start)
+        report(f"warm start from champion {warm_start.version} ({warm_start.path})")
     train_data = make_dataset(
         train_images, model_params, train_params.batch_size,
         shuffle_seed=train_params.seed, shuffle_buffer=train_params.shuffle_buffer,
@@ -137,7 +215,8 @@ def train_model(
     checkpoint = None
     callbacks: list[keras.callbacks.Callback] = []
     if checkpoint_dir is not None:
-        fingerprint = run_fingerprint(train_images, model_params, train_params)
+        init = warm_start.record() if warm_start else RANDOM_INIT
+        fingerprint = run_fingerprint(train_images, model_params, train_params, init)
         checkpoint = _Checkpoint(Path(checkpoint_dir), fingerprint)
         rows.extend(checkpoint.finished_epochs())
         if rows:
@@ -188,13 +267,15 @@ def run_train(
         f"training {params.model.architecture} on {len(train_images)} images, "
         f"validating on {len(validation_images)}, {params.train.epochs} epochs"
     )
+    warm_start = find_warm_start(params)
+    init = warm_start.record() if warm_start else RANDOM_INIT
     started = time.perf_counter()
     model, history = train_model(
         train_images, validation_images, params.model, params.train,
-        checkpoint_dir=Path(params.train.checkpoint_dir), report=report,
+        checkpoint_dir=Path(params.train.checkpoint_dir), report=report, warm_start=warm_start,
     )
     seconds = time.perf_counter() - started
-    save_model(model, model_path, params.data.class_mapping, params.model)
+    save_model(model, model_path, params.data.class_mapping, params.model, training={"init": init})
     write_history(history, reports_dir / "history.csv")
     last = history[-1]
     summary = {
@@ -202,6 +283,8 @@ def run_train(
         "seconds": round(seconds, 2),
         "images_per_second": round(len(train_images) * len(history) / seconds, 1),
         "parameters": int(model.count_params()),
+        "init": init,
+        "first_layer_init": params.model.first_layer_init,
         "last_epoch": {k: round(v, 6) for k, v in last.items() if k not in ("epoch", "seconds")},
         "images": split_counts(images, params.data.classes),
         "class_mapping": params.data.class_mapping,

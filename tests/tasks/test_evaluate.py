@@ -57,3 +57,6 @@ def test_run_evaluate_reports_both_views(trained_workspace, tmp_path):
     assert 0 <= comparison["evaluate_validation_accuracy"] <= 1
     assert (reports / "plots" / "confusion.csv").read_text().startswith("actual,predicted")
     assert (reports / "plots" / "roc.csv").exists()
+    assert written["model"] == {
+        "first_layer_init": "glorot_uniform", "init": {"from": "random"}, "pruned": None,
+    }

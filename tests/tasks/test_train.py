@@ -1,5 +1,7 @@
 import csv
+import dataclasses
 import json
+from pathlib import Path
 
 import h5py
 import pytest
@@ -80,4 +82,106 @@ def test_checkpoint_of_other_params_is_discarded(tmp_path):
                     extra_callbacks=[kill_after_epoch(1)])
     other = tiny_params(data, epochs=2, learning_rate=0.01)
     _, history = train_model(*split, other.model, other.train, checkpoint_dir=checkpoint)
+    assert [row["epoch"] for row in history] == [1, 2]
+
+
+def first_layer_at_start(weights: list):
+    """A callback that keeps the first layer's kernel as it is when fit() begins."""
+    import keras
+
+    class Capture(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            weights.append(self.model.layers[0].get_weights()[0])
+
+    return Capture()
+
+
+@pytest.fixture
+def champion_project(trained_workspace, tmp_path_factory, tmp_path):
+    """Tiny params with train.init_from: champion over a registry whose champion is v0001."""
+    from tests.tasks.champion_support import copy_registry, gate_params, one_version_registry
+
+    data_dir = trained_workspace["data_dir"]
+    source = one_version_registry(data_dir, tmp_path_factory.getbasetemp())
+    registry = copy_registry(source, tmp_path / "registry")
+    params = gate_params(data_dir, registry)
+    train = dataclasses.replace(
+        params.train, epochs=1, init_from="champion", checkpoint_dir=str(tmp_path / "ckpt")
+    )
+    return dataclasses.replace(params, train=train)
+
+
+@pytest.mark.slow
+def test_warm_start_begins_at_the_champion_weights_and_is_recorded(champion_project, tmp_path):
+    import numpy as np
+
+    from tasks.dataset import list_images, select
+    from tasks.gate import run_gate
+    from tasks.model import load_model, read_model_metadata
+    from tasks.registry import CHAMPION_MODEL, build_card
+    from tasks.train import find_warm_start, train_model
+
+    params = champion_project
+    warm_start = find_warm_start(params)
+    assert warm_start.version == "v0001"
+    champion = load_model(Path(params.registry.dir) / CHAMPION_MODEL).layers[0].get_weights()[0]
+    images = list_images(params.data.dir, params.data)
+    split = (select(images, "train"), select(images, "validation"))
+    seen = []
+    train_model(*split, params.model, params.train, warm_start=warm_start,
+                extra_callbacks=[first_layer_at_start(seen)])
+    np.testing.assert_array_equal(seen[0], champion)
+    random_start = []
+    train_model(*split, params.model, dataclasses.replace(params.train, init_from=None),
+                extra_callbacks=[first_layer_at_start(random_start)])
+    assert not np.allclose(random_start[0], champion)
+
+    model_path = tmp_path / "candidate.h5"
+    summary = run_train(params, model_path, tmp_path / "reports")
+    expected = {"from": "champion", "version": "v0001", "sha256": warm_start.sha256}
+    assert summary["init"] == expected
+    assert json.loads((tmp_path / "reports" / "train.json").read_text())["init"] == expected
+    assert read_model_metadata(model_path)["training"]["init"] == expected
+    gate_result = run_gate(params, model_path, tmp_path / "reports", record=False)
+    card = build_card("v0002", model_path, gate_result, params, repo_dir=tmp_path,
+                      action="promote", reason=None)
+    assert card["training"] == {"first_layer_init": "glorot_uniform", "init": expected}
+
+
+def test_warm_start_without_a_champion_names_the_file_and_the_fix(champion_project, tmp_path):
+    from tasks.train import WarmStartError
+
+    params = dataclasses.replace(champion_project, registry=dataclasses.replace(
+        champion_project.registry, dir=str(tmp_path / "empty")))
+    with pytest.raises(WarmStartError, match=r"empty/champion.h5: .* no champion.*train.init_from: null"):
+        run_train(params, tmp_path / "c.h5", tmp_path / "reports")
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_warm_start_with_other_shapes_names_the_weight(champion_project, tmp_path):
+    from tasks.train import WarmStartError
+
+    params = dataclasses.replace(champion_project, model=dataclasses.replace(
+        champion_project.model, conv_filters=(4, 16)))
+    with pytest.raises(WarmStartError, match=r"champion.h5: champion v0001 has weight 0 .*\(3, 3, 3, 8\).*"
+                                             r"\(3, 3, 3, 4\).*conv_filters"):
+        run_train(params, tmp_path / "c.h5", tmp_path / "reports")
+
+
+@pytest.mark.slow
+def test_warm_started_run_never_resumes_a_random_init_checkpoint(champion_project):
+    from tasks.dataset import list_images, select
+    from tasks.train import find_warm_start, train_model
+
+    warm = dataclasses.replace(champion_project.train, epochs=2)
+    images = list_images(champion_project.data.dir, champion_project.data)
+    split = (select(images, "train"), select(images, "validation"))
+    with pytest.raises(KeyboardInterrupt):
+        train_model(*split, champion_project.model, dataclasses.replace(warm, init_from=None),
+                    checkpoint_dir=Path(warm.checkpoint_dir), extra_callbacks=[kill_after_epoch(1)])
+    messages = []
+    _, history = train_model(*split, champion_project.model, warm, checkpoint_dir=Path(warm.checkpoint_dir),
+                             report=messages.append, warm_start=find_warm_start(champion_project))
+    assert not any("resuming" in message for message in messages)
+    assert messages[0].startswith("warm start from champion v0001")
     assert [row["epoch"] for row in history] == [1, 2]
