@@ -263,6 +263,15 @@ class ServeParams:
 
 
 @dataclass(frozen=True)
+class ExplainParams:
+    max_heatmaps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.max_heatmaps < 0:
+            raise ParamsError(f"explain.max_heatmaps must be >= 0, got {self.max_heatmaps}")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     demo: DemoParams = field(default_factory=DemoParams)
@@ -276,6 +285,7 @@ class Params:
     nightly: NightlyParams = field(default_factory=NightlyParams)
     export: ExportParams = field(default_factory=ExportParams)
     serve: ServeParams = field(default_factory=ServeParams)
+    explain: ExplainParams = field(default_factory=ExplainParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:
