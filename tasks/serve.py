@@ -1,0 +1,261 @@
+"""Serve the champion over HTTP (FastAPI): POST /predict, GET /health, GET /model.
+
+Images are decoded and thresholded exactly as ``fanaoi predict`` does (tasks.predict's
+Predictor and load_champion, tasks.dataset.decode_image), so the service and the CLI give
+the same answer for the same file.
+
+Before each request the service looks at ``champion.h5`` (one ``stat``). When the file
+was replaced (publish, rollback, an export rewriting its card) the new champion is loaded
+by that one request and swapped in under a lock; requests already running finish on the
+model they started with, and requests arriving during the load keep using the old one.
+A champion that cannot be loaded is logged and reported by /health; the old one serves on.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+
+from tasks.dataset import decode_image
+from tasks.errors import FanaoiError
+from tasks.params import Params, ServeParams
+from tasks.predict import Predictor, load_champion
+from tasks.registry import CHAMPION_MODEL, champion_card, utc_now
+
+log = logging.getLogger(__name__)
+
+# Room for the multipart boundary and part headers around the image itself.
+MULTIPART_OVERHEAD = 16 * 1024
+LOAD_ATTEMPTS = 3
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float
+    threshold: float
+    positive_class: str
+    model_version: str
+
+
+class Health(BaseModel):
+    status: str
+    model_version: str
+    loaded_at: str
+    reload_error: str | None
+
+
+class UploadRejected(FanaoiError):
+    """An upload the service cannot classify; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class LoadedChampion:
+    predictor: Predictor
+    card: dict[str, Any]
+    signature: tuple[int, int, int] | None  # (inode, mtime_ns, size) of champion.h5 when loaded
+    loaded_at: str
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_ino, status.st_mtime_ns, status.st_size
+
+
+def load_current_champion(registry_dir: Path) -> LoadedChampion:
+    """The champion and its card, read while champion.h5 stayed the same file."""
+    model_path = registry_dir / CHAMPION_MODEL
+    for _ in range(LOAD_ATTEMPTS):
+        before = _signature(model_path)
+        card = champion_card(registry_dir)
+        predictor = load_champion(registry_dir)
+        if _signature(model_path) == before and predictor.version == card["version"]:
+            # The first predict_on_batch builds the predict function; doing it here keeps
+            # concurrent first requests from racing to build it.
+            height, width = predictor.model_params.input_size
+            predictor.model.predict_on_batch(
+                np.zeros((1, height, width, predictor.model_params.channels), np.float32)
+            )
+            return LoadedChampion(predictor, card, before, utc_now())
+    raise FanaoiError(
+        f"{model_path}: replaced {LOAD_ATTEMPTS} times while being loaded; try again when "
+        f"publishing has finished"
+    )
+
+
+class ChampionHolder:
+    """The champion in use, swapped for a new one when the registry's champion changes."""
+
+    def __init__(self, registry_dir: Path | str) -> None:
+        self.registry_dir = Path(registry_dir)
+        self._swap = threading.Lock()
+        self._current = load_current_champion(self.registry_dir)
+        self._failed: tuple[int, int, int] | None = None
+        self.reload_error: str | None = None
+
+    def current(self) -> LoadedChampion:
+        """The champion to answer this request with (reloaded first if the file changed)."""
+        current = self._current
+        signature = _signature(self.registry_dir / CHAMPION_MODEL)
+        if signature in (current.signature, self._failed):
+            return current
+        # One request loads; the others answer with the model they already have.
+        if not self._swap.acquire(blocking=False):
+            return current
+        try:
+            if _signature(self.registry_dir / CHAMPION_MODEL) != self._current.signature:
+                self._reload()
+        finally:
+            self._swap.release()
+        return self._current
+
+    def _reload(self) -> None:
+        signature = _signature(self.registry_dir / CHAMPION_MODEL)
+        try:
+            loaded = load_current_champion(self.registry_dir)
+        except (FanaoiError, OSError) as exc:
+            self._failed, self.reload_error = signature, str(exc)
+            log.warning("keeping champion %s: %s", self._current.card["version"], exc)
+            return
+        previous = self._current.card["version"]
+        self._current, self._failed, self.reload_error = loaded, None, None
+        log.info("champion reloaded: %s -> %s", previous, loaded.card["version"])
+
+
+def check_upload(data: bytes, serve: ServeParams, formats: Sequence[str]) -> None:
+    """Reject what cannot be a fan image before TensorFlow sees it (UploadRejected)."""
+    if not data:
+        raise UploadRejected(400, "empty upload; send the image file in the form field 'file'")
+    if len(data) > serve.max_upload_bytes:
+        raise UploadRejected(
+            413, f"upload of {len(data):,} bytes is larger than serve.max_upload_bytes = "
+                 f"{serve.max_upload_bytes:,}"
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = image.width * image.height
+            if pixels > serve.max_pixels:
+                raise UploadRejected(
+                    422, f"decompression bomb: {pixels:,} pixels, more than serve.max_pixels = "
+                         f"{serve.max_pixels:,}"
+                )
+            if image.format not in formats:
+                raise UploadRejected(
+                    415, f"{image.format} image; the model takes {', '.join(formats)}"
+                )
+            image.load()  # decodes every pixel: catches truncated and corrupt files
+    except UnidentifiedImageError:
+        raise UploadRejected(415, f"not an image; send {', '.join(formats)}") from None
+    except Image.DecompressionBombError as exc:
+        raise UploadRejected(422, f"decompression bomb: {exc}") from None
+    except UploadRejected:
+        raise
+    except Exception as exc:  # any decoder failure is a property of the upload
+        raise UploadRejected(422, f"truncated or corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def probability_of(predictor: Predictor, data: bytes) -> float:
+    """Positive-class probability of one encoded image, preprocessed as in training."""
+    import tensorflow as tf
+
+    try:
+        image = decode_image(tf.constant(data), predictor.model_params)
+    except (tf.errors.OpError, ValueError) as exc:
+        raise UploadRejected(422, f"cannot decode the image ({getattr(exc, 'message', exc)})") from None
+    return float(predictor.model.predict_on_batch(image[tf.newaxis]).reshape(-1)[0])
+
+
+def classify(loaded: LoadedChampion, data: bytes) -> dict[str, Any]:
+    predictor = loaded.predictor
+    probability = probability_of(predictor, data)
+    return {
+        "label": predictor.class_names[int(probability >= predictor.threshold)],
+        "probability": probability,
+        "threshold": predictor.threshold,
+        "positive_class": predictor.class_names[1],
+        "model_version": loaded.card["version"],
+    }
+
+
+def create_app(params: Params) -> FastAPI:
+    """The service over the registry of ``params``; raises if there is no usable champion."""
+    serve, formats = params.serve, params.validate.formats
+    holder = ChampionHolder(params.registry.dir)
+    app = FastAPI(
+        title="FanAOI",
+        summary="GO/NG classification of fan images by the registry's champion model",
+        version=holder.current().card["version"],
+    )
+
+    @app.post("/predict", response_model=Prediction, responses={
+        400: {"description": "empty upload"}, 413: {"description": "upload too large"},
+        415: {"description": "not an image, or a format the model does not take"},
+        422: {"description": "truncated or corrupt image, or a decompression bomb"},
+    })
+    def predict(file: Annotated[UploadFile, File(description="PNG, JPEG or BMP image")]) -> dict[str, Any]:
+        """Classify one image with the champion: label, probability, threshold, model version."""
+        loaded = holder.current()
+        data = file.file.read(serve.max_upload_bytes + 1)
+        try:
+            check_upload(data, serve, formats)
+            return classify(loaded, data)
+        except UploadRejected as exc:
+            raise HTTPException(exc.status, f"{file.filename}: {exc}") from None
+
+    @app.get("/health", response_model=Health)
+    def health() -> dict[str, Any]:
+        """The version in use; ``stale`` when a newer champion could not be loaded."""
+        loaded = holder.current()
+        return {
+            "status": "stale" if holder.reload_error else "ok",
+            "model_version": loaded.card["version"],
+            "loaded_at": loaded.loaded_at,
+            "reload_error": holder.reload_error,
+        }
+
+    @app.get("/model")
+    def model() -> dict[str, Any]:
+        """The model card of the champion in use."""
+        return holder.current().card
+
+    limit = serve.max_upload_bytes + MULTIPART_OVERHEAD
+
+    @app.middleware("http")
+    async def refuse_large_bodies(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        # Refused before the multipart body is read (and spooled to disk).
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return JSONResponse(status_code=413, content={
+                "detail": f"request of {int(length):,} bytes is larger than serve.max_upload_bytes "
+                          f"= {serve.max_upload_bytes:,} (plus form overhead)"
+            })
+        return await call_next(request)
+
+    return app
+
+
+def run_server(params: Params, host: str, port: int) -> None:
+    """Serve until interrupted (uvicorn, one process; predictions run in its thread pool)."""
+    import uvicorn
+
+    uvicorn.run(create_app(params), host=host, port=port, log_level="info")

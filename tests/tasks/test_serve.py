@@ -1,0 +1,158 @@
+import dataclasses
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tasks.dataset import list_images, select
+from tasks.params import ServeParams
+from tasks.predict import load_champion, predict_files
+from tasks.registry import RegistryError, rollback
+from tasks.serve import create_app
+from tests.tasks.champion_support import (
+    copy_registry,
+    gate_params,
+    one_version_registry,
+    two_version_registry,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def registry(trained_workspace, tmp_path_factory, tmp_path):
+    source = one_version_registry(trained_workspace["data_dir"], tmp_path_factory.getbasetemp())
+    return copy_registry(source, tmp_path / "registry")
+
+
+def serve_params(trained_workspace, registry, **serve):
+    params = gate_params(trained_workspace["data_dir"], registry)
+    return dataclasses.replace(params, serve=ServeParams(**serve))
+
+
+@pytest.fixture
+def validation_paths(trained_workspace):
+    params = trained_workspace["params"]
+    return [image.path for image in select(list_images(params.data.dir, params.data), "validation")][:6]
+
+
+def upload(client, content, name="fan.png"):
+    return client.post("/predict", files={"file": (name, content, "application/octet-stream")})
+
+
+def test_predict_agrees_with_the_cli_and_the_service_describes_itself(
+    trained_workspace, registry, validation_paths
+):
+    expected = predict_files(load_champion(registry), validation_paths, batch_size=8)
+    with TestClient(create_app(serve_params(trained_workspace, registry))) as client:
+        for path, row in zip(validation_paths, expected, strict=True):
+            answer = upload(client, path.read_bytes())
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["probability"] == pytest.approx(row["probability"], abs=1e-6)
+            assert body["label"] == row["label"]
+            assert (body["threshold"], body["model_version"], body["positive_class"]) == (0.5, "v0001", "NG")
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["model_version"] == "v0001"
+        card = client.get("/model").json()
+        assert card["version"] == "v0001" and card["class_mapping"] == {"GO": 0, "NG": 1}
+        schema = client.get("/openapi.json").json()
+        assert {"/predict", "/health", "/model"} <= set(schema["paths"])
+
+
+def png_bytes(size):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (40, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_uploads_get_a_4xx_with_a_message(trained_workspace, registry, validation_paths):
+    params = serve_params(trained_workspace, registry, max_upload_bytes=20_000, max_pixels=100 * 100)
+    good = validation_paths[0].read_bytes()
+    gif = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(gif, format="GIF")
+    cases = {
+        "notes.txt": (b"line 7 inspection notes\n", 415, "notes.txt: not an image"),
+        "empty.png": (b"", 400, "empty upload"),
+        "cut.png": (good[: len(good) // 2], 422, "truncated or corrupt image"),
+        "bomb.png": (png_bytes((200, 200)), 422, "decompression bomb: 40,000 pixels, more than serve.max_pixels"),
+        "fan.gif": (gif.getvalue(), 415, "GIF image; the model takes PNG, JPEG, BMP"),
+        "big.png": (good + b"\0" * 20_000, 413, "larger than serve.max_upload_bytes = 20,000"),
+        "huge.png": (b"\0" * 200_000, 413, "request of"),
+    }
+    with TestClient(create_app(params)) as client:
+        for name, (content, status, message) in cases.items():
+            answer = upload(client, content, name)
+            assert answer.status_code == status, (name, answer.text)
+            assert message in answer.json()["detail"], name
+        assert client.post("/predict").status_code == 422  # no file field at all
+        assert upload(client, good).status_code == 200  # the service is still answering
+
+
+def test_no_champion_means_no_service(trained_workspace, tmp_path):
+    with pytest.raises(RegistryError, match="no champion yet"):
+        create_app(serve_params(trained_workspace, tmp_path / "registry"))
+
+
+def test_a_new_champion_is_picked_up_without_dropping_requests(
+    trained_workspace, tmp_path_factory, tmp_path, validation_paths
+):
+    source = two_version_registry(trained_workspace["data_dir"], tmp_path_factory.getbasetemp())
+    registry = copy_registry(source, tmp_path / "registry")
+    params = serve_params(trained_workspace, registry)
+    image = validation_paths[0].read_bytes()
+    with TestClient(create_app(params)) as client:
+        assert upload(client, image).json()["model_version"] == "v0002"
+
+        def ask(_):
+            answer = upload(client, image)
+            return answer.status_code, answer.json().get("model_version")
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = pool.map(ask, range(40))
+            rollback(params.registry, "v0001", reason="test")
+            answers = list(answers)
+        assert {status for status, _ in answers} == {200}
+        assert {version for _, version in answers} <= {"v0001", "v0002"}
+
+        assert upload(client, image).json()["model_version"] == "v0001"
+        assert client.get("/model").json()["version"] == "v0001"
+        rollback(params.registry, "v0002", reason="test")
+        assert client.get("/health").json()["model_version"] == "v0002"
+
+
+def test_a_real_http_request_on_localhost(trained_workspace, registry, validation_paths):
+    import uvicorn
+
+    expected = predict_files(load_champion(registry), validation_paths[:1], batch_size=8)[0]
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(serve_params(trained_workspace, registry)), log_level="warning",
+    ))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/predict", timeout=30,
+            files={"file": ("fan.png", validation_paths[0].read_bytes(), "image/png")},
+        )
+        assert answer.status_code == 200
+        assert answer.json()["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+        assert httpx.post(f"http://127.0.0.1:{port}/predict", timeout=30,
+                          files={"file": ("x.txt", b"not an image", "text/plain")}).status_code == 415
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()
