@@ -238,6 +238,38 @@ def _rollback(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+_PRUNE_ROWS = (
+    ("parameters", "parameters", "{:,.0f}"),
+    ("file size (KB)", "file_bytes", "{:,.1f}"),
+    ("predict images/s", "images_per_second", "{:,.0f}"),
+    ("validation accuracy", "validation_accuracy", "{:.4f}"),
+    ("escape rate", "escape_rate", "{:.4f}"),
+    ("overkill rate", "overkill_rate", "{:.4f}"),
+)
+
+
+@command("prune")
+def _prune(args: argparse.Namespace, params: Params) -> int:
+    from tasks.prune import run_prune
+
+    result = run_prune(params, args.model, args.out, args.reports, fraction=args.fraction, epochs=args.epochs)
+    print("pruned " + ", ".join(f"{row['layer']} {row['filters_before']}->{row['filters_after']}"
+                                for row in result["layers"])
+          + f" filters; accuracy before fine-tuning {result['pruned_not_fine_tuned']['validation_accuracy']:.4f}, "
+          f"fine-tuned {result['fine_tune_epochs']} epoch(s)")
+    print(f"{'':22}{'before':>12}{'after':>12}{'change':>10}")
+    for label, key, form in _PRUNE_ROWS:
+        before, after = result["before"][key], result["after"][key]
+        if key == "file_bytes":
+            before, after = before / 1024, after / 1024
+        change = f"{after / before - 1:+.0%}" if key in ("parameters", "file_bytes", "images_per_second") \
+            else f"{after - before:+.4f}"
+        print(f"{label:22}{form.format(before):>12}{form.format(after):>12}{change:>10}")
+    print(f"candidate: {result['out']} (report {Path(args.reports) / 'prune.json'}); "
+          f"check it against the champion with `fanaoi gate --model {result['out']}`")
+    return 0
+
+
 @command("predict")
 def _predict(args: argparse.Namespace, params: Params) -> int:
     import json
@@ -331,6 +363,18 @@ def _serve(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _add_prune_parser(sub: argparse._SubParsersAction) -> None:
+    prune = sub.add_parser(
+        "prune", help="remove the weakest Conv2D filters (L1 norm), fine-tune, compare before/after"
+    )
+    prune.add_argument("--fraction", type=float, help="share of each Conv2D's filters removed "
+                       "(default: prune.fraction)")
+    prune.add_argument("--model", default="models/candidate.h5", help="model to prune (default: %(default)s)")
+    prune.add_argument("--out", default="models/candidate.h5", help="pruned candidate (default: %(default)s)")
+    prune.add_argument("--epochs", type=int, help="fine-tune epochs (default: prune.fine_tune_epochs)")
+    prune.add_argument("--reports", default="reports", help="folder for prune.json")
+
+
 def _add_champion_parsers(sub: argparse._SubParsersAction) -> None:
     """Commands that use a published model: predict, export, serve-model."""
     predict = sub.add_parser("predict", help="classify images with the champion")
@@ -403,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     back = sub.add_parser("rollback", help="make an earlier published version the champion again")
     back.add_argument("version", help="e.g. v0003 or 3 (see `fanaoi history`)")
     back.add_argument("--reason", help="why; goes to the log")
+    _add_prune_parser(sub)
     _add_champion_parsers(sub)
 
     retrain = sub.add_parser(
