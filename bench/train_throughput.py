@@ -10,7 +10,7 @@ on this machine, on the same image files:
 Steady-state images/s exclude the first epoch (graph tracing, file cache warm-up).
 Targets on CPU: pipeline >= 0.90 x compute, pipeline >= 1.4 x seed.
 
-    python bench/train_throughput.py [--images 2400] [--epochs 3] [--data DIR]
+    python bench/train_throughput.py [--images 3200] [--epochs 3] [--data DIR]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", help="existing data set (default: a fresh demo set)")
-    parser.add_argument("--images", type=int, default=2400, help="demo images to draw")
+    parser.add_argument("--images", type=int, default=3200, help="demo images to draw")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--xla", action="store_true", help="also measure jit_compile=True")
     args = parser.parse_args()

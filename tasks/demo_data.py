@@ -41,7 +41,7 @@ SUPERSAMPLE = 2  # drawn at twice the size, then box-averaged: smooth edges at n
 MIN_SIZE = 32
 _LABEL_COLOURS = ((232, 232, 226), (196, 200, 206), (228, 204, 70), (150, 192, 232), (236, 150, 60))
 # Relative to the blade colour, so a stain always stands out: oil, rust, yellowed plastic.
-_STAIN_TINTS = ((-70, -70, -72), (85, 10, -35), (95, 80, -20))
+_STAIN_TINTS = ((110, 30, -40), (120, 100, -10), (60, -10, -60))
 _JOBS_PER_WORKER = 400  # below this, starting a worker costs more than it saves
 
 RGB = tuple[int, int, int]
@@ -155,7 +155,7 @@ def sample_defect(rng: np.random.Generator, kind: str, fan: Fan) -> Defect:
     if kind in ("missing_blade", "missing_label"):
         return Defect(kind, blade=blade)
     if kind == "chipped_blade":
-        cut = (rng.uniform(0.2, 0.4), rng.uniform(0.55, 0.8))
+        cut = (rng.uniform(0.1, 0.3), rng.uniform(0.45, 0.65))
         return Defect(kind, blade=blade, cut=cut if rng.random() < 0.5 else cut[::-1])
     if kind == "offset_label":
         angle, distance = rng.uniform(0, 2 * math.pi), rng.uniform(0.45, 0.7)
@@ -187,13 +187,13 @@ def _sample_stain(rng: np.random.Generator, fan: Fan, blade: int) -> Defect:
         centre = _polar(fan.centre, fan.hub_radius * rng.uniform(0, 0.6), rng.uniform(0, 2 * math.pi))
     else:
         centre = _blade_point(fan, blade, rng.uniform(0.35, 0.8), 0.5)
-    radius = fan.size * SUPERSAMPLE * rng.uniform(0.07, 0.095)
+    radius = fan.size * SUPERSAMPLE * rng.uniform(0.09, 0.12)
     blobs = tuple(
         (centre[0] + dx, centre[1] + dy) for dx, dy in rng.normal(0, radius * 0.45, (4, 2))
     )
     tint = _STAIN_TINTS[int(rng.integers(len(_STAIN_TINTS)))]
     colour = tuple(int(np.clip(fan.blade_shade + t, 0, 255)) for t in tint)
-    return Defect("stain", path=blobs, width=radius, colour=colour, opacity=rng.uniform(0.8, 0.95))
+    return Defect("stain", path=blobs, width=radius, colour=colour, opacity=rng.uniform(0.9, 1.0))
 
 
 def render_fan(fan: Fan, defect: Defect | None = None) -> Image.Image:

@@ -51,7 +51,7 @@ class DataParams:
 
 @dataclass(frozen=True)
 class DemoParams:
-    count: int = 2400
+    count: int = 3200
     seed: int = 20261125
     size: int = 96
     ng_fraction: float = 0.5
