@@ -316,6 +316,22 @@ def _serve_model(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+@command("explain")
+def _explain(args: argparse.Namespace, params: Params) -> int:
+    from tasks.explain import run_explain
+
+    summary = run_explain(
+        params, version=args.version, model_path=args.model, image_path=args.image,
+        out_dir=args.out, reports_dir=args.reports, report=log.debug,
+    )
+    shown = len(summary["heatmaps"])
+    print(f"{summary['model']}: {len(summary['escapes'])} escape(s), {len(summary['overkills'])} "
+          f"overkill(s) on {summary['validation']['count']} validation images; {shown} heatmap(s)"
+          + (f", {summary['left_out']} left out (explain.max_heatmaps)" if summary["left_out"] else ""))
+    print(f"report: {summary['index']}  ({summary['seconds']:.1f}s)")
+    return 0
+
+
 @command("retrain")
 def _retrain(args: argparse.Namespace, params: Params) -> int:
     from flows.prefect_env import use_offline_defaults
@@ -449,6 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--reason", help="why; goes to the log")
     _add_prune_parser(sub)
     _add_champion_parsers(sub)
+
+    explain = sub.add_parser(
+        "explain", help="HTML report: filters, feature maps, Grad-CAM on the validation mistakes"
+    )
+    explain.add_argument("version", nargs="?", help="registry version, e.g. v0003 (default: the champion)")
+    explain.add_argument("--model", metavar="PATH", help="a .h5 file instead, e.g. models/candidate.h5")
+    explain.add_argument("--image", metavar="PATH", help="image for the feature maps (default: first validation image)")
+    explain.add_argument("--out", metavar="DIR", help="default: REPORTS/explain/<version or file name>")
+    explain.add_argument("--reports", default="reports", help="reports folder (history.csv of --model)")
 
     retrain = sub.add_parser(
         "retrain", help="run the nightly flow once (demo data first if data/ is empty)"
