@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CRITERION = "L1 norm of each Conv2D filter's kernel, lowest removed"
-SPEED_REPEATS = 3
+SPEED_REPEATS = 5
 # Layers without weights that keep the channel axis as it is: the kept channel indices
 # pass through them unchanged.
 _CHANNEL_PRESERVING = (
@@ -161,15 +161,21 @@ def speed_batch(images: Sequence[LabeledImage], model_params: ModelParams, count
     return decoded[np.arange(count) % len(decoded)]
 
 
-def images_per_second(model: keras.Model, batch: np.ndarray, batch_size: int) -> float:
-    """Best of a few timed ``predict`` calls after a warm-up one (a 2-core machine is noisy)."""
-    model.predict(batch[:batch_size], batch_size=batch_size, verbose=0)
-    best = float("inf")
-    for _ in range(SPEED_REPEATS):
-        started = time.perf_counter()
+def images_per_second(models: Sequence[keras.Model], batch: np.ndarray, batch_size: int) -> list[float]:
+    """Predict throughput of each model: the best of a few rounds after a warm-up call.
+
+    The models take turns within each round, so a machine busy with other work slows them
+    alike instead of favouring whichever was timed in a quiet moment.
+    """
+    for model in models:
         model.predict(batch, batch_size=batch_size, verbose=0)
-        best = min(best, time.perf_counter() - started)
-    return len(batch) / best
+    best = [float("inf")] * len(models)
+    for _ in range(SPEED_REPEATS):
+        for index, model in enumerate(models):
+            started = time.perf_counter()
+            model.predict(batch, batch_size=batch_size, verbose=0)
+            best[index] = min(best[index], time.perf_counter() - started)
+    return [round(len(batch) / seconds, 1) for seconds in best]
 
 
 def measure(
@@ -177,18 +183,14 @@ def measure(
     file_path: Path,
     validation: Sequence[LabeledImage],
     model_params: ModelParams,
-    *,
-    speed: np.ndarray,
     params: Params,
 ) -> dict[str, Any]:
-    """Parameters, file size, predict speed and validation metrics of one model."""
-    batch = params.registry.predict_batch_size
-    scores = predict_probabilities(model, validation, model_params, batch)
+    """Parameters, file size and validation metrics of one model."""
+    scores = predict_probabilities(model, validation, model_params, params.registry.predict_batch_size)
     metrics = classification_metrics(labels_of(validation), scores, params.evaluate.threshold)
     return {
         "parameters": int(model.count_params()),
         "file_bytes": file_path.stat().st_size,
-        "images_per_second": round(images_per_second(model, speed, batch), 1),
         "validation_accuracy": metrics["accuracy"],
         "escape_rate": metrics["escape_rate"],
         "overkill_rate": metrics["overkill_rate"],
@@ -241,10 +243,8 @@ def run_prune(
     train_images, validation = select(images, "train"), select(images, "validation")
     require_split(train_images, "train", params.data.dir)
     require_split(validation, "validation", params.data.dir)
-    speed = speed_batch(validation, model_params, params.prune.speed_images)
-
     model = load_model(model_path)
-    before = measure(model, model_path, validation, model_params, speed=speed, params=params)
+    before = measure(model, model_path, validation, model_params, params)
     source_sha256 = sha256_of(model_path)
     pruned, layers = prune_model(model, fraction)
     report("pruned " + ", ".join(f"{row['layer']} {row['filters_before']}->{row['filters_after']}" for row in layers))
@@ -264,7 +264,11 @@ def run_prune(
         },
     }
     _save_atomic(pruned, out_path, metadata["class_mapping"], model_params, training)
-    after = measure(pruned, out_path, validation, model_params, speed=speed, params=params)
+    after = measure(pruned, out_path, validation, model_params, params)
+    speed = speed_batch(validation, model_params, params.prune.speed_images)
+    before["images_per_second"], after["images_per_second"] = images_per_second(
+        [model, pruned], speed, params.registry.predict_batch_size
+    )
     result = {
         "source": str(model_path), "source_sha256": source_sha256, "out": str(out_path),
         "fraction": fraction, "criterion": CRITERION, "fine_tune_epochs": epochs,
