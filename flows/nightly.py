@@ -290,6 +290,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"- champion: {summary['champion_version'] or 'none'}",
+        *explain_lines(summary["champion_version"]),
         f"- data snapshot (data.dvc md5): `{summary['data_snapshot']}`"
         + (" (new)" if summary["data_changed"] else ""),
         "- stages: " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()),
@@ -301,6 +302,20 @@ def report_markdown(summary: dict[str, Any]) -> str:
         *evaluate_vs_last_epoch_table(summary["last_epoch_vs_evaluate"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def explain_lines(version: str | None) -> list[str]:
+    """A link to the champion's explain report, or the command that writes it.
+
+    The flow does not draw the report itself: on the demo set it takes seconds after
+    every promotion for a page few runs need, so the operator runs `fanaoi explain`.
+    """
+    if version is None:
+        return []
+    report = Path(REPORTS) / "explain" / version / "index.html"
+    if report.is_file():
+        return [f"- look inside {version}: [{report}]({report.resolve().as_uri()})"]
+    return [f"- look inside {version}: `fanaoi explain {version}` writes {report}"]
 
 
 def evaluate_vs_last_epoch_table(comparison: dict[str, Any]) -> list[str]:
