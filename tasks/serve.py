@@ -17,16 +17,18 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Request, Response, UploadFile
+from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tasks.dataset import decode_image
 from tasks.errors import FanaoiError
@@ -195,6 +197,30 @@ def classify(loaded: LoadedChampion, data: bytes) -> dict[str, Any]:
     }
 
 
+class RefuseLargeBodies:
+    """ASGI middleware: a request whose Content-Length is over the limit gets 413 at once.
+
+    Without it the multipart body would be read (and spooled to disk) before the endpoint
+    could look at its size.
+    """
+
+    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = Headers(scope=scope).get("content-length", "")
+            if length.isdigit() and int(length) > self.max_upload_bytes + MULTIPART_OVERHEAD:
+                response = JSONResponse(status_code=413, content={
+                    "detail": f"request of {int(length):,} bytes is larger than "
+                              f"serve.max_upload_bytes = {self.max_upload_bytes:,} (plus form overhead)"
+                })
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(params: Params) -> FastAPI:
     """The service over the registry of ``params``; raises if there is no usable champion."""
     serve, formats = params.serve, params.validate.formats
@@ -236,21 +262,7 @@ def create_app(params: Params) -> FastAPI:
         """The model card of the champion in use."""
         return holder.current().card
 
-    limit = serve.max_upload_bytes + MULTIPART_OVERHEAD
-
-    @app.middleware("http")
-    async def refuse_large_bodies(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        # Refused before the multipart body is read (and spooled to disk).
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            return JSONResponse(status_code=413, content={
-                "detail": f"request of {int(length):,} bytes is larger than serve.max_upload_bytes "
-                          f"= {serve.max_upload_bytes:,} (plus form overhead)"
-            })
-        return await call_next(request)
-
+    app.add_middleware(RefuseLargeBodies, max_upload_bytes=serve.max_upload_bytes)
     return app
 
 
