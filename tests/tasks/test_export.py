@@ -98,3 +98,13 @@ def test_a_bad_version_is_a_clear_error(params, registry, trained_workspace, tmp
     error = capsys.readouterr().err.strip()
     assert error.startswith("fanaoi export: error: ") and "v0007: no such published version" in error
     assert len(error.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_cli_exports_the_champion(registry, trained_workspace, tmp_path, capsys):
+    params_file = write_params_file(tmp_path / "params.yaml", trained_workspace["data_dir"], registry)
+    assert main(["--params", str(params_file), "export", "--format", "savedmodel"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("exported the champion as savedmodel: exports/saved_model (")
+    assert "max abs difference from Keras" in out and "(tensorflow 2.21" in out
+    assert (registry / "versions" / "v0001" / "exports" / "saved_model" / "saved_model.pb").is_file()
