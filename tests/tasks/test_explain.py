@@ -193,3 +193,18 @@ def test_version_and_model_are_exclusive(trained_workspace):
 
     with pytest.raises(ExplainError, match="not both"):
         run_explain(trained_workspace["params"], version="v1", model_path=Path("x.h5"))
+
+
+def test_a_grayscale_model_is_drawn_in_gray(trained_workspace, tmp_path):
+    from tasks.model import build_model, save_model
+
+    params = trained_workspace["params"]
+    gray = dataclasses.replace(params.model, color_mode="grayscale")
+    model_path = save_model(
+        build_model(gray, learning_rate=0.001), tmp_path / "gray.h5", params.data.class_mapping, gray
+    )
+    summary = run_explain(params, model_path=model_path, out_dir=tmp_path / "report")
+    filters = np.asarray(Image.open(tmp_path / "report" / "filters.png"))
+    assert summary["filters"]["count"] == 8 and summary["input"]["color_mode"] == "grayscale"
+    assert np.array_equal(filters[..., 0], filters[..., 1])  # one channel, shown as gray
+    assert len(list((tmp_path / "report" / "heatmaps").glob("*.png"))) == len(summary["heatmaps"])
