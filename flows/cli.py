@@ -358,8 +358,13 @@ def _retrain(args: argparse.Namespace, params: Params) -> int:
           + (f" (last decision: {summary['last_decision']})" if summary["decision"] == "unchanged" else ""))
     for reason in summary["reasons"]:
         print(f"  - {reason}")
+    validation = summary["validation"]
+    if validation:
+        print(f"candidate on {validation['count']} validation images: accuracy {validation['accuracy']:.4f}, "
+              f"escape rate {validation['escape_rate']:.4f}, overkill rate {validation['overkill_rate']:.4f}")
     print(f"champion: {summary['champion_path'] or 'none yet'} ({summary['champion_version'] or '-'})")
     print(f"candidate: {summary['candidate_path']}")
+    print(f"reports: {summary['reports_path']} (evaluation.json, gate.json, history.csv)")
     return 0
 
 
@@ -490,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Prefect's client logs every API request at INFO: noise between the epoch lines.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         params = load_params(args.params)
         return COMMANDS[args.command](args, params)

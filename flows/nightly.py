@@ -246,6 +246,8 @@ def summarize(
         "champion_version": champion.version if champion else None,
         "champion_path": str(registry / CHAMPION_MODEL) if champion else None,
         "candidate_path": str(Path(CANDIDATE).resolve()),
+        "reports_path": str(Path(REPORTS).resolve()),
+        "validation": evaluation.get("validation", {}),
         "metrics": metric_rows(gate),
         "last_epoch_vs_evaluate": evaluation.get("last_epoch_vs_evaluate", {}),
     }

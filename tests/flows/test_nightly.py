@@ -86,6 +86,8 @@ def test_first_run_trains_gates_and_publishes(nightly_project: dict[str, Any]) -
     assert summary["stages"] == dict.fromkeys(PIPELINE_STAGES, "ran")
     assert summary["published_version"] == "v0001"
     assert summary["champion_path"] == str(project / "registry" / "champion.h5")
+    evaluation = json.loads((project / "reports" / "evaluation.json").read_text())
+    assert summary["validation"] == evaluation["validation"]
 
     runs = task_runs(state)
     for name in ("validate", "snapshot", "train", "evaluate", "gate", "publish", "report"):
