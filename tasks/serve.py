@@ -117,7 +117,7 @@ class ChampionHolder:
         """The champion to answer this request with (reloaded first if the file changed)."""
         current = self._current
         signature = _signature(self.registry_dir / CHAMPION_MODEL)
-        if signature in (current.signature, self._failed):
+        if signature == current.signature or (self.reload_error and signature == self._failed):
             return current
         # One request loads; the others answer with the model they already have.
         if not self._swap.acquire(blocking=False):

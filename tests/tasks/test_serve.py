@@ -1,5 +1,6 @@
 import dataclasses
 import io
+import os
 import socket
 import threading
 import time
@@ -125,6 +126,25 @@ def test_a_new_champion_is_picked_up_without_dropping_requests(
         assert client.get("/model").json()["version"] == "v0001"
         rollback(params.registry, "v0002", reason="test")
         assert client.get("/health").json()["model_version"] == "v0002"
+
+
+def test_a_champion_that_cannot_be_loaded_leaves_the_old_one_answering(
+    trained_workspace, registry, validation_paths
+):
+    params = serve_params(trained_workspace, registry)
+    with TestClient(create_app(params)) as client:
+        broken = registry / "broken.h5"
+        broken.write_bytes(b"not a model")
+        os.replace(broken, registry / "champion.h5")
+        health = client.get("/health").json()
+        assert health["status"] == "stale" and health["model_version"] == "v0001"
+        assert "champion.h5" in health["reload_error"] and "rollback" in health["reload_error"]
+        answer = upload(client, validation_paths[0].read_bytes())
+        assert answer.status_code == 200 and answer.json()["model_version"] == "v0001"
+
+        rollback(params.registry, "v0001", reason="restore")
+        restored = client.get("/health").json()
+        assert (restored["status"], restored["reload_error"], restored["model_version"]) == ("ok", None, "v0001")
 
 
 def test_a_real_http_request_on_localhost(trained_workspace, registry, validation_paths):
