@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.dataset import is_candidate_file, sha256_of
+from tasks.durable import fsync_path
 from tasks.errors import FanaoiError
 from tasks.manifest import FileCheck, inspect_file
 from tasks.params import Params, ValidateParams
@@ -289,7 +290,7 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
             target.parent.mkdir(parents=True, exist_ok=True)
             copy_durably(Path(verdict.path), target)
         _write_index(data_dir / INDEX_NAME, new_tree / INDEX_NAME, index_entries)
-        _fsync_path(staging)
+        fsync_path(staging)
         (staging / COMPLETE_MARKER).touch()
         swap_in(new_tree, data_dir, staging)
     finally:
@@ -299,7 +300,7 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
 def copy_durably(source: Path, target: Path) -> None:
     """Copy the bytes and flush them to disk before the folder is swapped in."""
     shutil.copyfile(source, target)
-    _fsync_path(target)
+    fsync_path(target)
 
 
 def swap_in(new_tree: Path, data_dir: Path, staging: Path) -> None:
@@ -310,7 +311,7 @@ def swap_in(new_tree: Path, data_dir: Path, staging: Path) -> None:
         # Two renames: a crash between them is rolled forward by recover_interrupted.
         data_dir.rename(staging / "old")
         new_tree.rename(data_dir)
-    _fsync_path(data_dir.parent)
+    fsync_path(data_dir.parent)
 
 
 def recover_interrupted(data_dir: Path, report: Callable[[str], None] = log.info) -> None:
@@ -390,7 +391,7 @@ def _write_index(old: Path, new: Path, entries: list[dict]) -> None:
     lines = old.read_text(encoding="utf-8") if old.is_file() else ""
     lines += "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
     new.write_text(lines, encoding="utf-8")
-    _fsync_path(new)
+    fsync_path(new)
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -429,14 +430,6 @@ def _exchange(first: Path, second: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL):  # kernel or file system without exchange
         return False
     raise OSError(code, os.strerror(code), str(second))
-
-
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _inside_repo(data_dir: Path, repo_dir: Path) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tasks.dataset import sha256_of
+from tasks.durable import fsync_path
 from tasks.errors import FanaoiError
 from tasks.model import ModelFileError, read_model_metadata
 from tasks.params import Params, RegistryParams
@@ -133,14 +134,6 @@ def registry_lock(registry_dir: Path | str, timeout: float = 60.0) -> Iterator[N
 # --- atomic files ----------------------------------------------------------------------
 
 
-def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write ``target`` via a temp file in the same folder, fsync, then ``os.replace``.
 
@@ -159,7 +152,7 @@ def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    _fsync_folder(target.parent)
+    fsync_path(target.parent)
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
@@ -173,11 +166,6 @@ def _json_bytes(data: Any) -> bytes:
 
 def _write_json_atomic(target: Path, data: Any) -> None:
     atomic_write(target, lambda handle: handle.write(_json_bytes(data)))
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb+") as handle:
-        os.fsync(handle.fileno())
 
 
 # --- reading -------------------------------------------------------------------------
@@ -404,9 +392,9 @@ def _stage_version(registry_dir: Path, version: str, candidate_path: Path, card:
     shutil.copyfile(candidate_path, staged / "model.h5")
     with h5py.File(staged / "model.h5", "a") as handle:
         handle.attrs[CARD_ATTR] = json.dumps(card)
-    _fsync_file(staged / "model.h5")
+    fsync_path(staged / "model.h5")
     (staged / "card.json").write_bytes(_json_bytes(card))
-    _fsync_file(staged / "card.json")
+    fsync_path(staged / "card.json")
     return staged
 
 
@@ -493,7 +481,7 @@ def publish(
             _append_log(registry_dir, entry)
             raise
         os.rename(staged, registry_dir / "versions" / version)
-        _fsync_folder(registry_dir / "versions")
+        fsync_path(registry_dir / "versions")
         _install_champion(registry_dir, version)
         reasons = gate_result["reasons"]
         if force_reason:
