@@ -128,13 +128,25 @@ def predictors(folder: Path) -> dict[str, Callable[[np.ndarray], object]]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_champion_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the benchmarked champion comes from: a copied registry or a demo one."""
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--registry", help="registry to copy (default: build a demo one)")
     parser.add_argument("--data", help="its data set (default: data.dir of --params)")
     parser.add_argument("--count", type=int, default=1200, help="demo images to draw")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs of the demo champion")
+
+
+def champion_for_bench(root: Path, args: argparse.Namespace) -> Params:
+    """Params whose registry (under ``root``) holds the champion to measure."""
+    params = load_params(args.params)
+    return (copied_registry(root, params, args.registry, args.data) if args.registry
+            else demo_registry(root, params, args.count, args.epochs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_champion_arguments(parser)
     parser.add_argument("--images", type=int, default=1000, help="images predicted per pass")
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
@@ -142,9 +154,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fanaoi-bench-export-") as tmp:
         root = Path(tmp)
-        params = load_params(args.params)
-        params = (copied_registry(root, params, args.registry, args.data) if args.registry
-                  else demo_registry(root, params, args.count, args.epochs))
+        params = champion_for_bench(root, args)
         params = dataclasses.replace(params, export=ExportParams(check_images=args.images))
         from tasks.model import model_params_from_file
         from tasks.registry import champion_card

@@ -32,8 +32,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.export_throughput import copied_registry, demo_registry  # noqa: E402
-from flows.params import load_params  # noqa: E402
+from bench.export_throughput import add_champion_arguments, champion_for_bench  # noqa: E402
 from tasks.dataset import list_images, select  # noqa: E402
 from tasks.params import Params  # noqa: E402
 
@@ -110,20 +109,14 @@ def direct_rate(params: Params, images: list[bytes], count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--registry", help="registry to copy (default: build a demo one)")
-    parser.add_argument("--data", help="its data set (default: data.dir of --params)")
-    parser.add_argument("--count", type=int, default=1200, help="demo images to draw")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs of the demo champion")
+    add_champion_arguments(parser)
     parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="fanaoi-bench-serve-") as tmp:
         root = Path(tmp)
-        params = load_params(args.params)
-        params = (copied_registry(root, params, args.registry, args.data) if args.registry
-                  else demo_registry(root, params, args.count, args.epochs))
+        params = champion_for_bench(root, args)
         validation = select(list_images(params.data.dir, params.data), "validation")
         images = [image.path.read_bytes() for image in validation[:200]]
         print(f"{len(images)} validation images, {statistics.mean(map(len, images)) / 1024:.1f} KB "
