@@ -196,7 +196,7 @@ class ValidateParams:
     max_side: int = 4096
     min_per_class: int = 20
     min_class_fraction: float = 0.1
-    near_duplicate_distance: int = 3
+    near_duplicate_distance: int = 8
     brightness_max_z: float = 6.0
     cache_dir: str = ".fanaoi"
     severity: dict[str, str] = field(default_factory=lambda: dict(VALIDATE_SEVERITY))

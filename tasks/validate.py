@@ -113,7 +113,7 @@ def _nearest_train_image(files: pd.DataFrame, usable: pd.Series) -> tuple[pd.Ser
     closest = np.empty(len(held_bits), dtype=np.int64)
     bits = np.empty(len(held_bits), dtype=np.int64)
     for start in range(0, len(held_bits), _LEAK_CHUNK):
-        block = np.bitwise_count(held_bits[start:start + _LEAK_CHUNK, None] ^ train_bits[None, :])
+        block = np.bitwise_count(held_bits[start:start + _LEAK_CHUNK, None] ^ train_bits[None, :]).sum(axis=2)
         closest[start:start + _LEAK_CHUNK] = block.argmin(axis=1)
         bits[start:start + _LEAK_CHUNK] = block.min(axis=1)
     distance[held_out.index] = bits
@@ -122,7 +122,8 @@ def _nearest_train_image(files: pd.DataFrame, usable: pd.Series) -> tuple[pd.Ser
 
 
 def _hash_bits(hashes: pd.Series) -> np.ndarray:
-    return np.array([int(h, 16) for h in hashes], dtype=np.uint64)
+    """One row of 64-bit words per hash, so XOR and popcount run word by word."""
+    return np.frombuffer(bytes.fromhex("".join(hashes)), dtype=np.uint64).reshape(len(hashes), -1)
 
 
 def class_table(files: pd.DataFrame, class_names: tuple[str, ...]) -> pd.DataFrame:

@@ -28,7 +28,7 @@ def test_inspect_good_image(tmp_path):
     assert (check.width, check.height, check.mode, check.format) == (32, 32, "RGB", "PNG")
     assert check.bytes == path.stat().st_size
     assert check.sha256 == sha256_of(path)
-    assert len(check.dhash) == 16 and 20 < check.brightness < 200
+    assert len(check.dhash) == 64 and 20 < check.brightness < 200
 
 
 @pytest.mark.parametrize(
