@@ -31,6 +31,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STARTUP_TIMEOUT = 180
 RUN_TIMEOUT = 300
 STOP_TIMEOUT = 20
+# Task run states reach the server as events; it records them a moment after the run ends.
+SETTLE_TIMEOUT = 30
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+NIGHTLY_TASKS = ("validate", "snapshot", "train", "evaluate", "gate", "publish", "report")
 
 
 def free_port() -> int:
@@ -109,6 +113,18 @@ def api(server: PrefectServer, method: str, path: str, body: dict | None = None)
     return response.json()
 
 
+def settled_task_states(server: PrefectServer, flow_run_id: str) -> dict[str, str]:
+    """State type by task name, once every task of the nightly flow has a final state."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        runs = api(server, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+        states = {run["name"].rsplit("-", 1)[0]: run["state_type"] for run in runs}
+        settled = set(NIGHTLY_TASKS) <= states.keys() and set(states.values()) <= TERMINAL
+        if settled or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
 def test_nightly_run_is_recorded_by_a_real_prefect_server(
     prefect_server: PrefectServer, tmp_path: Path
 ) -> None:
@@ -128,16 +144,10 @@ def test_nightly_run_is_recorded_by_a_real_prefect_server(
     (flow_run,) = api(prefect_server, "POST", "/flow_runs/filter", {})
     assert api(prefect_server, "GET", f"/flows/{flow_run['flow_id']}")["name"] == "nightly-retrain"
     assert flow_run["state_type"] == "COMPLETED", flow_run["state"]
-    in_run = {"flow_runs": {"id": {"any_": [flow_run["id"]]}}}
-    task_states = {
-        run["name"].rsplit("-", 1)[0]: run["state_type"]
-        for run in api(prefect_server, "POST", "/task_runs/filter", in_run)
-    }
-    assert task_states == dict.fromkeys(
-        ("validate", "snapshot", "train", "evaluate", "gate", "publish", "report"), "COMPLETED"
-    )
+    assert settled_task_states(prefect_server, flow_run["id"]) == dict.fromkeys(NIGHTLY_TASKS, "COMPLETED")
 
     # Its artifacts, found by flow run and by their stable keys (the dashboard's history).
+    in_run = {"flow_runs": {"id": {"any_": [flow_run["id"]]}}}
     found = {a["key"]: a for a in api(prefect_server, "POST", "/artifacts/filter", in_run)}
     assert found.keys() == {REPORT_KEY, METRICS_KEY}
     report = api(prefect_server, "GET", f"/artifacts/{REPORT_KEY}/latest")
