@@ -354,8 +354,11 @@ def _retrain(args: argparse.Namespace, params: Params) -> int:
         print(f"fanaoi retrain: {state.message}", file=sys.stderr)
         return 1
     summary = state.result()  # a failed run raises its own error here
+    unchanged = summary["decision"] == "unchanged"
     print(f"decision: {summary['decision'].upper()}"
-          + (f" (last decision: {summary['last_decision']})" if summary["decision"] == "unchanged" else ""))
+          + (" (no stage ran: data, params and code as in dvc.lock)" if unchanged else ""))
+    if unchanged and summary["last_decision"]:
+        print(f"last gate decision: {summary['last_decision']}, because:")
     for reason in summary["reasons"]:
         print(f"  - {reason}")
     validation = summary["validation"]
@@ -374,8 +377,16 @@ def _serve(args: argparse.Namespace, params: Params) -> int:
 
     use_offline_defaults()
     from prefect import serve
+    from prefect.settings import get_current_settings
 
     from flows.nightly import nightly_deployment
+
+    # Prefect's temporary local API has no scheduler: served there, the cron never fires.
+    if not get_current_settings().api.url:
+        raise FanaoiError(
+            "no Prefect server to schedule the nightly runs: start one (`prefect server start`) "
+            "and set PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)"
+        )
 
     deployment = nightly_deployment(params, Path(args.params))
     print(f"serving nightly-retrain/{deployment.name} on cron {params.nightly.cron!r}; "

@@ -33,3 +33,15 @@ def test_bad_data_folder_gives_one_line_error(tmp_path, capsys):
 def test_missing_params_file_is_reported(argv, capsys):
     assert main(argv) == 1
     assert "params.yaml: not found" in capsys.readouterr().err
+
+
+def test_serve_refuses_without_a_prefect_server(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(tmp_path / "profiles.toml"))
+    code = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "serve"], capture_output=True, text=True, check=False, timeout=120,
+    )
+    assert code.returncode == 1
+    assert code.stderr.count("\n") == 1
+    assert "prefect server start" in code.stderr and "PREFECT_API_URL" in code.stderr
