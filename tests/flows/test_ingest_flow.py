@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,6 @@ from tests.dvc_support import tree_digest
 from tests.flows.test_nightly import artifacts, task_runs
 
 NEW_PER_CLASS = 3
-SETTLE_TIMEOUT = 30
-
-
-def settled_ingest_run(state: Any) -> Any:
-    """The flow's ingest task run once its final state is recorded.
-
-    Task run states reach the API as events, recorded a moment after the flow returns.
-    """
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while True:
-        run = task_runs(state).get("ingest")
-        if (run is not None and run.state.is_final()) or time.monotonic() > deadline:
-            return run
-        time.sleep(0.2)
 
 
 def make_batch(folder: Path, data: Path) -> Path:
@@ -81,7 +66,7 @@ def test_ingest_flow_adds_the_accepted_files_and_snapshots_them(first_ingest: di
         assert stored.read_bytes() == source.read_bytes()
     assert tree_digest(batch) == first_ingest["before"]["batch"]  # originals only read
 
-    ingest_run = settled_ingest_run(state)
+    ingest_run = task_runs(state, ("ingest",))["ingest"]
     assert (ingest_run.state.name, ingest_run.run_count) == ("Completed", 1)
     assert task_runs(state).keys() == {"ingest"}
 
@@ -135,7 +120,7 @@ def test_missing_batch_fails_at_once_and_changes_nothing(first_ingest: dict[str,
     assert state.is_failed()
     with pytest.raises(IngestError, match="no-such-batch: batch folder not found"):
         state.result()
-    ingest_run = settled_ingest_run(state)
+    ingest_run = task_runs(state, ("ingest",))["ingest"]
     assert ingest_run.state.name == "Failed"
     assert ingest_run.run_count == 1  # a wrong path does not heal by retrying
     assert REPORT_KEY not in artifacts(state)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import pytest
@@ -32,22 +34,42 @@ from tests.dvc_support import run
 from tests.flows.conftest import update_params
 
 PIPELINE_STAGES = ("validate", "train", "evaluate", "gate")
+SETTLE_TIMEOUT = 30
+T = TypeVar("T")
 
 
 def flow_run_id(state: Any) -> UUID:
     return state.state_details.flow_run_id
 
 
-def task_runs(state: Any) -> dict[str, Any]:
-    """Task runs of a flow run by task name (validate, snapshot, train, ...)."""
+def settled(read: Callable[[], T], ready: Callable[[T], bool]) -> T:
+    """``read()`` once ``ready`` says so, or at the timeout (the caller's asserts then fail).
+
+    Task run states and logs reach the API as events, recorded a moment after the flow
+    returns.
+    """
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        value = read()
+        if ready(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def task_runs(state: Any, expected: Iterable[str] = ()) -> dict[str, Any]:
+    """Task runs of a flow run by task name (validate, snapshot, ...), ``expected`` ones final."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)]))
-        )
-    return {task_run.name.rsplit("-", 1)[0]: task_run for task_run in runs}
+    def read() -> dict[str, Any]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)]))
+            )
+        return {task_run.name.rsplit("-", 1)[0]: task_run for task_run in runs}
+
+    names = tuple(expected)
+    return settled(read, lambda runs: all(n in runs and runs[n].state.is_final() for n in names))
 
 
 def artifacts(state: Any) -> dict[str, Any]:
@@ -61,15 +83,19 @@ def artifacts(state: Any) -> dict[str, Any]:
     return {artifact.key: artifact for artifact in found}
 
 
-def log_messages(state: Any) -> list[str]:
+def log_messages(state: Any, awaited_prefix: str) -> list[str]:
+    """The flow run's log messages, once one starting with ``awaited_prefix`` has arrived."""
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id(state)]))
-        )
-    return [entry.message for entry in logs]
+    def read() -> list[str]:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id(state)]))
+            )
+        return [entry.message for entry in logs]
+
+    return settled(read, lambda messages: any(m.startswith(awaited_prefix) for m in messages))
 
 
 def copy_project(project: Path, target: Path) -> Path:
@@ -89,8 +115,9 @@ def test_first_run_trains_gates_and_publishes(nightly_project: dict[str, Any]) -
     evaluation = json.loads((project / "reports" / "evaluation.json").read_text())
     assert summary["validation"] == evaluation["validation"]
 
-    runs = task_runs(state)
-    for name in ("validate", "snapshot", "train", "evaluate", "gate", "publish", "report"):
+    every_task = ("validate", "snapshot", "train", "evaluate", "gate", "publish", "report")
+    runs = task_runs(state, every_task)
+    for name in every_task:
         assert runs[name].state.name == "Completed", name
     champion = read_champion(project / "registry")
     assert champion.version == "v0001" and champion.problem is None
@@ -98,7 +125,7 @@ def test_first_run_trains_gates_and_publishes(nightly_project: dict[str, Any]) -
     # The flow recorded every stage in dvc.lock: DVC sees nothing left to do.
     assert all(stage_changes(project, stage) == [] for stage in PIPELINE_STAGES)
 
-    epochs = [m for m in log_messages(state) if m.startswith("epoch 1/")]
+    epochs = [m for m in log_messages(state, "epoch 1/") if m.startswith("epoch 1/")]
     assert epochs, "per-epoch progress must reach the Prefect logger"
 
 
@@ -127,11 +154,12 @@ def test_second_run_with_nothing_changed_skips_every_stage(nightly_project: dict
     assert summary["decision"] == "unchanged"
     assert summary["last_decision"] == "promote"
     assert summary["stages"] == dict.fromkeys(PIPELINE_STAGES, "skipped")
-    runs = task_runs(state)
+    runs = task_runs(state, (*PIPELINE_STAGES, "snapshot", "report"))
     assert {runs[name].state.name for name in PIPELINE_STAGES} == {SKIPPED}
     assert "publish" not in runs
     assert list_versions(project / "registry") == ["v0001"]
-    assert any(m.startswith("nothing changed since the last run") for m in log_messages(state))
+    nothing = "nothing changed since the last run"
+    assert any(m.startswith(nothing) for m in log_messages(state, nothing))
     assert "# Nightly retrain: UNCHANGED" in artifacts(state)[REPORT_KEY].data
     # dvc repro reads the same record: nothing to do for it either.
     assert "up to date" in run(project, "dvc", "status").stdout
@@ -180,7 +208,7 @@ def test_validation_failure_fails_the_run_without_retries(
     assert state.is_failed()
     with pytest.raises(ValidationFailed, match="broken.png"):
         state.result()
-    runs = task_runs(state)
+    runs = task_runs(state, ("validate",))
     assert runs["validate"].state.name == "Failed"
     assert runs["validate"].run_count == 1  # bad data does not heal by retrying
     assert "train" not in runs
