@@ -506,8 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # Prefect's client logs every API request at INFO: noise between the epoch lines.
-    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # Prefect's client logs every API request at INFO, DVC every dvc.lock update (twice,
+    # through its own handler too): noise between the epoch lines.
+    for chatty in ("httpx", "dvc"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         params = load_params(args.params)
         return COMMANDS[args.command](args, params)
