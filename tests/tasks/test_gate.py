@@ -111,16 +111,6 @@ def test_calibrated_threshold_is_the_highest_that_meets_the_target():
     assert calibrate_threshold(labels, scores, 0.0) == pytest.approx(0.05)
 
 
-@pytest.fixture
-def data_dir(trained_workspace):
-    return trained_workspace["data_dir"]
-
-
-@pytest.fixture
-def base(tmp_path_factory):
-    return tmp_path_factory.getbasetemp()
-
-
 @pytest.mark.slow
 def test_first_run_promotes_on_floors_and_writes_its_reasons(data_dir, base, tmp_path):
     params = gate_params(data_dir, tmp_path / "registry")

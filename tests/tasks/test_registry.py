@@ -37,16 +37,6 @@ from tests.tasks.champion_support import (
 )
 
 
-@pytest.fixture
-def data_dir(trained_workspace):
-    return trained_workspace["data_dir"]
-
-
-@pytest.fixture
-def base(tmp_path_factory):
-    return tmp_path_factory.getbasetemp()
-
-
 def test_version_names_are_normalised():
     assert version_name("3") == version_name("v3") == version_name("v0003") == "v0003"
     with pytest.raises(RegistryError, match="versions look like v0003"):
