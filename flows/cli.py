@@ -126,9 +126,11 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
             Path(args.batch_dir), params, Path("."), push=not args.no_push, commit=args.commit,
             report=log.info,
         )
-    quiet = (ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED)
+    fine = (ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED)
     for row in result["files"]:
-        if row["verdict"] not in quiet:
+        if row["verdict"] == ACCEPTED and not args.quiet:
+            print(f"{ACCEPTED}: {row['path']} -> {row['stored_as']}")
+        elif row["verdict"] not in fine or not args.quiet:
             print(f"{row['verdict']}: {row['path']}: {row['reason']}")
     print(", ".join(f"{n} {verdict}" for verdict, n in result["counts"].items()) or "empty batch",
           f"-> report {result['report_path']}")
@@ -461,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--commit", action="store_true", help="git commit data.dvc afterwards")
     ingest.add_argument(
         "--flow", action="store_true", help="run as the Prefect flow ingest-batch (dashboard)"
+    )
+    ingest.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the files that need attention"
     )
 
     gate = sub.add_parser("gate", help="candidate vs champion: promote (and publish) or reject")

@@ -44,6 +44,9 @@ def test_ingest_repro_params_and_diffs(tmp_path: Path) -> None:
     snapshot = data_snapshot_id(repo)
     assert "48 accepted" in out and f"data snapshot {snapshot} (new)" in out
     assert len(list((repo / "data").rglob("*.png"))) == 48
+    accepted = [line for line in out.splitlines() if line.startswith("accepted: ")]
+    assert len(accepted) == 48  # a verdict per file, with where it went
+    assert f"accepted: {batch / 'GO' / 'go_000.png'} -> data/GO/" in out
     assert list((tmp_path / "remote").rglob("*"))
 
     # First repro runs every stage in order; a second one runs nothing.
@@ -64,8 +67,9 @@ def test_ingest_repro_params_and_diffs(tmp_path: Path) -> None:
 
     # The same batch again changes nothing.
     data_before = tree_digest(repo / "data")
-    out = fanaoi(repo, "ingest", str(batch))
+    out = fanaoi(repo, "ingest", str(batch), "--quiet")
     assert "48 duplicate" in out and f"data snapshot {snapshot} (unchanged)" in out
+    assert "duplicate: " not in out  # --quiet: only the files that need attention
     assert tree_digest(repo / "data") == data_before
 
     # A label conflict is rejected, both paths named, nothing added (exit 2).
