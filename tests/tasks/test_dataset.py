@@ -57,6 +57,13 @@ def test_empty_class_is_named(tmp_path):
         list_images(data, DataParams(dir=str(data)))
 
 
+def test_empty_data_set_names_the_first_missing_class_and_the_fix(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(DatasetError, match=r"data/GO: class folder missing; create it"):
+        list_images(data, DataParams(dir=str(data)))
+
+
 def test_non_image_files_are_skipped_with_a_warning(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data", per_class=2)
     (data / "GO" / "notes.txt").write_text("x")
