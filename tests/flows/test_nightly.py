@@ -197,6 +197,23 @@ def test_two_runs_at_once_publish_once(nightly_project: dict[str, Any], tmp_path
     assert [e["action"] for e in read_log(project / "registry")] == ["promote", "promote"]
 
 
+@pytest.mark.slow
+def test_dvc_repro_gives_the_numbers_of_the_flow(nightly_project: dict[str, Any], tmp_path: Path) -> None:
+    project = copy_project(nightly_project["project"], tmp_path / "project")
+    reports = project / "reports"
+    by_flow = {name: (reports / name).read_text() for name in ("history.csv", "evaluation.json")}
+    model = project / "models" / "candidate.h5"
+    model_by_flow = model.read_bytes()
+
+    run(project, "dvc", "repro", "--force", "evaluate")
+
+    assert model.read_bytes() == model_by_flow
+    assert (reports / "history.csv").read_text() == by_flow["history.csv"]
+    repro, flow = (json.loads(text) for text in
+                   ((reports / "evaluation.json").read_text(), by_flow["evaluation.json"]))
+    assert repro == flow
+
+
 def test_validation_failure_fails_the_run_without_retries(
     nightly_project: dict[str, Any], tmp_path: Path
 ) -> None:
