@@ -28,29 +28,36 @@ class ModelFileError(FanaoiError):
 
 
 def build_model(params: ModelParams, learning_rate: float, jit_compile: bool = False) -> keras.Model:
-    """The seed's CNN (default) or a smaller variant, compiled for binary classification."""
+    """The seed's CNN (default) or a smaller variant, compiled for binary classification.
+
+    Layers and optimizer are named here: Keras numbers unnamed ones per process
+    (``conv2d_7``, ``adam_3``), so a model trained in a long-lived process (a Prefect
+    worker, the test session) would differ in bytes from the same model trained by
+    ``dvc repro``, and DVC would see a changed candidate.
+    """
     import keras
     from keras import layers
 
     height, width = params.input_size
     model = keras.Sequential(name=params.architecture)
-    model.add(keras.Input(shape=(height, width, params.channels)))
+    model.add(keras.Input(shape=(height, width, params.channels), name="image"))
     filters = params.conv_filters if params.architecture == "seed_cnn" else params.conv_filters[:1]
     for index, count in enumerate(filters):
         # `edges` starts from glorot and overwrites kernels below; he_normal is a built-in
         # name, so the saved .h5 loads without custom objects either way.
         initializer = "he_normal" if index == 0 and params.first_layer_init == "he_normal" else "glorot_uniform"
-        model.add(layers.Conv2D(count, (3, 3), activation="relu", kernel_initializer=initializer))
-        model.add(layers.MaxPooling2D((2, 2)))
-    model.add(layers.Flatten())
-    model.add(layers.Dense(params.dense_units, activation="relu"))
+        model.add(layers.Conv2D(count, (3, 3), activation="relu", kernel_initializer=initializer,
+                                name=f"conv{index + 1}"))
+        model.add(layers.MaxPooling2D((2, 2), name=f"pool{index + 1}"))
+    model.add(layers.Flatten(name="flatten"))
+    model.add(layers.Dense(params.dense_units, activation="relu", name="dense"))
     if params.dropout > 0:
-        model.add(layers.Dropout(params.dropout))
-    model.add(layers.Dense(1, activation="sigmoid"))
+        model.add(layers.Dropout(params.dropout, name="dropout"))
+    model.add(layers.Dense(1, activation="sigmoid", name="output"))
     if params.first_layer_init == "edges":
         place_edge_kernels(model.layers[0])
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate, name="adam"),
         loss="binary_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,

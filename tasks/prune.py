@@ -135,7 +135,7 @@ def fine_tune(
 
     set_seeds(params.train.seed)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=params.prune.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate=params.prune.learning_rate, name="adam"),
         loss="binary_crossentropy", metrics=["accuracy"],
     )
     if epochs == 0:

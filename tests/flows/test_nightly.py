@@ -207,6 +207,7 @@ def test_dvc_repro_gives_the_numbers_of_the_flow(nightly_project: dict[str, Any]
 
     run(project, "dvc", "repro", "--force", "evaluate")
 
+    # Byte for byte, although the flow trained inside this long-lived test process.
     assert model.read_bytes() == model_by_flow
     assert (reports / "history.csv").read_text() == by_flow["history.csv"]
     repro, flow = (json.loads(text) for text in
