@@ -29,7 +29,7 @@ from tasks.errors import FanaoiError
 from tasks.evaluate import classification_metrics, predict_probabilities, roc_points
 from tasks.model import ModelFileError, load_model, model_params_from_file, read_model_metadata
 from tasks.params import ModelParams, Params
-from tasks.registry import champion_card, list_versions, read_embedded_card, version_name
+from tasks.registry import published_version, read_embedded_card
 
 if TYPE_CHECKING:
     import keras
@@ -90,13 +90,7 @@ def resolve_source(
     if model_path is not None:
         return _file_source(Path(model_path), params, Path(reports_dir) / "history.csv")
     registry = Path(params.registry.dir)
-    name = version_name(version) if version else champion_card(registry)["version"]
-    folder = registry / "versions" / name
-    if not (folder / "model.h5").is_file():
-        raise ExplainError(
-            f"{folder}: no such published version; versions: "
-            f"{', '.join(list_versions(registry)) or 'none'} (or pass --model PATH)"
-        )
+    name, folder = published_version(registry, version, error=ExplainError, hint="(or pass --model PATH)")
     card = read_embedded_card(folder / "model.h5")
     history = folder / "history.csv"
     return ModelSource(

@@ -14,7 +14,6 @@ version is champion) lists every export with its size and the difference measure
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,17 +30,11 @@ from tasks.errors import FanaoiError
 from tasks.model import load_model, model_params_from_file
 from tasks.params import DataParams, ModelParams, Params
 from tasks.registry import (
-    CARD_ATTR,
-    CHAMPION_CARD,
-    CHAMPION_MODEL,
-    atomic_write,
-    champion_card,
-    list_versions,
-    read_champion,
+    published_version,
     read_embedded_card,
     registry_lock,
+    update_card,
     utc_now,
-    version_name,
 )
 
 if TYPE_CHECKING:
@@ -68,8 +61,9 @@ def export_version(params: Params, fmt: str, version: str | None = None) -> dict
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     registry_dir = Path(params.registry.dir)
-    version = _resolve_version(registry_dir, version)
-    folder = registry_dir / "versions" / version
+    version, folder = published_version(
+        registry_dir, version, error=ExportError, hint="(see `fanaoi history`)"
+    )
     model_params = model_params_from_file(folder / "model.h5")
     images = check_images(params.data, model_params, params.export.check_images)
     model = load_model(folder / "model.h5")
@@ -105,19 +99,6 @@ def export_version(params: Params, fmt: str, version: str | None = None) -> dict
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s as %s: %s (max abs difference %.3g)", version, fmt, exports / name, difference)
     return entry
-
-
-def _resolve_version(registry_dir: Path, version: str | None) -> str:
-    if version is None:
-        return champion_card(registry_dir)["version"]
-    version = version_name(version)
-    folder = registry_dir / "versions" / version
-    if not (folder / "model.h5").is_file():
-        raise ExportError(
-            f"{folder}: no such published version; versions: "
-            f"{', '.join(list_versions(registry_dir)) or 'none'} (see `fanaoi history`)"
-        )
-    return version
 
 
 def check_images(data: DataParams, model_params: ModelParams, count: int) -> np.ndarray:
@@ -201,31 +182,8 @@ def _install(staged: Path, target: Path) -> None:
 
 
 def _record_on_cards(registry_dir: Path, version: str, fmt: str, entry: dict[str, Any]) -> None:
-    """List the export on every copy of the version's card; the caller holds the registry lock.
-
-    The card inside a .h5 file is the one the registry trusts, so each model file is
-    rewritten (atomically) before the JSON beside it.
-    """
+    """List the export on the version's card (and the champion's, if it is the champion)."""
     folder = registry_dir / "versions" / version
     card = read_embedded_card(folder / "model.h5")
     card["exports"] = {**card.get("exports", {}), fmt: entry}
-    targets = [(folder / "model.h5", folder / "card.json")]
-    champion = read_champion(registry_dir)
-    if champion is not None and champion.problem is None and champion.version == version:
-        targets.append((registry_dir / CHAMPION_MODEL, registry_dir / CHAMPION_CARD))
-    with tempfile.TemporaryDirectory(dir=registry_dir, prefix=".export-card-") as scratch:
-        for model_path, card_path in targets:
-            _write_model_card(model_path, card, Path(scratch))
-            text = (json.dumps(card, indent=2) + "\n").encode("utf-8")
-            atomic_write(card_path, lambda handle, text=text: handle.write(text))
-
-
-def _write_model_card(model_path: Path, card: dict[str, Any], scratch: Path) -> None:
-    import h5py
-
-    edited = scratch / model_path.name
-    shutil.copyfile(model_path, edited)
-    with h5py.File(edited, "a") as handle:
-        handle.attrs[CARD_ATTR] = json.dumps(card)
-    with edited.open("rb") as source:
-        atomic_write(model_path, lambda handle: shutil.copyfileobj(source, handle))
+    update_card(registry_dir, version, card)

@@ -262,6 +262,28 @@ def version_name(text: str) -> str:
     return f"v{_version_number(text.strip()):04d}"
 
 
+def published_version(
+    registry_dir: Path | str,
+    version: str | None,
+    *,
+    error: type[FanaoiError] = RegistryError,
+    hint: str = "",
+) -> tuple[str, Path]:
+    """Name and folder of a published version (``None``: the champion's); ``error`` if none.
+
+    ``hint`` ends the message with what the command can do instead.
+    """
+    registry_dir = Path(registry_dir)
+    name = version_name(version) if version else champion_card(registry_dir)["version"]
+    folder = registry_dir / "versions" / name
+    if not (folder / "model.h5").is_file() or not (folder / "card.json").is_file():
+        raise error(
+            f"{folder}: no such published version; versions: "
+            f"{', '.join(list_versions(registry_dir)) or 'none'}" + (f" {hint}" if hint else "")
+        )
+    return name, folder
+
+
 def read_log(registry_dir: Path | str) -> list[dict[str, Any]]:
     """Every decision, oldest first. A line cut short by a crash is skipped with a warning."""
     path = Path(registry_dir) / LOG_FILE
@@ -383,15 +405,38 @@ def build_card(
     }
 
 
-def _stage_version(registry_dir: Path, version: str, candidate_path: Path, card: dict) -> Path:
-    """versions/.incoming-<v>/ with model.h5 (card embedded) and card.json, all fsynced."""
+def _embed_card(model_path: Path, card: dict[str, Any]) -> None:
     import h5py
 
+    with h5py.File(model_path, "a") as handle:
+        handle.attrs[CARD_ATTR] = json.dumps(card)
+
+
+def update_card(registry_dir: Path | str, version: str, card: dict[str, Any]) -> None:
+    """Replace a published version's card: in its model file first, then card.json.
+
+    The caller holds the registry lock. When the version is the champion it is installed
+    again, so champion.h5 and champion.json carry the new card too.
+    """
+    registry_dir = Path(registry_dir)
+    folder = registry_dir / "versions" / version
+    with tempfile.TemporaryDirectory(dir=registry_dir, prefix=".card-") as scratch:
+        edited = Path(scratch) / "model.h5"
+        shutil.copyfile(folder / "model.h5", edited)
+        _embed_card(edited, card)
+        _copy_atomic(edited, folder / "model.h5")
+    _write_json_atomic(folder / "card.json", card)
+    champion = read_champion(registry_dir)
+    if champion is not None and champion.problem is None and champion.version == version:
+        _install_champion(registry_dir, version)
+
+
+def _stage_version(registry_dir: Path, version: str, candidate_path: Path, card: dict) -> Path:
+    """versions/.incoming-<v>/ with model.h5 (card embedded) and card.json, all fsynced."""
     staged = registry_dir / "versions" / f"{STAGING_PREFIX}{version}"
     staged.mkdir(parents=True)
     shutil.copyfile(candidate_path, staged / "model.h5")
-    with h5py.File(staged / "model.h5", "a") as handle:
-        handle.attrs[CARD_ATTR] = json.dumps(card)
+    _embed_card(staged / "model.h5", card)
     fsync_path(staged / "model.h5")
     (staged / "card.json").write_bytes(_json_bytes(card))
     fsync_path(staged / "card.json")
@@ -513,14 +558,8 @@ def decision_entry(
 def rollback(registry: RegistryParams, version: str, reason: str | None = None) -> dict[str, Any]:
     """Make an earlier published version the champion again (atomic, logged). Returns its card."""
     registry_dir = Path(registry.dir)
-    version = version_name(version)
-    folder = registry_dir / "versions" / version
     with registry_lock(registry_dir, registry.lock_timeout):
-        if not (folder / "model.h5").is_file() or not (folder / "card.json").is_file():
-            raise RegistryError(
-                f"{folder}: no such published version; versions: "
-                f"{', '.join(list_versions(registry_dir)) or 'none'}"
-            )
+        version, folder = published_version(registry_dir, version)
         card = read_embedded_card(folder / "model.h5")
         previous = read_champion(registry_dir)
         _install_champion(registry_dir, version)
