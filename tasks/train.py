@@ -48,9 +48,12 @@ class WarmStart:
     version: str | None
     sha256: str
 
-    def record(self) -> dict[str, Any]:
-        """What train.json and the model card say about the initial weights."""
-        return {"from": "champion", "version": self.version, "sha256": self.sha256}
+
+def initial_weights(warm_start: WarmStart | None) -> dict[str, Any]:
+    """What the checkpoint fingerprint, train.json and the model card say about the start."""
+    if warm_start is None:
+        return RANDOM_INIT
+    return {"from": "champion", "version": warm_start.version, "sha256": warm_start.sha256}
 
 
 def find_warm_start(params: Params) -> WarmStart | None:
@@ -218,8 +221,7 @@ def train_model(
     checkpoint = None
     callbacks: list[keras.callbacks.Callback] = []
     if checkpoint_dir is not None:
-        init = warm_start.record() if warm_start else RANDOM_INIT
-        fingerprint = run_fingerprint(train_images, model_params, train_params, init)
+        fingerprint = run_fingerprint(train_images, model_params, train_params, initial_weights(warm_start))
         checkpoint = _Checkpoint(Path(checkpoint_dir), fingerprint)
         rows.extend(checkpoint.finished_epochs())
         if rows:
@@ -271,7 +273,7 @@ def run_train(
         f"validating on {len(validation_images)}, {params.train.epochs} epochs"
     )
     warm_start = find_warm_start(params)
-    init = warm_start.record() if warm_start else RANDOM_INIT
+    init = initial_weights(warm_start)
     started = time.perf_counter()
     model, history = train_model(
         train_images, validation_images, params.model, params.train,
