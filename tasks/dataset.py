@@ -19,6 +19,7 @@ from tasks.errors import FanaoiError
 from tasks.params import DataParams, ModelParams
 
 if TYPE_CHECKING:
+    import numpy as np
     import tensorflow as tf
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,14 @@ def make_dataset(
             min(shuffle_buffer, max(len(paths), 1)), seed=shuffle_seed, reshuffle_each_iteration=True
         )
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def decode_all(images: Sequence[LabeledImage], model: ModelParams) -> np.ndarray:
+    """The images preprocessed for the model, in order, as one float32 array."""
+    import numpy as np
+
+    batches = make_dataset(images, model, batch_size=64).as_numpy_iterator()
+    return np.concatenate([decoded for decoded, _ in batches])
 
 
 def labels_of(images: Sequence[LabeledImage]) -> list[int]:

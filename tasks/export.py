@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.dataset import decode_image, list_images, select
+from tasks.dataset import decode_all, list_images, select
 from tasks.errors import FanaoiError
 from tasks.model import load_model, model_params_from_file
 from tasks.params import DataParams, ModelParams, Params
@@ -103,17 +103,13 @@ def export_version(params: Params, fmt: str, version: str | None = None) -> dict
 
 def check_images(data: DataParams, model_params: ModelParams, count: int) -> np.ndarray:
     """Up to ``count`` validation images as one float32 batch, preprocessed for the model."""
-    import tensorflow as tf
-
     images = select(list_images(data.dir, data), "validation")[:count]
     if not images:
         raise ExportError(
             f"{data.dir}: no validation images to check the export on; point data.dir in "
             f"params.yaml at the data set the model was trained on"
         )
-    return np.stack([
-        decode_image(tf.io.read_file(str(image.path)), model_params).numpy() for image in images
-    ])
+    return decode_all(images, model_params)
 
 
 def _write(model: keras.Model, path: Path, keras_format: str) -> Path:

@@ -25,7 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.dataset import LabeledImage, labels_of, list_images, make_dataset, require_split, select, sha256_of
+from tasks.dataset import (
+    LabeledImage,
+    decode_all,
+    labels_of,
+    list_images,
+    make_dataset,
+    require_split,
+    select,
+    sha256_of,
+)
 from tasks.errors import FanaoiError
 from tasks.evaluate import classification_metrics, predict_probabilities
 from tasks.model import load_model, model_params_from_file, read_model_metadata, save_model
@@ -157,7 +166,7 @@ def fine_tune(
 
 def speed_batch(images: Sequence[LabeledImage], model_params: ModelParams, count: int) -> np.ndarray:
     """``count`` decoded images (the given ones repeated as needed), to time predictions on."""
-    decoded = np.concatenate([x for x, _ in make_dataset(images, model_params, 64).as_numpy_iterator()])
+    decoded = decode_all(images, model_params)
     return decoded[np.arange(count) % len(decoded)]
 
 

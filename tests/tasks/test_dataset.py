@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tasks.dataset import DatasetError, assign_split, list_images, make_dataset, select
+from tasks.dataset import DatasetError, assign_split, decode_all, decode_image, list_images, make_dataset, select
 from tasks.params import DataParams, ModelParams
 from tests.conftest import make_image_folder
 
@@ -86,3 +86,16 @@ def test_pipeline_decodes_resizes_and_scales(tmp_path):
         assert list(labels) == [i.label for i in images]
     assert {i.split for i in images} <= {"train", "validation", "test"}
     assert len(select(images, "train")) + len(select(images, "validation")) + len(select(images, "test")) == 10
+
+
+def test_decode_all_keeps_the_order_of_the_images(tmp_path):
+    import tensorflow as tf
+
+    data = make_image_folder(tmp_path / "data", per_class=40)
+    images = list_images(data, DataParams(dir=str(data)))[::-1]  # more than one batch, reversed
+    model = ModelParams(input_size=(16, 16))
+    decoded = decode_all(images, model)
+    assert decoded.shape == (80, 16, 16, 3)
+    for index in (0, 63, 64, 79):
+        one = decode_image(tf.io.read_file(str(images[index].path)), model).numpy()
+        assert np.array_equal(decoded[index], one)
