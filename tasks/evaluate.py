@@ -22,6 +22,7 @@ from tasks.dataset import LabeledImage, labels_of, list_images, make_dataset, re
 from tasks.errors import FanaoiError
 from tasks.model import load_model, read_model_metadata
 from tasks.params import ModelParams, Params
+from tasks.train import read_history
 
 if TYPE_CHECKING:
     import keras
@@ -138,11 +139,10 @@ def compare_with_last_epoch(
 
 
 def read_last_epoch(history_csv: Path) -> dict[str, float]:
-    with history_csv.open(encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_history(history_csv)
     if not rows:
         raise FanaoiError(f"{history_csv}: no epochs recorded; rerun the train stage")
-    return {k: float(v) for k, v in rows[-1].items()}
+    return rows[-1]
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

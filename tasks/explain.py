@@ -10,7 +10,6 @@ the mistakes shown are the ones it makes in production.
 
 from __future__ import annotations
 
-import csv
 import html
 import logging
 import math
@@ -30,6 +29,7 @@ from tasks.evaluate import classification_metrics, predict_probabilities, roc_po
 from tasks.model import ModelFileError, load_model, model_params_from_file, read_model_metadata
 from tasks.params import ModelParams, Params
 from tasks.registry import published_version, read_embedded_card
+from tasks.train import read_history
 
 if TYPE_CHECKING:
     import keras
@@ -397,13 +397,10 @@ def svg_line_chart(
     return "\n".join(parts)
 
 
-def read_history(path: Path) -> dict[str, list[float]]:
+def history_columns(path: Path) -> dict[str, list[float]]:
     """history.csv as columns of floats."""
-    with path.open(encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        return {}
-    return {column: [float(row[column]) for row in rows] for column in rows[0]}
+    rows = read_history(path)
+    return {column: [row[column] for row in rows] for column in rows[0]} if rows else {}
 
 
 def history_charts(history: dict[str, list[float]]) -> list[str]:
@@ -537,7 +534,7 @@ def run_explain(
     )
     heatmaps = draw_heatmaps(model, shown, model_params, out / "heatmaps")
 
-    history = read_history(source.history) if source.history else {}
+    history = history_columns(source.history) if source.history else {}
     summary = {
         "model": source.name,
         "model_path": str(source.path),

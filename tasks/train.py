@@ -239,6 +239,12 @@ def train_model(
     return model, rows
 
 
+def read_history(path: Path) -> list[dict[str, float]]:
+    """history.csv back as one row of floats per epoch."""
+    with path.open(encoding="utf-8") as handle:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
 def write_history(history: Sequence[dict[str, float]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
