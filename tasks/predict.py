@@ -38,6 +38,10 @@ class Predictor:
     threshold: float
     version: str | None = None
 
+    def label(self, probability: float) -> str:
+        """The class name for a positive-class probability: the defect class at or above the threshold."""
+        return self.class_names[int(probability >= self.threshold)]
+
 
 def _class_names(mapping: dict[str, int]) -> tuple[str, str]:
     by_label = {label: name for name, label in mapping.items()}
@@ -133,7 +137,7 @@ def predict_files(
         else:
             results.append({
                 "path": str(path),
-                "label": predictor.class_names[int(probability >= predictor.threshold)],
+                "label": predictor.label(probability),
                 "probability": float(probability),
                 "error": None,
             })

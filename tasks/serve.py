@@ -189,7 +189,7 @@ def classify(loaded: LoadedChampion, data: bytes) -> dict[str, Any]:
     predictor = loaded.predictor
     probability = probability_of(predictor, data)
     return {
-        "label": predictor.class_names[int(probability >= predictor.threshold)],
+        "label": predictor.label(probability),
         "probability": probability,
         "threshold": predictor.threshold,
         "positive_class": predictor.class_names[1],
