@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import yaml
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.export_throughput import add_champion_arguments, champion_for_bench  # noqa: E402
+from flows.params import write_params  # noqa: E402
 from tasks.dataset import list_images, select  # noqa: E402
 from tasks.params import Params  # noqa: E402
 
@@ -46,17 +46,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def plain(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
-
-
 def start_service(params: Params, root: Path, port: int) -> subprocess.Popen:
-    params_file = root / "params.yaml"
-    params_file.write_text(yaml.safe_dump(plain(params.to_dict())), encoding="utf-8")
+    params_file = write_params(params, root / "params.yaml")
     service = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "--params", str(params_file), "serve-model",
          "--port", str(port)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -29,3 +30,11 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}: not valid YAML{where}; fix the syntax") from None
     return Params.from_dict(raw or {}, source=str(path))
+
+
+def write_params(params: Params, path: str | Path) -> Path:
+    """Write ``params`` as a params file that :func:`load_params` reads back equal."""
+    path = Path(path)
+    plain = json.loads(json.dumps(params.to_dict()))  # tuples become lists: plain YAML
+    path.write_text(yaml.safe_dump(plain, sort_keys=False), encoding="utf-8")
+    return path

@@ -12,8 +12,7 @@ import functools
 import shutil
 from pathlib import Path
 
-import yaml
-
+from flows.params import write_params
 from tasks.dataset import list_images, select
 from tasks.params import GateParams, Params, RegistryParams
 from tests.conftest import tiny_params
@@ -95,18 +94,7 @@ def two_version_registry(data_dir: Path, base: Path) -> Path:
 
 def write_params_file(path: Path, data_dir: Path, registry_dir: Path) -> Path:
     """params.yaml for CLI tests, the same settings as gate_params."""
-    params = gate_params(data_dir, registry_dir).to_dict()
-    path.write_text(yaml.safe_dump(_plain(params)), encoding="utf-8")
-    return path
-
-
-def _plain(value: object) -> object:
-    """Tuples to lists so yaml.safe_dump writes plain YAML."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+    return write_params(gate_params(data_dir, registry_dir), path)
 
 
 def copy_registry(source: Path, target: Path) -> Path:
