@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
-from tasks.dataset import list_images  # noqa: E402
+from tasks.dataset import decode_all, list_images  # noqa: E402
 from tasks.predict import load_champion, predict_files  # noqa: E402
 
 
@@ -49,22 +49,18 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=50)
     args = parser.parse_args()
 
-    import numpy as np
-    import tensorflow as tf
-
-    from tasks.dataset import decode_image
-
     params = load_params(args.params)
     registry = args.registry or params.registry.dir
     batch = args.batch or params.registry.predict_batch_size
     images = list_images(args.data or params.data.dir, params.data)
-    files = [images[i % len(images)].path for i in range(args.images)]
+    chosen = [images[i % len(images)] for i in range(args.images)]
+    files = [image.path for image in chosen]
 
     load_seconds = timed(lambda: load_champion(registry))
     predictor = load_champion(registry)
     print(f"champion {predictor.version}: loaded in {load_seconds:.2f}s; {len(files)} files, batch {batch}")
 
-    decoded = np.stack([decode_image(tf.io.read_file(str(f)), predictor.model_params).numpy() for f in files])
+    decoded = decode_all(chosen, predictor.model_params)
     batches = [decoded[i:i + batch] for i in range(0, len(decoded), batch)]
     predictor.model.predict_on_batch(batches[0])  # trace once outside the timing
 
