@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 
 from tasks.gate import decide, mcnemar_exact, run_gate
