@@ -80,15 +80,20 @@ def test_run_evaluate_reports_both_views(trained_workspace, tmp_path):
     }
 
 
-def test_calibrated_threshold_is_the_highest_that_meets_the_target():
+def test_calibrated_threshold_meets_the_target_with_least_overkill_midway_in_its_gap():
     labels = np.array([1] * 10 + [0] * 4)
     scores = np.array([0.05, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.01, 0.1, 0.25, 0.6])
     threshold = calibrate_threshold(labels, scores, target_escape_rate=0.2)  # 2 of 10 may escape
-    assert threshold == pytest.approx(0.3)
-    escapes = np.sum((scores < threshold) & (labels == 1))
-    assert escapes == 2
-    assert np.sum((scores < np.nextafter(threshold, 1)) & (labels == 1)) == 3  # any higher: too many
-    assert calibrate_threshold(labels, scores, 0.0) == pytest.approx(0.05)
+    assert threshold == pytest.approx((0.25 + 0.3) / 2)  # between the GO at 0.25 and the NG at 0.3
+    assert np.sum((scores < threshold) & (labels == 1)) == 2
+    assert np.sum((scores >= threshold) & (labels == 0)) == 1  # as few as at 0.3, the highest allowed
+    assert calibrate_threshold(labels, scores, 0.0) == pytest.approx((0.01 + 0.05) / 2)
+
+
+def test_separated_scores_get_a_threshold_with_margin_on_both_sides():
+    labels = np.array([1] * 5 + [0] * 5)
+    scores = np.array([0.97, 0.98, 0.99, 0.995, 0.999, 0.001, 0.01, 0.02, 0.03, 0.04])
+    assert calibrate_threshold(labels, scores, 0.0) == pytest.approx((0.04 + 0.97) / 2)
 
 
 def test_threshold_is_calibrated_only_with_enough_defects_to_measure_the_target():
