@@ -158,7 +158,8 @@ def build_manifest(
     """One row per entry of the data folder, sorted by path; images inspected or cached.
 
     Columns: path (relative, '/'-separated), kind, class_name, split, detail, the
-    fields of FileCheck, and defect_type (images of the positive class only). ``attrs["inspected"]`` counts the files decoded this time.
+    fields of FileCheck, and defect_type (images of the positive class only).
+    ``attrs["inspected"]`` counts the files decoded this time.
     """
     data_dir = Path(data_dir)
     entries = list(_walk_data_folder(data_dir, data))

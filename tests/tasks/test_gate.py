@@ -227,7 +227,7 @@ def test_gate_rejects_a_candidate_that_lets_one_defect_type_through(data_dir, ba
     from tasks.model import load_model
 
     typed_data = copy_with_defect_types(data_dir, tmp_path / "data")
-    params = gate_params(typed_data, tmp_path / "registry", max_escape_rate_per_type=0.2)
+    params = gate_params(typed_data, tmp_path / "registry", max_escape_rate_per_type=0.1)
     model = good_model(data_dir, base)
     validation = select(list_images(typed_data, params.data), "validation")
     expected = Counter(image.defect_type for image in validation if image.defect_type)
@@ -236,7 +236,8 @@ def test_gate_rejects_a_candidate_that_lets_one_defect_type_through(data_dir, ba
                 if image.label == 1)
     # A threshold between the two least confident NG images: exactly one NG escapes.
     (lowest, let_through), (second, _) = ng[0], ng[1]
-    assert lowest < second and expected[let_through] <= 4 and len(ng) >= 5  # 1 of n: above 0.2 per type only
+    # 1 escape: within the 0.2 floor overall (5 or more NG), above 0.1 for its type (fewer than 10).
+    assert lowest < second and expected[let_through] < 10 and len(ng) >= 5
     params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate,
                                                                       threshold=(lowest + second) / 2))
     result = run_gate(params, model, tmp_path / "reports", record=False)
