@@ -174,7 +174,7 @@ def escape_bounds(
 
 
 def defect_type_lines(metrics: dict[str, Any]) -> list[str]:
-    """One line per defect type, e.g. ``crack: 2 of 12 escaped, 0.1667 (95 % upper 0.4843)``."""
+    """One line per defect type, e.g. ``crack: 2 of 12 escaped, 0.1667 (95 % upper 0.4841)``."""
     return [
         f"{kind}: {row['escapes']} of {row['count']} escaped, {row['escape_rate']:.4f} "
         f"(95 % upper {row['escape_rate_upper95']:.4f})"
