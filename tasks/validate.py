@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.dataset import SPLITS, DatasetError
+from tasks.dataset import SPLITS, UNTYPED, DatasetError
 from tasks.errors import FanaoiError
 from tasks.manifest import (
     IMAGE,
@@ -308,7 +308,7 @@ def defect_type_counts(usable: pd.DataFrame) -> dict[str, dict[str, int]]:
 
 def _summary_line(result: dict, data_dir: Path) -> str:
     per_class = ", ".join(f"{name} {c['images']}" for name, c in result["classes"].items())
-    if result["defect_types"]:
+    if set(result["defect_types"]) - {UNTYPED}:  # a data set with NG subfolders
         per_class += "; defect types: " + ", ".join(
             f"{kind} {c['images']} ({c['validation']} in validation)" for kind, c in result["defect_types"].items()
         )
