@@ -71,10 +71,10 @@ def _train(args: argparse.Namespace, params: Params) -> int:
     from tasks.train import run_train
 
     summary = run_train(params, args.model, args.reports)
-    last = summary["last_epoch"]
+    kept = summary["kept_epoch_metrics"]
     print(
-        f"candidate: {args.model}  last epoch accuracy {last['accuracy']:.4f}, "
-        f"val_accuracy {last['val_accuracy']:.4f}  ({summary['seconds']:.0f}s)"
+        f"candidate: {args.model}  epoch {summary['kept_epoch']} of {summary['epochs']} kept: accuracy "
+        f"{kept['accuracy']:.4f}, val_accuracy {kept['val_accuracy']:.4f}  ({summary['seconds']:.0f}s)"
     )
     return 0
 
@@ -84,10 +84,10 @@ def _evaluate(args: argparse.Namespace, params: Params) -> int:
     from tasks.evaluate import run_evaluate
 
     result = run_evaluate(params, args.model, args.reports)
-    validation, comparison = result["validation"], result["last_epoch_vs_evaluate"]
+    validation, comparison = result["validation"], result["kept_epoch_vs_evaluate"]
     print(
         f"validation accuracy {validation['accuracy']:.4f}  escape {validation['escape_rate']:.4f}  "
-        f"overkill {validation['overkill_rate']:.4f}  evaluate-vs-last-epoch gap "
+        f"overkill {validation['overkill_rate']:.4f}  evaluate-vs-kept-epoch gap "
         f"{comparison['validation_accuracy_gap']:.4f}  -> {Path(args.reports) / 'evaluation.json'}"
     )
     _print_defect_types(validation)
@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (
         ("train", "train a candidate model on the train split"),
-        ("evaluate", "score the candidate; compare evaluate() with the last epoch"),
+        ("evaluate", "score the candidate; compare evaluate() with the kept epoch"),
     ):
         stage = sub.add_parser(name, help=text)
         stage.add_argument("--model", default="models/candidate.h5", help="candidate path")

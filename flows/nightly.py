@@ -120,12 +120,12 @@ def train_stage(params: Params) -> dict[str, Any] | State:
 
     summary = run_train(params, CANDIDATE, REPORTS, report=get_run_logger().info)
     record_stage(Path.cwd(), "train")
-    return {"last_epoch": summary["last_epoch"], "seconds": summary["seconds"]}
+    return {"kept_epoch": summary["kept_epoch"], "kept_epoch_metrics": summary["kept_epoch_metrics"], "seconds": summary["seconds"]}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_stage(params: Params) -> dict[str, Any] | State:
-    """Score the candidate; compare evaluate() with the last epoch."""
+    """Score the candidate; compare evaluate() with the kept epoch."""
     if skipped := _skip_if_current("evaluate"):
         return skipped
     from tasks.evaluate import run_evaluate
@@ -251,7 +251,7 @@ def summarize(
         "validation": evaluation.get("validation", {}),
         "metrics": metric_rows(gate),
         "defect_types": defect_type_rows(gate),
-        "last_epoch_vs_evaluate": evaluation.get("last_epoch_vs_evaluate", {}),
+        "kept_epoch_vs_evaluate": evaluation.get("kept_epoch_vs_evaluate", {}),
     }
 
 
@@ -311,7 +311,7 @@ def _rounded(value: float | None) -> float | None:
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
-    """The run's page in the dashboard: decision, reasons, snapshot, evaluate vs last epoch."""
+    """The run's page in the dashboard: decision, reasons, snapshot, evaluate vs the kept epoch."""
     decision = summary["decision"]
     lines = [f"# Nightly retrain: {decision.upper()}", ""]
     if decision == "unchanged":
@@ -338,7 +338,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         *[f"- {reason}" for reason in summary["reasons"] or ["(no gate decision yet)"]],
         "",
         *defect_type_table(summary.get("defect_types", [])),
-        *evaluate_vs_last_epoch_table(summary["last_epoch_vs_evaluate"]),
+        *evaluate_vs_kept_epoch_table(summary["kept_epoch_vs_evaluate"]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -357,19 +357,20 @@ def explain_lines(version: str | None) -> list[str]:
     return [f"- look inside {version}: `fanaoi explain {version}` writes {report}"]
 
 
-def evaluate_vs_last_epoch_table(comparison: dict[str, Any]) -> list[str]:
-    """Markdown rows: the last epoch's logged numbers beside evaluate() on the final weights."""
+def evaluate_vs_kept_epoch_table(comparison: dict[str, Any]) -> list[str]:
+    """Markdown rows: the kept epoch's logged numbers beside evaluate() on its weights."""
     if not comparison:
         return []
+    epoch = comparison.get("kept_epoch", "kept")
     rows = [
-        "## evaluate() vs last epoch",
+        f"## evaluate() vs epoch {epoch} (the weights kept: lowest validation loss)",
         "",
-        "| | last epoch | evaluate() |",
+        f"| | epoch {epoch} as logged | evaluate() |",
         "|---|---|---|",
     ]
     for split in ("train", "validation"):
         for measure in ("accuracy", "loss"):
-            logged = comparison[f"last_epoch_{split}_{measure}"]
+            logged = comparison[f"kept_epoch_{split}_{measure}"]
             measured = comparison[f"evaluate_{split}_{measure}"]
             rows.append(f"| {split} {measure} | {logged:.4f} | {measured:.4f} |")
     rows += [

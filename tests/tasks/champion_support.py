@@ -100,3 +100,17 @@ def write_params_file(path: Path, data_dir: Path, registry_dir: Path) -> Path:
 def copy_registry(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+def review_band_registry(data_dir: Path, base: Path, registry: Path, review_band: tuple[float, float]) -> Path:
+    """A registry whose champion (the good model) was published with a review band."""
+    from tasks.gate import run_gate
+    from tasks.registry import publish
+
+    params = gate_params(data_dir, registry)
+    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, review_band=review_band))
+    candidate = good_model(data_dir, base)
+    result = run_gate(params, candidate, registry.parent / "reports-review")
+    assert result["decision"] == "promote", result["reasons"]
+    publish(candidate, result, params)
+    return registry

@@ -8,7 +8,7 @@ from tasks.errors import FanaoiError
 from tasks.params import DataParams
 from tasks.predict import expand_paths, load_champion, predict_files
 from tasks.registry import RegistryError
-from tests.tasks.champion_support import one_version_registry
+from tests.tasks.champion_support import one_version_registry, review_band_registry
 
 EXTENSIONS = (".png", ".jpg")
 
@@ -87,3 +87,26 @@ def test_unreadable_files_get_their_own_error(champion, validation_images, tmp_p
     assert "Unknown image file format" in results[0]["error"]
     assert "No such file" in results[3]["error"]
     assert all(r["label"] is None and r["probability"] is None for r in results if r["error"])
+
+
+def expected_label(probability, threshold, band):
+    if band[0] <= probability < band[1]:
+        return "REVIEW"
+    return "NG" if probability >= threshold else "GO"
+
+
+@pytest.mark.slow
+def test_review_band_sends_uncertain_parts_to_a_person(trained_workspace, validation_images, tmp_path_factory, tmp_path):
+    base = tmp_path_factory.getbasetemp()
+    paths = [image.path for image in validation_images]
+    plain = predict_files(load_champion(one_version_registry(trained_workspace["data_dir"], base)), paths, 8)
+    probabilities = sorted(row["probability"] for row in plain)
+    band = (probabilities[len(probabilities) // 4], probabilities[3 * len(probabilities) // 4])
+    registry = review_band_registry(trained_workspace["data_dir"], base, tmp_path / "registry", band)
+    champion = load_champion(registry)
+    assert champion.review_band == pytest.approx(band)
+    results = predict_files(champion, paths, batch_size=8)
+    labels = [row["label"] for row in results]
+    assert labels == [expected_label(row["probability"], champion.threshold, band) for row in results]
+    assert labels.count("REVIEW") >= len(paths) // 3  # the middle half of the scores, ties aside
+    assert {"GO", "NG"} & set(labels)

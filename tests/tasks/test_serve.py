@@ -20,6 +20,7 @@ from tests.tasks.champion_support import (
     copy_registry,
     gate_params,
     one_version_registry,
+    review_band_registry,
     two_version_registry,
 )
 
@@ -176,3 +177,15 @@ def test_a_real_http_request_on_localhost(trained_workspace, registry, validatio
         server.should_exit = True
         thread.join(timeout=30)
         listener.close()
+
+
+def test_the_service_answers_review_inside_the_cards_review_band(
+    trained_workspace, tmp_path_factory, tmp_path, validation_paths
+):
+    base = tmp_path_factory.getbasetemp()
+    registry = review_band_registry(trained_workspace["data_dir"], base, tmp_path / "registry", (0.0, 1.0))
+    with TestClient(create_app(serve_params(trained_workspace, registry))) as client:
+        for path in validation_paths:
+            body = upload(client, path.read_bytes()).json()
+            assert body["review_band"] == [0.0, 1.0]
+            assert body["label"] == ("REVIEW" if body["probability"] < 1.0 else "NG")
