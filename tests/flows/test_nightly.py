@@ -336,7 +336,7 @@ def test_dashboard_gives_escapes_per_defect_type_with_upper_bounds() -> None:
         "decision": "reject", "last_decision": "reject", "reasons": [], "stages": {},
         "data_snapshot": "abc.dir", "data_changed": False, "published_version": None,
         "champion_version": None, "champion_path": None, "candidate_path": "/m/candidate.h5",
-        "metrics": [], "defect_types": rows, "last_epoch_vs_evaluate": {},
+        "metrics": [], "defect_types": rows, "kept_epoch_vs_evaluate": {},
     }
     text = report_markdown(summary)
     assert "## Escapes per defect type (validation)" in text
