@@ -87,7 +87,8 @@ def _evaluate(args: argparse.Namespace, params: Params) -> int:
     validation, comparison = result["validation"], result["kept_epoch_vs_evaluate"]
     print(
         f"validation accuracy {validation['accuracy']:.4f}  escape {validation['escape_rate']:.4f}  "
-        f"overkill {validation['overkill_rate']:.4f}  evaluate-vs-kept-epoch gap "
+        f"overkill {validation['overkill_rate']:.4f}  review {validation['review_rate']:.4f}  "
+        f"threshold {validation['threshold']:.4f}  evaluate-vs-kept-epoch gap "
         f"{comparison['validation_accuracy_gap']:.4f}  -> {Path(args.reports) / 'evaluation.json'}"
     )
     _print_defect_types(validation)
@@ -157,7 +158,8 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
 
 
 def _print_decision(result: dict) -> None:
-    print(f"decision: {result['decision'].upper()}  ({result['metric']}, threshold {result['threshold']:.4f})")
+    print(f"decision: {result['decision'].upper()}  ({result['metric']}, threshold {result['threshold']:.4f}: "
+          f"{result['threshold_source']})")
     for reason in result["reasons"]:
         print(f"  - {reason}")
 
@@ -206,6 +208,8 @@ def _champion(args: argparse.Namespace, params: Params) -> int:
         ("classes", ", ".join(f"{name}={label}" for name, label in card["class_mapping"].items())),
         ("input", f"{card['input_size'][0]}x{card['input_size'][1]} {card['preprocessing']['color_mode']}"),
         ("threshold", f"{card['threshold']:.4f} (p({positive}) >= threshold -> {positive})"),
+        ("review band", "[{:.4f}, {:.4f}) -> REVIEW".format(*card["review_band"]) if card.get("review_band")
+         else "none"),
         ("validation", f"accuracy {validation['accuracy']:.4f}  escape {validation['escape_rate']:.4f}  "
                        f"overkill {validation['overkill_rate']:.4f}  on {validation['count']} images"),
     ):
@@ -378,7 +382,8 @@ def _retrain(args: argparse.Namespace, params: Params) -> int:
     validation = summary["validation"]
     if validation:
         print(f"candidate on {validation['count']} validation images: accuracy {validation['accuracy']:.4f}, "
-              f"escape rate {validation['escape_rate']:.4f}, overkill rate {validation['overkill_rate']:.4f}")
+              f"escape rate {validation['escape_rate']:.4f}, overkill rate {validation['overkill_rate']:.4f}, "
+              f"review rate {validation.get('review_rate', 0.0):.4f}")
         _print_defect_types(validation)
     print(f"champion: {summary['champion_path'] or 'none yet'} ({summary['champion_version'] or '-'})")
     print(f"candidate: {summary['candidate_path']}")

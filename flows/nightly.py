@@ -120,7 +120,7 @@ def train_stage(params: Params) -> dict[str, Any] | State:
 
     summary = run_train(params, CANDIDATE, REPORTS, report=get_run_logger().info)
     record_stage(Path.cwd(), "train")
-    return {"kept_epoch": summary["kept_epoch"], "kept_epoch_metrics": summary["kept_epoch_metrics"], "seconds": summary["seconds"]}
+    return {key: summary[key] for key in ("kept_epoch", "kept_epoch_metrics", "seconds")}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -222,7 +222,7 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
 
 TABLE_METRICS = (
     "accuracy", "balanced_accuracy", "precision", "recall", "f1",
-    "escape_rate", "escape_rate_upper95", "overkill_rate", "auc",
+    "escape_rate", "escape_rate_upper95", "overkill_rate", "review_rate", "auc",
 )
 
 
@@ -240,6 +240,8 @@ def summarize(
         "decision": gate.get("decision") if stages["gate"] else "unchanged",
         "last_decision": gate.get("decision"),
         "reasons": gate.get("reasons", []),
+        "threshold": gate.get("threshold"),
+        "threshold_source": gate.get("threshold_source"),
         "stages": {name: "ran" if ran else "skipped" for name, ran in stages.items()},
         "data_snapshot": snapshot["md5"],
         "data_changed": snapshot["changed"],
@@ -332,6 +334,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"- data snapshot (data.dvc md5): `{summary['data_snapshot']}`"
         + (" (new)" if summary["data_changed"] else ""),
         "- stages: " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()),
+        *threshold_lines(summary),
         "",
         "## Reasons",
         "",
@@ -341,6 +344,13 @@ def report_markdown(summary: dict[str, Any]) -> str:
         *evaluate_vs_kept_epoch_table(summary["kept_epoch_vs_evaluate"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def threshold_lines(summary: dict[str, Any]) -> list[str]:
+    """The candidate's NG threshold and where it came from (calibration or its fallback)."""
+    if summary.get("threshold") is None:
+        return []
+    return [f"- NG threshold {summary['threshold']:.4f}: {summary['threshold_source']}"]
 
 
 def explain_lines(version: str | None) -> list[str]:

@@ -172,6 +172,7 @@ def make_dataset(
     images: Sequence[LabeledImage],
     model: ModelParams,
     batch_size: int,
+    *,
     shuffle_seed: int | None = None,
     shuffle_buffer: int = 4096,
     augment: AugmentParams | None = None,

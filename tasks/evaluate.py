@@ -2,8 +2,8 @@
 
 Training keeps the weights of the epoch with the lowest validation loss. Keras' logged
 train accuracy for that epoch is an average over batches while the weights were still
-moving (with dropout and augmentation on); ``model.evaluate`` scores the kept weights. A large gap between the two on the
-validation split points at a preprocessing or determinism bug, so it is reported and
+moving (with dropout and augmentation on); ``model.evaluate`` scores the kept weights.
+A large gap between the two on the validation split points at a preprocessing or determinism bug, so it is reported and
 flagged. Classification metrics use the AOI vocabulary: an *escape* is an NG part passed
 as GO (the costly error), an *overkill* is a GO part rejected.
 """

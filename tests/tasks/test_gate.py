@@ -2,7 +2,6 @@ import dataclasses
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from tasks.dataset import list_images, select

@@ -96,7 +96,9 @@ def expected_label(probability, threshold, band):
 
 
 @pytest.mark.slow
-def test_review_band_sends_uncertain_parts_to_a_person(trained_workspace, validation_images, tmp_path_factory, tmp_path):
+def test_review_band_sends_uncertain_parts_to_a_person(
+    trained_workspace, validation_images, tmp_path_factory, tmp_path
+):
     base = tmp_path_factory.getbasetemp()
     paths = [image.path for image in validation_images]
     plain = predict_files(load_champion(one_version_registry(trained_workspace["data_dir"], base)), paths, 8)
