@@ -3,7 +3,8 @@
 A batch is laid out like the data set (one folder per class). Every file is inspected by
 the validation stage's own per-file check (``tasks.manifest.inspect_file`` and the
 blocking limits of ``validate`` in params). Accepted files are copied to
-``data/<class>/<sha256><ext>``; their origin goes to ``data/.sources.jsonl``, hidden so
+``data/<class>/<sha256><ext>`` (``data/NG/<type>/<sha256><ext>`` from a defect-type
+subfolder ``NG/<type>/`` of the batch); their origin goes to ``data/.sources.jsonl``, hidden so
 training and validation skip it, yet inside the DVC snapshot, so checking out an older
 snapshot restores the matching index. Originals are only read, never moved or deleted.
 
@@ -31,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.dataset import is_candidate_file, sha256_of
+from tasks.dataset import UNTYPED, defect_type_of, is_candidate_file, sha256_of
 from tasks.durable import fsync_path
 from tasks.errors import FanaoiError
 from tasks.manifest import FileCheck, inspect_file
@@ -75,6 +76,7 @@ class Verdict:
     reason: str = ""
     sha256: str | None = None
     stored_as: str | None = None
+    defect_type: str | None = None  # tasks.dataset.defect_type_of, from the path in the batch
 
 
 def ingest_batch(
@@ -147,9 +149,12 @@ def judge_batch(batch_dir: Path, data_dir: Path, params: Params, data_rel: str) 
     for check, name in checked:
         if file_problem(check, params.validate) is None:
             in_batch[check.sha256].append((name, str(check.path)))
+    types = {str(path): defect_type_of(path.relative_to(batch_dir), params.data.positive_class)
+             for path, _ in candidates}
     for check, name in checked:
         verdicts.append(_judge_file(
-            check, name, params.validate, in_data=in_data, in_batch=in_batch, data_rel=data_rel
+            check, name, params.validate, in_data=in_data, in_batch=in_batch, data_rel=data_rel,
+            defect_type=types[str(check.path)],
         ))
     return verdicts
 
@@ -241,9 +246,9 @@ def file_problem(check: FileCheck, limits: ValidateParams) -> tuple[str, str] | 
 def _judge_file(
     check: FileCheck, name: str, limits: ValidateParams, *,
     in_data: dict[str, list[tuple[str, str]]], in_batch: dict[str, list[tuple[str, str]]],
-    data_rel: str,
+    data_rel: str, defect_type: str | None = None,
 ) -> Verdict:
-    verdict = Verdict(str(check.path), name, ACCEPTED, sha256=check.sha256)
+    verdict = Verdict(str(check.path), name, ACCEPTED, sha256=check.sha256, defect_type=defect_type)
     problem = file_problem(check, limits)
     if problem is not None:
         verdict.verdict, verdict.reason = problem
@@ -260,8 +265,14 @@ def _judge_file(
     elif first_in_batch != str(check.path):
         verdict.verdict, verdict.reason = DUPLICATE_IN_BATCH, f"same bytes as {first_in_batch}"
     else:
-        verdict.stored_as = f"{data_rel}/{name}/{check.sha256}{check.path.suffix.lower()}"
+        stored = Path(data_rel, name, type_folder(defect_type), f"{check.sha256}{check.path.suffix.lower()}")
+        verdict.stored_as = stored.as_posix()
     return verdict
+
+
+def type_folder(defect_type: str | None) -> str:
+    """Where in its class folder an accepted image goes: its defect type's subfolder, or ""."""
+    return "" if defect_type in (None, UNTYPED) else defect_type
 
 
 def existing_hashes(
@@ -286,7 +297,7 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
         new_tree = staging / "new"
         _link_tree(data_dir, new_tree)
         for verdict in accepted:
-            target = new_tree / verdict.class_name / Path(verdict.stored_as).name
+            target = new_tree / verdict.class_name / type_folder(verdict.defect_type) / Path(verdict.stored_as).name
             target.parent.mkdir(parents=True, exist_ok=True)
             copy_durably(Path(verdict.path), target)
         _write_index(data_dir / INDEX_NAME, new_tree / INDEX_NAME, index_entries)
