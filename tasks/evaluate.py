@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.dataset import LabeledImage, defect_types_of, labels_of, list_images, make_dataset, require_split, select
+from tasks.dataset import (
+    UNTYPED,
+    LabeledImage,
+    defect_types_of,
+    labels_of,
+    list_images,
+    make_dataset,
+    require_split,
+    select,
+)
 from tasks.errors import FanaoiError
 from tasks.model import load_model, model_params_from_file, read_model_metadata
 from tasks.params import ModelParams, Params
@@ -252,11 +261,15 @@ def escape_bounds(
 
 
 def defect_type_lines(metrics: dict[str, Any]) -> list[str]:
-    """One line per defect type, e.g. ``crack: 2 of 12 escaped, 0.1667 (95 % upper 0.4841)``."""
+    """One line per defect type, e.g. ``crack: 2 of 12 escaped, 0.1667 (95 % upper 0.4841)``;
+    none when NG has no type subfolders (the one type, untyped, repeats the overall rate)."""
+    types = metrics.get("defect_types", {})
+    if set(types) <= {UNTYPED}:
+        return []
     return [
         f"{kind}: {row['escapes']} of {row['count']} escaped, {row['escape_rate']:.4f} "
         f"(95 % upper {row['escape_rate_upper95']:.4f})"
-        for kind, row in metrics.get("defect_types", {}).items()
+        for kind, row in types.items()
     ]
 
 
@@ -381,6 +394,7 @@ def run_evaluate(
         + (" (FLAGGED: above evaluate.max_gap)" if comparison["validation_gap_flag"] else "")
         + (" (FLAGGED: overfit above evaluate.max_overfit)" if comparison["overfit_flag"] else "")
     )
-    report(f"validation escape rate 95 % upper bound {validation['escape_rate_upper95']:.4f}; by defect type: "
-           + "; ".join(defect_type_lines(validation)))
+    by_type = defect_type_lines(validation)
+    report(f"validation escape rate 95 % upper bound {validation['escape_rate_upper95']:.4f}"
+           + ("; by defect type: " + "; ".join(by_type) if by_type else ""))
     return result

@@ -121,6 +121,9 @@ def test_escapes_are_counted_per_defect_type():
     assert bounds["defect_types"] == per_type
     assert bounds["escape_rate_upper95"] == pytest.approx(escape_upper_bound(3, 7))
     assert defect_type_lines(bounds)[1] == "crack: 1 of 3 escaped, 0.3333 (95 % upper 0.9057)"
+    flat = escape_bounds(labels, [0.1 if p == 0 else 0.9 for p in predicted], 0.5,
+                         ["untyped" if t else None for t in types])
+    assert defect_type_lines(flat) == []  # no NG subfolders: the overall rate says it all
 
 
 @pytest.mark.slow
