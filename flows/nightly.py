@@ -32,26 +32,24 @@ REPORT_KEY = "nightly-retrain-report"
 METRICS_KEY = "nightly-retrain-metrics"
 SKIPPED = "Skipped"
 
-# Errors that say nothing about the data or the model: a full disk, a dropped network
-# share, a busy DVC lock, an unreachable DVC remote. Missing files and permissions do not
-# heal by waiting, and neither does bad data.
+# Plain OS errors that do not heal by waiting: a missing file, a permission. Others (a
+# full disk, a dropped network share, a timeout) may pass on the next attempt.
 PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-# tasks.snapshot reports every dvc failure as SnapshotError; these ones may pass on a retry.
-TRANSIENT_SNAPSHOT_FAILURES = ("`dvc push` failed", "holds the repository lock", "disk full")
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying; validation failures and other FanaoiErrors are not."""
-    from dvc.lock import LockError
+    """True for failures worth retrying.
 
-    from tasks.snapshot import SnapshotError
+    A FanaoiError says so itself (``transient``: an unreachable DVC remote, a busy lock);
+    validation failures and the other expected errors are not. Nothing here reads the
+    message text.
+    """
+    from dvc.lock import LockError
 
     if isinstance(exc, LockError):
         return True
-    if isinstance(exc, SnapshotError):
-        return any(marker in str(exc) for marker in TRANSIENT_SNAPSHOT_FAILURES)
     if isinstance(exc, FanaoiError):
-        return False
+        return exc.transient
     return isinstance(exc, OSError) and not isinstance(exc, PERMANENT_OS_ERRORS)
 
 

@@ -115,7 +115,8 @@ def ingest_batch(
         result["snapshot_error"] = str(exc)
         raise SnapshotError(
             f"{exc}. The verdicts are in {path}; {data_rel}/ holds the accepted files: "
-            f"rerun the ingest once fixed (it adds nothing twice and retries the snapshot)"
+            f"rerun the ingest once fixed (it adds nothing twice and retries the snapshot)",
+            command=exc.command, transient=exc.transient,
         ) from None
     finally:
         write_report(result, path)

@@ -61,7 +61,9 @@ class RegistryError(FanaoiError):
 
 
 class RegistryLockedError(RegistryError):
-    """Another process holds the registry lock past the timeout."""
+    """Another process holds the registry lock past the timeout: a later attempt may pass."""
+
+    transient = True
 
 
 class PublishError(RegistryError):
