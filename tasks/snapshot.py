@@ -139,39 +139,32 @@ def dvc_failure(repo_dir: Path, args: tuple[str, ...], output: str) -> SnapshotE
     lines = output.strip().splitlines()
     reason = " ".join(errors) if errors else (lines[-1] if lines else "no output, see `dvc doctor`")
 
-    def failed(message: str, transient: bool) -> SnapshotError:
-        return SnapshotError(f"{repo_dir}: {message}", command=command, transient=transient)
-
-    if "no remote specified" in output:
-        return failed(
-            f"`{command}` found no DVC remote; add one with `{DEFAULT_REMOTE_HINT}` "
-            f"(S3/GCS/Azure: see README, Data versioning) or skip the push with --no-push",
-            transient=False,
-        )
-    if "config file error" in output:
-        return failed(
-            f"`{command}` failed: {reason}; fix the remote's settings (`dvc remote list`, "
-            f".dvc/config)", transient=False,
-        )
-    if "No space left on device" in output or "Errno 28" in output:
-        return failed(
-            f"disk full during `{command}`; free space on the disk holding the DVC cache "
-            f"({repo_dir / '.dvc' / 'cache'}) or the remote (`dvc remote list`), then rerun",
-            transient=True,
-        )
-    if "Unable to acquire lock" in output:
-        return failed(
-            f"another dvc command holds the repository lock during `{command}`; wait for it, "
-            f"then rerun", transient=True,
-        )
-    if "not inside of a DVC repository" in output:
-        return failed("not a DVC repository; run `dvc init` there", transient=False)
+    # (markers in DVC's output, what to say, transient), the first match wins
+    known = (
+        (("no remote specified",),
+         f"`{command}` found no DVC remote; add one with `{DEFAULT_REMOTE_HINT}` "
+         f"(S3/GCS/Azure: see README, Data versioning) or skip the push with --no-push", False),
+        (("config file error",),
+         f"`{command}` failed: {reason}; fix the remote's settings (`dvc remote list`, "
+         f".dvc/config)", False),
+        (("No space left on device", "Errno 28"),
+         f"disk full during `{command}`; free space on the disk holding the DVC cache "
+         f"({repo_dir / '.dvc' / 'cache'}) or the remote (`dvc remote list`), then rerun", True),
+        (("Unable to acquire lock",),
+         f"another dvc command holds the repository lock during `{command}`; wait for it, "
+         f"then rerun", True),
+        (("not inside of a DVC repository",), "not a DVC repository; run `dvc init` there", False),
+    )
+    for markers, message, transient in known:
+        if any(marker in output for marker in markers):
+            return SnapshotError(f"{repo_dir}: {message}", command=command, transient=transient)
     if args and args[0] in REMOTE_COMMANDS:
-        return failed(
-            f"`{command}` failed: {reason}; check that the DVC remote (`dvc remote list`) is "
-            f"reachable and writable, then rerun", transient=True,
+        return SnapshotError(
+            f"{repo_dir}: `{command}` failed: {reason}; check that the DVC remote "
+            f"(`dvc remote list`) is reachable and writable, then rerun",
+            command=command, transient=True,
         )
-    return failed(f"`{command}` failed: {reason}", transient=False)
+    return SnapshotError(f"{repo_dir}: `{command}` failed: {reason}", command=command)
 
 
 def _git(repo_dir: Path, *args: str) -> str:
