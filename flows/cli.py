@@ -280,7 +280,9 @@ def _predict(args: argparse.Namespace, params: Params) -> int:
 
     files = expand_paths(args.paths, params.data.extensions)
     predictor = load_champion(params.registry.dir)
-    results = predict_files(predictor, files, args.batch_size or params.registry.predict_batch_size)
+    results = predict_files(
+        predictor, files, args.batch_size or params.registry.predict_batch_size, params.validate
+    )
     if args.json:
         print(json.dumps({"champion": predictor.version, "threshold": predictor.threshold,
                           "positive_class": predictor.class_names[1], "results": results}, indent=2))

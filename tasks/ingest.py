@@ -1,8 +1,8 @@
 """Ingest a labeled batch into the data set: a verdict per file, content-hash names, atomic.
 
-A batch is laid out like the data set (one folder per class). Every file is inspected by
-the validation stage's own per-file check (``tasks.manifest.inspect_file`` and the
-blocking limits of ``validate`` in params). Accepted files are copied to
+A batch is laid out like the data set (one folder per class). Every file is read once,
+without following symlinks, and judged by the one image check of the pipeline
+(``tasks.image_check`` with the blocking limits of ``validate`` in params).  Accepted files are copied to
 ``data/<class>/<sha256><ext>``; their origin goes to ``data/.sources.jsonl``, hidden so
 training and validation skip it, yet inside the DVC snapshot, so checking out an older
 snapshot restores the matching index. Originals are only read, never moved or deleted.
@@ -17,10 +17,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections import Counter, defaultdict
@@ -34,7 +36,7 @@ from typing import Any
 from tasks.dataset import is_candidate_file, sha256_of
 from tasks.durable import fsync_path
 from tasks.errors import FanaoiError
-from tasks.manifest import FileCheck, inspect_file
+from tasks.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
 from tasks.params import Params, ValidateParams
 from tasks.snapshot import (
     SnapshotError,
@@ -139,20 +141,61 @@ def _snapshot(result: dict[str, Any], repo_dir: Path, data_dir: Path, push: bool
     )
 
 
+@dataclass(frozen=True)
+class CheckedFile:
+    """One batch file as read once (without following a symlink) and judged."""
+
+    path: Path
+    class_name: str
+    sha256: str | None
+    problem: tuple[str, str] | None  # (verdict, reason) when the file is refused
+
+
 def judge_batch(batch_dir: Path, data_dir: Path, params: Params, data_rel: str) -> list[Verdict]:
     """One verdict per file (or unexpected folder) of the batch; reads, never writes."""
     verdicts, candidates = walk_batch(batch_dir, params.data.classes, params.data.extensions)
-    checked = [(inspect_file(path, params.validate.max_pixels), name) for path, name in candidates]
+    checked = [check_batch_file(path, name, params.validate) for path, name in candidates]
     in_data = existing_hashes(data_dir, params.data.classes, data_rel)
     in_batch: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for check, name in checked:
-        if file_problem(check, params.validate) is None:
-            in_batch[check.sha256].append((name, str(check.path)))
-    for check, name in checked:
-        verdicts.append(_judge_file(
-            check, name, params.validate, in_data=in_data, in_batch=in_batch, data_rel=data_rel
-        ))
+    for check in checked:
+        if check.problem is None:
+            in_batch[check.sha256].append((check.class_name, str(check.path)))
+    for check in checked:
+        verdicts.append(_judge_file(check, in_data=in_data, in_batch=in_batch, data_rel=data_rel))
     return verdicts
+
+
+def check_batch_file(path: Path, class_name: str, limits: ValidateParams) -> CheckedFile:
+    """Read the file once (a symlink is refused, not followed), hash it, run the image check."""
+    try:
+        data = read_no_follow(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return CheckedFile(path, class_name, None, (UNEXPECTED, "symlink; copy the file itself"))
+        return CheckedFile(path, class_name, None,
+                           (UNREADABLE, f"cannot read the file ({exc.strerror or exc})"))
+    found = inspect_image(data, limits)
+    problem = found.rejection(blocking_rules(limits))
+    verdict = None
+    if problem is not None:
+        verdict = (UNREADABLE if problem.rule in ALWAYS_BLOCKING else INVALID, problem.reason)
+    return CheckedFile(path, class_name, hashlib.sha256(data).hexdigest(), verdict)
+
+
+def read_no_follow(path: Path) -> bytes:
+    """The bytes of a regular file; a symlink fails with ELOOP (``O_NOFOLLOW``)."""
+    descriptor = open_no_follow(path)
+    with os.fdopen(descriptor, "rb") as handle:
+        return handle.read()
+
+
+def open_no_follow(path: Path) -> int:
+    """A read descriptor on ``path`` itself: never a symlink's target, never a FIFO or device."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return descriptor
 
 
 def walk_batch(
@@ -218,36 +261,14 @@ def _walk_class_folder(
                 candidates.append((path, folder.name))
 
 
-def file_problem(check: FileCheck, limits: ValidateParams) -> tuple[str, str] | None:
-    """(verdict, reason) when the file breaks a blocking per-file expectation of validate."""
-    blocking = {k for k, v in limits.severity.items() if v == "blocking"}
-    if not check.decodable:  # never admitted, whatever the severity: training cannot decode it
-        return UNREADABLE, check.error or "cannot be decoded"
-    rules = (
-        ("format_allowed", check.format not in limits.formats,
-         f"format {check.format} is not one of {', '.join(limits.formats)} (validate.formats)"),
-        ("mode_allowed", check.mode not in limits.modes,
-         f"colour mode {check.mode} is not one of {', '.join(limits.modes)} (validate.modes)"),
-        ("width_in_bounds", not limits.min_side <= (check.width or 0) <= limits.max_side,
-         f"width {check.width} px outside {limits.min_side}..{limits.max_side} (validate)"),
-        ("height_in_bounds", not limits.min_side <= (check.height or 0) <= limits.max_side,
-         f"height {check.height} px outside {limits.min_side}..{limits.max_side} (validate)"),
-    )
-    for expectation, broken, reason in rules:
-        if broken and expectation in blocking:
-            return INVALID, reason
-    return None
-
-
 def _judge_file(
-    check: FileCheck, name: str, limits: ValidateParams, *,
-    in_data: dict[str, list[tuple[str, str]]], in_batch: dict[str, list[tuple[str, str]]],
-    data_rel: str,
+    check: CheckedFile, *, in_data: dict[str, list[tuple[str, str]]],
+    in_batch: dict[str, list[tuple[str, str]]], data_rel: str,
 ) -> Verdict:
+    name = check.class_name
     verdict = Verdict(str(check.path), name, ACCEPTED, sha256=check.sha256)
-    problem = file_problem(check, limits)
-    if problem is not None:
-        verdict.verdict, verdict.reason = problem
+    if check.problem is not None:
+        verdict.verdict, verdict.reason = check.problem
         return verdict
     conflicts = [f"{path} (labeled {other})" for other, path in in_data.get(check.sha256, [])
                  + in_batch[check.sha256] if other != name]

@@ -1,8 +1,9 @@
 """Serve the champion over HTTP (FastAPI): POST /predict, GET /health, GET /model.
 
-Images are decoded and thresholded exactly as ``fanaoi predict`` does (tasks.predict's
-Predictor and load_champion, tasks.dataset.decode_image), so the service and the CLI give
-the same answer for the same file.
+Uploads pass the pipeline's one image check (tasks.image_check) and are decoded and
+thresholded exactly as ``fanaoi predict`` does (tasks.predict's Predictor and
+load_champion, tasks.dataset.decode_image), so the service and the CLI give the same
+answer, or refuse with the same reason, for the same file.
 
 Before each request the service looks at ``champion.h5`` (one ``stat``). When the file
 was replaced (publish, rollback, an export rewriting its card) the new champion is loaded
@@ -13,11 +14,10 @@ A champion that cannot be loaded is logged and reported by /health; the old one 
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,14 +25,14 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tasks.dataset import decode_image
 from tasks.errors import FanaoiError
-from tasks.params import Params, ServeParams
+from tasks.image_check import EMPTY, FORMAT, UNIDENTIFIED, ImageRejected, check_image
+from tasks.params import Params, ServeParams, ValidateParams
 from tasks.predict import Predictor, load_champion
 from tasks.registry import CHAMPION_MODEL, champion_card, utc_now
 
@@ -142,8 +142,23 @@ class ChampionHolder:
         log.info("champion reloaded: %s -> %s", previous, loaded.card["version"])
 
 
-def check_upload(data: bytes, serve: ServeParams, formats: Sequence[str]) -> None:
-    """Reject what cannot be a fan image before TensorFlow sees it (UploadRejected)."""
+# HTTP status by what the image check found; anything else it refuses is 422.
+UPLOAD_STATUS = {EMPTY: 400, UNIDENTIFIED: 415, FORMAT: 415}
+
+
+def upload_limits(serve: ServeParams, limits: ValidateParams) -> tuple[ValidateParams, str]:
+    """The validate limits, with serve.max_pixels when it caps the pixels tighter."""
+    if serve.max_pixels < limits.max_pixels:
+        return dataclasses.replace(limits, max_pixels=serve.max_pixels), "serve.max_pixels"
+    return limits, "validate.max_pixels"
+
+
+def check_upload(data: bytes, serve: ServeParams, limits: ValidateParams) -> None:
+    """Reject what the pipeline would not take as an image before TensorFlow sees it.
+
+    The verdict is tasks.image_check's, the check of validate, ingest and ``fanaoi
+    predict``: the same file is refused for the same reason everywhere.
+    """
     if not data:
         raise UploadRejected(400, "empty upload; send the image file in the form field 'file'")
     if len(data) > serve.max_upload_bytes:
@@ -152,26 +167,9 @@ def check_upload(data: bytes, serve: ServeParams, formats: Sequence[str]) -> Non
                  f"{serve.max_upload_bytes:,}"
         )
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            pixels = image.width * image.height
-            if pixels > serve.max_pixels:
-                raise UploadRejected(
-                    422, f"decompression bomb: {pixels:,} pixels, more than serve.max_pixels = "
-                         f"{serve.max_pixels:,}"
-                )
-            if image.format not in formats:
-                raise UploadRejected(
-                    415, f"{image.format} image; the model takes {', '.join(formats)}"
-                )
-            image.load()  # decodes every pixel: catches truncated and corrupt files
-    except UnidentifiedImageError:
-        raise UploadRejected(415, f"not an image; send {', '.join(formats)}") from None
-    except Image.DecompressionBombError as exc:
-        raise UploadRejected(422, f"decompression bomb: {exc}") from None
-    except UploadRejected:
-        raise
-    except Exception as exc:  # any decoder failure is a property of the upload
-        raise UploadRejected(422, f"truncated or corrupt image ({type(exc).__name__}: {exc})") from None
+        check_image(data, *upload_limits(serve, limits))
+    except ImageRejected as exc:
+        raise UploadRejected(UPLOAD_STATUS.get(exc.problem.kind, 422), str(exc)) from None
 
 
 def probability_of(predictor: Predictor, data: bytes) -> float:
@@ -223,7 +221,7 @@ class RefuseLargeBodies:
 
 def create_app(params: Params) -> FastAPI:
     """The service over the registry of ``params``; raises if there is no usable champion."""
-    serve, formats = params.serve, params.validate.formats
+    serve, limits = params.serve, params.validate
     holder = ChampionHolder(params.registry.dir)
     app = FastAPI(
         title="FanAOI",
@@ -241,7 +239,7 @@ def create_app(params: Params) -> FastAPI:
         loaded = holder.current()
         data = file.file.read(serve.max_upload_bytes + 1)
         try:
-            check_upload(data, serve, formats)
+            check_upload(data, serve, limits)
             return classify(loaded, data)
         except UploadRejected as exc:
             raise HTTPException(exc.status, f"{file.filename}: {exc}") from None

@@ -6,6 +6,7 @@ import pytest
 
 from flows.cli import main
 from tasks.registry import CHAMPION_MODEL, read_log
+from tests.bad_files import HOSTILE_IMAGES
 from tests.tasks.champion_support import (
     copy_registry,
     one_version_registry,
@@ -118,3 +119,19 @@ def test_predict_prints_label_and_probability_per_file(project, capsys):
     assert run(project, "predict", str(one)) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{one}  NG  p(NG)=") or line.startswith(f"{one}  GO  p(NG)=")
+
+
+def test_predict_reports_a_refused_image_as_an_error_never_a_label(project, capsys):
+    hostile = [write(project["tmp"] / name) for name, write in HOSTILE_IMAGES.items()]
+    good = next((project["data_dir"] / "GO").iterdir())
+    capsys.readouterr()
+
+    assert run(project, "predict", *map(str, hostile), str(good)) == 1
+
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(hostile) + 1
+    for path, line in zip(hostile, lines, strict=False):
+        assert line.startswith(f"{path}  error: "), line
+        assert "p(NG)" not in line
+    assert "decompression bomb: 64,000,000 pixels" in lines[-2]
+    assert lines[-1].startswith(f"{good}  ") and "p(NG)=" in lines[-1]

@@ -10,6 +10,7 @@ from PIL import Image
 
 from tasks import ingest
 from tasks.dataset import sha256_of
+from tasks.image_check import blocking_rules, inspect_image
 from tasks.ingest import (
     IngestError,
     ingest_batch,
@@ -19,6 +20,7 @@ from tasks.ingest import (
 )
 from tasks.params import DataParams, Params
 from tasks.snapshot import data_snapshot_id
+from tests.bad_files import HOSTILE_IMAGES
 from tests.conftest import make_image_folder
 from tests.dvc_support import make_dvc_repo, run, tree_digest
 
@@ -174,3 +176,19 @@ def test_ingest_copies_under_hash_names_indexes_sources_and_snapshots(tmp_path: 
     written = json.loads(Path(result["report_path"]).read_text())
     assert written["counts"] == {"accepted": 6, "unreadable": 1}
     assert written["snapshot"] == result["snapshot"]
+
+
+def test_hostile_images_get_the_reason_of_the_shared_image_check(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=1, seed=1)
+    batch = tmp_path / "batch"
+    (batch / "GO").mkdir(parents=True)
+    paths = [write(batch / "GO" / name) for name, write in HOSTILE_IMAGES.items()]
+    params = params_for(data)
+
+    verdicts = verdicts_by_name(judge_batch(batch, data, params, "data"))
+
+    blocking = blocking_rules(params.validate)
+    for path in paths:
+        expected = inspect_image(path.read_bytes(), params.validate).rejection(blocking)
+        assert verdicts[path.name].reason == expected.reason, path.name
+        assert verdicts[path.name].verdict in ("invalid", "unreadable")

@@ -12,10 +12,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tasks.dataset import list_images, select
+from tasks.image_check import blocking_rules, inspect_image
 from tasks.params import ServeParams
 from tasks.predict import load_champion, predict_files
 from tasks.registry import RegistryError, rollback
 from tasks.serve import create_app
+from tests.bad_files import HOSTILE_IMAGES
 from tests.tasks.champion_support import (
     copy_registry,
     gate_params,
@@ -83,7 +85,7 @@ def test_bad_uploads_get_a_4xx_with_a_message(trained_workspace, registry, valid
         "empty.png": (b"", 400, "empty upload"),
         "cut.png": (good[: len(good) // 2], 422, "truncated or corrupt image"),
         "bomb.png": (png_bytes((200, 200)), 422, "decompression bomb: 40,000 pixels, more than serve.max_pixels"),
-        "fan.gif": (gif.getvalue(), 415, "GIF image; the model takes PNG, JPEG, BMP"),
+        "fan.gif": (gif.getvalue(), 415, "format GIF is not one of PNG, JPEG, BMP"),
         "big.png": (good + b"\0" * 20_000, 413, "larger than serve.max_upload_bytes = 20,000"),
         "huge.png": (b"\0" * 200_000, 413, "request of"),
     }
@@ -94,6 +96,21 @@ def test_bad_uploads_get_a_4xx_with_a_message(trained_workspace, registry, valid
             assert message in answer.json()["detail"], name
         assert client.post("/predict").status_code == 422  # no file field at all
         assert upload(client, good).status_code == 200  # the service is still answering
+
+
+def test_hostile_images_get_a_4xx_with_the_reason_of_the_shared_check(
+    trained_workspace, registry, tmp_path
+):
+    params = serve_params(trained_workspace, registry)
+    limits = params.validate
+    with TestClient(create_app(params)) as client:
+        for name, write in HOSTILE_IMAGES.items():
+            data = write(tmp_path / name).read_bytes()
+            expected = inspect_image(data, limits).rejection(blocking_rules(limits))
+            answer = upload(client, data, name)
+            assert answer.status_code in (415, 422), (name, answer.text)
+            assert answer.json()["detail"] == f"{name}: {expected.reason}"
+        assert upload(client, png_bytes((32, 32))).status_code == 200
 
 
 def test_no_champion_means_no_service(trained_workspace, tmp_path):
