@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flows.params import DEFAULT_PARAMS, load_params
-from tasks.errors import FanaoiError
+from tasks.errors import FanaoiError, printable
 from tasks.params import Params
 
 log = logging.getLogger("fanaoi")
@@ -129,11 +129,11 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
     fine = (ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED)
     for row in result["files"]:
         if row["verdict"] == ACCEPTED and not args.quiet:
-            print(f"{ACCEPTED}: {row['path']} -> {row['stored_as']}")
+            print(f"{ACCEPTED}: {printable(row['path'])} -> {row['stored_as']}")
         elif row["verdict"] not in fine or not args.quiet:
-            print(f"{row['verdict']}: {row['path']}: {row['reason']}")
+            print(f"{row['verdict']}: {printable(row['path'])}: {printable(row['reason'])}")
     print(", ".join(f"{n} {verdict}" for verdict, n in result["counts"].items()) or "empty batch",
-          f"-> report {result['report_path']}")
+          f"-> report {printable(result['report_path'])}")
     snapshot = result["snapshot"]
     if snapshot:
         print(f"data snapshot {snapshot['md5']} ({'new' if snapshot['changed'] else 'unchanged'})")
@@ -292,7 +292,7 @@ def _predict(args: argparse.Namespace, params: Params) -> int:
             outcome = f"error: {row['error']}" if row["error"] else (
                 f"{row['label']}  p({positive})={row['probability']:.4f}"
             )
-            print(f"{row['path']}  {outcome}")
+            print(f"{printable(row['path'])}  {printable(outcome)}")
     # 1 when some file could not be classified; the others were still printed.
     return 1 if any(row["error"] for row in results) else 0
 
@@ -521,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = load_params(args.params)
         return COMMANDS[args.command](args, params)
     except EXPECTED_ERRORS as exc:
-        print(f"fanaoi {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fanaoi {args.command}: error: {printable(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fanaoi {args.command}: interrupted", file=sys.stderr)

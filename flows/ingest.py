@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.nightly import retry_options
 from flows.params import load_params
+from tasks.errors import printable
 from tasks.params import Params
 
 REPORT_KEY = "ingest-batch-report"
@@ -48,8 +49,8 @@ def verdict_markdown(result: dict[str, Any]) -> str:
     if others:
         lines += ["", "| file | class | verdict | reason |", "|---|---|---|---|"]
         lines += [
-            f"| `{row['path']}` | {row['class_name'] or '-'} | {row['verdict']} | "
-            f"{row['reason'].replace('|', '/')} |"
+            f"| `{printable(row['path'])}` | {row['class_name'] or '-'} | {row['verdict']} | "
+            f"{printable(row['reason']).replace('|', '/')} |"
             for row in others
         ]
     return "\n".join(lines) + "\n"

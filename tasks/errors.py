@@ -19,3 +19,11 @@ class FanaoiError(Exception):
         if transient is not None:
             self.transient = transient  # an instance attribute: kept when pickled
 
+
+def printable(text: str) -> str:
+    """``text`` on one terminal line: control and invisible characters escaped as in repr.
+
+    File names may hold a newline or an escape sequence; printed raw, one verdict line
+    becomes two, and the second can pretend to be anything.
+    """
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)

@@ -2,7 +2,9 @@
 
 A batch is laid out like the data set (one folder per class). Every file is read once,
 without following symlinks, and judged by the one image check of the pipeline
-(``tasks.image_check`` with the blocking limits of ``validate`` in params).  Accepted files are copied to
+(``tasks.image_check`` with the blocking limits of ``validate`` in params). The copy is
+read again the same way and must hash to the judged bytes, so what enters the data set
+is exactly what was checked. Accepted files are copied to
 ``data/<class>/<sha256><ext>``; their origin goes to ``data/.sources.jsonl``, hidden so
 training and validation skip it, yet inside the DVC snapshot, so checking out an older
 snapshot restores the matching index. Originals are only read, never moved or deleted.
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.dataset import is_candidate_file, sha256_of
-from tasks.durable import fsync_path
+from tasks.durable import atomic_write, fsync_path
 from tasks.errors import FanaoiError
 from tasks.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
 from tasks.params import Params, ValidateParams
@@ -63,6 +65,7 @@ INVALID = "invalid"  # decodes, but format, mode or size break a blocking valida
 UNEXPECTED = "unexpected"  # not an image file, outside a class folder, a symlink
 IGNORED = "ignored"  # hidden files such as .DS_Store
 REJECTED = (LABEL_CONFLICT, UNREADABLE, INVALID, UNEXPECTED)
+_COPY_CHUNK = 1 << 20
 
 
 class IngestError(FanaoiError):
@@ -103,14 +106,21 @@ def ingest_batch(
     with ingest_lock(data_dir):
         recover_interrupted(data_dir, report)
         verdicts = judge_batch(batch_dir, data_dir, params, data_rel)
+        result = _summary(batch_dir, data_rel, started, verdicts)
+        path = report_path(Path(reports_dir) if reports_dir else repo_dir / "reports" / "ingest",
+                           started, batch_dir)
+        result["report_path"] = str(path)
+        # The verdicts are on disk before data/ changes: a failure here changes nothing.
+        write_report(result, path)
         accepted = [v for v in verdicts if v.verdict == ACCEPTED]
         if accepted:
-            add_to_data(data_dir, accepted, _index_entries(accepted, batch_dir, started))
+            try:
+                add_to_data(data_dir, accepted, _index_entries(accepted, batch_dir, started))
+            except FanaoiError as exc:
+                result["error"] = str(exc)
+                write_report(result, path)
+                raise
             report(f"added {len(accepted)} image(s) to {data_rel}/")
-    result = _summary(batch_dir, data_rel, started, verdicts)
-    path = report_path(Path(reports_dir) if reports_dir else repo_dir / "reports" / "ingest",
-                       started, batch_dir)
-    result["report_path"] = str(path)
     try:
         _snapshot(result, repo_dir, data_dir, push, commit)
     except SnapshotError as exc:
@@ -310,7 +320,7 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
         for verdict in accepted:
             target = new_tree / verdict.class_name / Path(verdict.stored_as).name
             target.parent.mkdir(parents=True, exist_ok=True)
-            copy_durably(Path(verdict.path), target)
+            copy_checked(Path(verdict.path), target, verdict.sha256)
         _write_index(data_dir / INDEX_NAME, new_tree / INDEX_NAME, index_entries)
         fsync_path(staging)
         (staging / COMPLETE_MARKER).touch()
@@ -319,10 +329,43 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def copy_durably(source: Path, target: Path) -> None:
-    """Copy the bytes and flush them to disk before the folder is swapped in."""
-    shutil.copyfile(source, target)
-    fsync_path(target)
+def copy_checked(source: Path, target: Path, sha256: str) -> None:
+    """Copy the bytes that were judged, flushed to disk, or raise IngestError.
+
+    The source is opened without following a symlink and hashed while it is copied: a
+    file swapped (for a symlink, or other bytes) between its check and its copy is
+    refused instead of entering the data set under a name its bytes do not match.
+    """
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(open_no_follow(source), "rb") as origin, target.open("xb") as copy:
+            while chunk := origin.read(_COPY_CHUNK):
+                digest.update(chunk)
+                copy.write(chunk)
+            copy.flush()
+            os.fsync(copy.fileno())
+    except OSError as exc:
+        raise _copy_failure(source, target, exc) from None
+    if digest.hexdigest() != sha256:
+        raise IngestError(
+            f"{source}: changed after it was checked (sha256 {sha256[:12]}... then, "
+            f"{digest.hexdigest()[:12]}... now); nothing was added. Rerun the ingest once "
+            f"nothing writes to the batch any more"
+        )
+
+
+def _copy_failure(source: Path, target: Path, exc: OSError) -> IngestError:
+    if exc.errno == errno.ELOOP:
+        return IngestError(
+            f"{source}: became a symlink after it was checked; nothing was added. Put the "
+            f"file itself in the batch and rerun"
+        )
+    full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    fix = f"free space on the disk of {target.parent}" if full else "check the file"
+    return IngestError(
+        f"{source}: copying it to {target} failed ({exc.strerror or exc}); nothing was "
+        f"added: {fix}, then rerun the ingest", transient=full,
+    )
 
 
 def swap_in(new_tree: Path, data_dir: Path, staging: Path) -> None:
@@ -378,7 +421,17 @@ def report_path(folder: Path, started: datetime, batch_dir: Path) -> Path:
 
 
 def write_report(result: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    """Write the report whole or not at all; a failure names the file and leaves data/ alone."""
+    text = (json.dumps(result, indent=2) + "\n").encode("utf-8")
+    try:
+        atomic_write(path, lambda handle: handle.write(text))
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        raise IngestError(
+            f"{path}: cannot write the ingest report ({exc.strerror or exc}); nothing was "
+            f"added to the data set. {'Free space on that disk' if full else 'Fix the folder'}, "
+            f"then rerun the ingest", transient=full,
+        ) from None
 
 
 def rejected_count(result: dict[str, Any]) -> int:

@@ -33,10 +33,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tasks.dataset import sha256_of
-from tasks.durable import fsync_path
+from tasks.durable import atomic_write, fsync_path
 from tasks.errors import FanaoiError
 from tasks.model import ModelFileError, read_model_metadata
 from tasks.params import Params, RegistryParams
@@ -134,27 +134,6 @@ def registry_lock(registry_dir: Path | str, timeout: float = 60.0) -> Iterator[N
 
 
 # --- atomic files ----------------------------------------------------------------------
-
-
-def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``target`` via a temp file in the same folder, fsync, then ``os.replace``.
-
-    Readers see the old file or the new one, never a part; on any failure the temp file
-    is removed and the old file is untouched.
-    """
-    descriptor, temp_name = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    fsync_path(target.parent)
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
