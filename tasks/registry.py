@@ -45,6 +45,7 @@ from tasks.snapshot import data_snapshot_id
 log = logging.getLogger(__name__)
 
 CARD_ATTR = "fanaoi_card"
+MODEL_SHA256 = "model_sha256"  # in card.json: the sha256 of the version's model.h5
 CHAMPION_MODEL = "champion.h5"
 CHAMPION_CARD = "champion.json"
 LOG_FILE = "log.jsonl"
@@ -160,23 +161,59 @@ def read_embedded_card(model_path: Path) -> dict[str, Any]:
         raise ModelFileError(f"{model_path}: model file not found")
     try:
         with h5py.File(model_path, "r") as handle:
-            return json.loads(handle.attrs[CARD_ATTR])
+            card = json.loads(handle.attrs[CARD_ATTR])
     except KeyError:
         raise ModelFileError(
             f"{model_path}: has no FanAOI model card, so it was not published by FanAOI"
         ) from None
     except (OSError, ValueError) as exc:
         raise ModelFileError(f"{model_path}: not a readable .h5 file ({exc})") from None
+    if not isinstance(card, dict) or "version" not in card:
+        raise ModelFileError(f"{model_path}: its embedded model card is not a FanAOI card")
+    return card
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A card file as a dict; None, with a warning, when it is missing, unreadable or not a card."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        card = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         log.warning("%s: unreadable model card (%s); using the card inside the model", path, exc)
         return None
+    if not isinstance(card, dict):
+        log.warning(
+            "%s: holds a JSON %s, not a model card; using the card inside the model",
+            path, type(card).__name__,
+        )
+        return None
+    return card
+
+
+def published_sha256(registry_dir: Path | str, version: str) -> str | None:
+    """The sha256 of versions/<version>/model.h5 recorded when it was published.
+
+    None for versions published before FanAOI recorded it: those load unverified.
+    """
+    card = _read_json(Path(registry_dir) / "versions" / version / "card.json")
+    return card.get(MODEL_SHA256) if card else None
+
+
+def integrity_problem(
+    model_path: Path, registry_dir: Path | str, version: str, fix: str
+) -> str | None:
+    """None when ``model_path`` holds the bytes published as ``version``; else what is wrong."""
+    expected = published_sha256(registry_dir, version)
+    if expected is None:
+        return None
+    actual = sha256_of(model_path)
+    if actual == expected:
+        return None
+    return (
+        f"{model_path}: its sha256 {actual[:12]}... is not that of {version} as published "
+        f"({expected[:12]}...): the file was changed or damaged; {fix}"
+    )
 
 
 def read_champion(registry_dir: Path | str) -> Champion | None:
@@ -200,7 +237,12 @@ def read_champion(registry_dir: Path | str) -> Champion | None:
             "%s names %s but %s is %s (a publish was interrupted); %s is the champion",
             card_path, json_card.get("version"), model_path, card["version"], card["version"],
         )
-    return Champion(card, model_path, None)
+    version = card["version"]
+    problem = integrity_problem(
+        model_path, registry_dir, version, f"restore it with `fanaoi rollback {version}`"
+    )
+    sealed = published_sha256(registry_dir, version)
+    return Champion({**card, MODEL_SHA256: sealed} if sealed else card, model_path, problem)
 
 
 def _restore_hint(registry_dir: Path) -> str:
@@ -393,6 +435,17 @@ def _embed_card(model_path: Path, card: dict[str, Any]) -> None:
         handle.attrs[CARD_ATTR] = json.dumps(card)
 
 
+def _seal(model_path: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Embed ``card`` in the model file; return card.json's card: it plus the file's sha256.
+
+    The model file cannot hold its own hash, so card.json of the version records it and
+    every load of that version (or of the champion copied from it) checks it.
+    """
+    embedded = {key: value for key, value in card.items() if key != MODEL_SHA256}
+    _embed_card(model_path, embedded)
+    return {**embedded, MODEL_SHA256: sha256_of(model_path)}
+
+
 def update_card(registry_dir: Path | str, version: str, card: dict[str, Any]) -> None:
     """Replace a published version's card: in its model file first, then card.json.
 
@@ -401,14 +454,16 @@ def update_card(registry_dir: Path | str, version: str, card: dict[str, Any]) ->
     """
     registry_dir = Path(registry_dir)
     folder = registry_dir / "versions" / version
+    # Asked before the edit: afterwards champion.h5 no longer matches the version's sha256.
+    champion = read_champion(registry_dir)
+    is_champion = champion is not None and champion.problem is None and champion.version == version
     with tempfile.TemporaryDirectory(dir=registry_dir, prefix=".card-") as scratch:
         edited = Path(scratch) / "model.h5"
         shutil.copyfile(folder / "model.h5", edited)
-        _embed_card(edited, card)
+        sealed = _seal(edited, card)
         _copy_atomic(edited, folder / "model.h5")
-    _write_json_atomic(folder / "card.json", card)
-    champion = read_champion(registry_dir)
-    if champion is not None and champion.problem is None and champion.version == version:
+    _write_json_atomic(folder / "card.json", sealed)
+    if is_champion:
         _install_champion(registry_dir, version)
 
 
@@ -417,7 +472,7 @@ def _stage_version(registry_dir: Path, version: str, candidate_path: Path, card:
     staged = registry_dir / "versions" / f"{STAGING_PREFIX}{version}"
     staged.mkdir(parents=True)
     shutil.copyfile(candidate_path, staged / "model.h5")
-    _embed_card(staged / "model.h5", card)
+    card = _seal(staged / "model.h5", card)
     fsync_path(staged / "model.h5")
     (staged / "card.json").write_bytes(_json_bytes(card))
     fsync_path(staged / "card.json")
@@ -499,6 +554,7 @@ def publish(
             repo_dir=repo_dir, action=action, reason=force_reason,
         )
         staged = _stage_version(registry_dir, version, candidate_path, card)
+        card = json.loads((staged / "card.json").read_text(encoding="utf-8"))  # with model_sha256
         try:
             smoke_test(staged / "model.h5", gate_result["smoke"])
         except PublishError as exc:
@@ -542,6 +598,13 @@ def rollback(registry: RegistryParams, version: str, reason: str | None = None) 
     with registry_lock(registry_dir, registry.lock_timeout):
         version, folder = published_version(registry_dir, version)
         card = read_embedded_card(folder / "model.h5")
+        others = [v for v in list_versions(registry_dir) if v != version]
+        problem = integrity_problem(
+            folder / "model.h5", registry_dir, version,
+            f"roll back to another version ({', '.join(others) or 'none'})",
+        )
+        if problem:
+            raise RegistryError(problem)
         previous = read_champion(registry_dir)
         _install_champion(registry_dir, version)
         _append_log(registry_dir, {

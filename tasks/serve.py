@@ -133,7 +133,8 @@ class ChampionHolder:
         signature = _signature(self.registry_dir / CHAMPION_MODEL)
         try:
             loaded = load_current_champion(self.registry_dir)
-        except (FanaoiError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a bad registry file raises, the
+            # service answers with the model it has and reports "stale"; never a 500.
             self._failed, self.reload_error = signature, str(exc)
             log.warning("keeping champion %s: %s", self._current.card["version"], exc)
             return

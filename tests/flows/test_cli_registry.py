@@ -9,6 +9,7 @@ from tasks.registry import CHAMPION_MODEL, read_log
 from tests.bad_files import HOSTILE_IMAGES
 from tests.tasks.champion_support import (
     copy_registry,
+    flip_weight_bytes,
     one_version_registry,
     save_random_model,
     two_version_registry,
@@ -135,3 +136,31 @@ def test_predict_reports_a_refused_image_as_an_error_never_a_label(project, caps
         assert "p(NG)" not in line
     assert "decompression bomb: 64,000,000 pixels" in lines[-2]
     assert lines[-1].startswith(f"{good}  ") and "p(NG)=" in lines[-1]
+
+
+def test_damaged_champion_weights_are_an_error_naming_the_fix_not_a_label(project, capsys):
+    flip_weight_bytes(project["registry"] / CHAMPION_MODEL)
+    image = next((project["data_dir"] / "GO").iterdir())
+
+    assert run(project, "predict", str(image)) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "is not that of v0002 as published" in captured.err
+    assert captured.err.strip().endswith("restore it with `fanaoi rollback v0002`")
+    assert run(project, "rollback", "v0002") == 0
+    capsys.readouterr()
+    assert run(project, "predict", str(image)) == 0
+
+
+def test_a_champion_json_that_is_not_an_object_breaks_no_command(project, capsys):
+    (project["registry"] / "champion.json").write_text('["v0002"]')
+    image = next((project["data_dir"] / "GO").iterdir())
+    assert run(project, "champion") == 0
+    assert capsys.readouterr().out.startswith("champion v0002")
+    assert run(project, "predict", str(image)) == 0
+    reports = str(project["tmp"] / "reports")
+    weak = save_random_model(main_params(project), project["tmp"] / "weak.h5", seed=11)
+    assert run(project, "gate", "--no-publish", "--model", str(weak), "--reports", reports) == 0
+    assert "champion v0002" in capsys.readouterr().out
+    assert run(project, "rollback", "v0001") == 0
+    assert json.loads((project["registry"] / "champion.json").read_text())["version"] == "v0001"

@@ -100,3 +100,20 @@ def write_params_file(path: Path, data_dir: Path, registry_dir: Path) -> Path:
 def copy_registry(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+def flip_weight_bytes(model_path: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes inside the largest weight array of an .h5, leaving its
+    structure (and the embedded model card) readable: the silent damage of a bad disk."""
+    import h5py
+
+    arrays: list = []
+    with h5py.File(model_path, "r") as handle:
+        handle.visititems(lambda _, item: arrays.append(item) if isinstance(item, h5py.Dataset) else None)
+        largest = max(arrays, key=lambda item: item.nbytes)
+        offset = largest.id.get_offset()
+    with model_path.open("r+b") as raw:
+        raw.seek(offset)
+        chunk = raw.read(count)
+        raw.seek(offset)
+        raw.write(bytes(b ^ 0xFF for b in chunk))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.dataset import sha256_of
 from tasks.gate import run_gate
 from tasks.model import load_model
 from tasks.registry import (
@@ -29,6 +30,7 @@ from tasks.registry import (
 )
 from tests.tasks.champion_support import (
     copy_registry,
+    flip_weight_bytes,
     gate_params,
     good_model,
     one_version_registry,
@@ -111,7 +113,8 @@ def test_first_publish_writes_champion_card_version_and_log(data_dir, base):
     assert card["threshold"] == 0.5 and card["metrics"]["validation"]["accuracy"] >= 0.8
     assert card["params"]["gate"]["min_accuracy"] == 0.8
     assert card["git_revision"] is None or len(card["git_revision"]) == 40
-    assert read_champion(registry).card == card  # the card embedded in champion.h5
+    assert read_champion(registry).card == card  # the card embedded in champion.h5, verified
+    assert card["model_sha256"] == sha256_of(registry / "versions/v0001/model.h5")
     assert (registry / CHAMPION_MODEL).read_bytes() == (registry / "versions/v0001/model.h5").read_bytes()
     [entry] = read_log(registry)
     assert entry["action"] == "promote" and entry["version"] == "v0001" and entry["previous"] is None
@@ -204,3 +207,48 @@ def test_publishing_a_rejected_candidate_needs_force(data_dir, tmp_path):
     with pytest.raises(PublishError, match=r"gate rejected it \(accuracy 0.5 >= floor 0.8: FAIL\).*--force"):
         publish(tmp_path / "candidate.h5", rejected, params)
     assert not (tmp_path / "registry").exists()
+
+
+@pytest.mark.slow
+def test_flipped_weight_bits_are_caught_on_load_and_rollback_repairs_them(data_dir, base, tmp_path):
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    flip_weight_bytes(registry / CHAMPION_MODEL)
+
+    champion = read_champion(registry)
+    assert champion.version == "v0002"
+    assert champion.problem.startswith(f"{registry / CHAMPION_MODEL}: its sha256 ")
+    assert "is not that of v0002 as published" in champion.problem
+    assert champion.problem.endswith("restore it with `fanaoi rollback v0002`")
+    with pytest.raises(RegistryError, match="fanaoi rollback v0002"):
+        champion_card(registry)
+
+    rollback(gate_params(data_dir, registry).registry, "v0002", reason="weights damaged")
+    assert read_champion(registry).problem is None
+
+
+@pytest.mark.slow
+def test_a_damaged_version_is_not_rolled_back_to(data_dir, base, tmp_path):
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    before = (registry / CHAMPION_MODEL).read_bytes()
+    flip_weight_bytes(registry / "versions" / "v0001" / "model.h5")
+    with pytest.raises(RegistryError, match=r"v0001/model.h5: its sha256 .* roll back to another "
+                                            r"version \(v0002\)"):
+        rollback(gate_params(data_dir, registry).registry, "v0001")
+    assert (registry / CHAMPION_MODEL).read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content", ["[1, 2]", '"v0001"', "null", "{not json"])
+def test_a_champion_json_that_is_not_a_card_falls_back_to_the_embedded_one(
+    data_dir, base, tmp_path, caplog, content
+):
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    (registry / CHAMPION_CARD).write_text(content)
+
+    champion = read_champion(registry)
+
+    assert champion.version == "v0002" and champion.problem is None
+    assert "using the card inside the model" in caplog.text
+    assert champion_card(registry)["version"] == "v0002"
+    rollback(gate_params(data_dir, registry).registry, "v0001")  # and rollback repairs the file
+    assert json.loads((registry / CHAMPION_CARD).read_text())["version"] == "v0001"

@@ -20,6 +20,7 @@ from tasks.serve import create_app
 from tests.bad_files import HOSTILE_IMAGES
 from tests.tasks.champion_support import (
     copy_registry,
+    flip_weight_bytes,
     gate_params,
     one_version_registry,
     two_version_registry,
@@ -162,6 +163,31 @@ def test_a_champion_that_cannot_be_loaded_leaves_the_old_one_answering(
         rollback(params.registry, "v0001", reason="restore")
         restored = client.get("/health").json()
         assert (restored["status"], restored["reload_error"], restored["model_version"]) == ("ok", None, "v0001")
+
+
+def test_damaged_weights_or_a_bad_card_file_leave_the_service_answering(
+    trained_workspace, registry, validation_paths
+):
+    params = serve_params(trained_workspace, registry)
+    image = validation_paths[0].read_bytes()
+    with TestClient(create_app(params)) as client:
+        expected = upload(client, image).json()
+        damaged = registry / "damaged.h5"
+        damaged.write_bytes((registry / "champion.h5").read_bytes())
+        flip_weight_bytes(damaged)
+        os.replace(damaged, registry / "champion.h5")  # what a bad disk or copy leaves behind
+
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "stale"
+        assert "is not that of v0001 as published" in health.json()["reload_error"]
+        assert "fanaoi rollback v0001" in health.json()["reload_error"]
+        answer = upload(client, image)
+        assert answer.status_code == 200 and answer.json() == expected  # the last good model
+
+        (registry / "champion.json").write_text("[1, 2]")  # valid JSON, not a card
+        for route in ("/health", "/model"):
+            assert client.get(route).status_code == 200, route
+        assert upload(client, image).status_code == 200
 
 
 def test_a_real_http_request_on_localhost(trained_workspace, registry, validation_paths):
