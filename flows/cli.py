@@ -22,6 +22,9 @@ log = logging.getLogger("fanaoi")
 # file name (disk full, permission denied, missing file).
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (FanaoiError, OSError)
 
+# What `fanaoi gate --no-publish` writes instead of gate.json, the gate stage's DVC metric.
+PREVIEW_REPORT = "gate-preview.json"
+
 Command = Callable[[argparse.Namespace, Params], int]
 COMMANDS: dict[str, Command] = {}
 
@@ -156,9 +159,15 @@ def _gate(args: argparse.Namespace, params: Params) -> int:
     from tasks.gate import run_gate
     from tasks.registry import publish
 
-    result = run_gate(params, args.model, args.reports, record=not args.no_publish)
+    if args.no_publish:
+        result = run_gate(params, args.model, args.reports, record=False, report_file=PREVIEW_REPORT)
+        _print_decision(result)
+        print(f"report: {Path(args.reports) / PREVIEW_REPORT} (nothing published or logged; "
+              f"{Path(args.reports) / 'gate.json'}, the DVC metric, unchanged)")
+        return 0
+    result = run_gate(params, args.model, args.reports)
     _print_decision(result)
-    if result["decision"] == "promote" and not args.no_publish:
+    if result["decision"] == "promote":
         card = publish(args.model, result, params, repo_dir=".")
         print(f"published {card['version']}: {Path(params.registry.dir) / 'champion.h5'}")
     return 0
@@ -471,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     gate = sub.add_parser("gate", help="candidate vs champion: promote (and publish) or reject")
-    gate.add_argument("--no-publish", action="store_true", help="decide only; change nothing")
+    gate.add_argument(
+        "--no-publish", action="store_true",
+        help=f"decide only: publish and log nothing; the report goes to REPORTS/{PREVIEW_REPORT}, "
+             f"not to gate.json (a DVC metric)",
+    )
     promote = sub.add_parser("promote", help="publish the candidate whatever the gate says (logged)")
     promote.add_argument("--force", action="store_true", required=True, help="required: override the gate")
     promote.add_argument("--reason", required=True, help="why; goes to the card and the log")

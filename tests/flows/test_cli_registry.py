@@ -164,3 +164,22 @@ def test_a_champion_json_that_is_not_an_object_breaks_no_command(project, capsys
     assert "champion v0002" in capsys.readouterr().out
     assert run(project, "rollback", "v0001") == 0
     assert json.loads((project["registry"] / "champion.json").read_text())["version"] == "v0001"
+
+
+def test_gate_no_publish_leaves_the_gate_metric_alone(project, capsys):
+    reports = project["tmp"] / "reports"
+    reports.mkdir()
+    metric = reports / "gate.json"
+    metric.write_text('{"decision": "promote", "from": "the last dvc repro"}\n')
+    before = metric.read_bytes(), metric.stat().st_mtime_ns
+    weak = save_random_model(main_params(project), project["tmp"] / "weak.h5", seed=11)
+    log_before = read_log(project["registry"])
+
+    assert run(project, "gate", "--no-publish", "--model", str(weak), "--reports", str(reports)) == 0
+
+    assert (metric.read_bytes(), metric.stat().st_mtime_ns) == before
+    preview = json.loads((reports / "gate-preview.json").read_text())
+    assert preview["decision"] == "reject" and preview["candidate"]["path"] == str(weak)
+    out = capsys.readouterr().out
+    assert f"report: {reports / 'gate-preview.json'} (nothing published or logged" in out
+    assert read_log(project["registry"]) == log_before
