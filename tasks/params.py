@@ -254,12 +254,18 @@ class ServeParams:
     port: int = 8000
     max_upload_bytes: int = 10_000_000
     max_pixels: int = 50_000_000
+    max_concurrency: int = 4
+    token: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ParamsError(f"serve.port must be between 0 and 65535, got {self.port}")
-        if self.max_upload_bytes < 1 or self.max_pixels < 1:
-            raise ParamsError("serve.max_upload_bytes and serve.max_pixels must be at least 1")
+        if self.max_upload_bytes < 1 or self.max_pixels < 1 or self.max_concurrency < 1:
+            raise ParamsError(
+                "serve.max_upload_bytes, serve.max_pixels and serve.max_concurrency must be at least 1"
+            )
+        if self.token is not None and len(self.token) < 16:
+            raise ParamsError("serve.token must be null or at least 16 characters (a random secret)")
 
 
 @dataclass(frozen=True)

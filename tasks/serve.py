@@ -15,6 +15,8 @@ A champion that cannot be loaded is logged and reported by /health; the old one 
 from __future__ import annotations
 
 import dataclasses
+import hmac
+import ipaddress
 import logging
 import os
 import threading
@@ -27,7 +29,7 @@ from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasks.dataset import decode_image
 from tasks.errors import FanaoiError
@@ -196,28 +198,110 @@ def classify(loaded: LoadedChampion, data: bytes) -> dict[str, Any]:
     }
 
 
-class RefuseLargeBodies:
-    """ASGI middleware: a request whose Content-Length is over the limit gets 413 at once.
+TOKEN_ENV = "FANAOI_SERVE_TOKEN"
+PROTECTED_PATHS = ("/predict", "/model")  # need the bearer token when one is set
+UNCOUNTED_PATHS = ("/health",)  # always answered: the line asks it while the service is busy
 
-    Without it the multipart body would be read (and spooled to disk) before the endpoint
-    could look at its size.
+
+def service_token(serve: ServeParams) -> str | None:
+    """The bearer token: the environment variable wins over serve.token (kept out of git)."""
+    return os.environ.get(TOKEN_ENV) or serve.token
+
+
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """What to tell the operator when the service is reachable from other machines."""
+    if host == "localhost" or _is_loopback(host):
+        return None
+    if token:
+        return (f"serving on {host}: reachable from other machines; /predict and /model need "
+                f"the bearer token, /health is open")
+    return (f"serving on {host} WITHOUT a token: anyone who can reach this machine can use "
+            f"/predict and read /model; set {TOKEN_ENV} (or serve.token), or bind to 127.0.0.1")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: assume it is reachable
+        return False
+
+
+class ServiceGuard:
+    """ASGI middleware in front of every route: the token, the body size, the request cap.
+
+    Each is decided before the endpoint runs, and before the body is read where it can be:
+    - /predict and /model need ``Authorization: Bearer <token>`` when a token is set: 401;
+    - a Content-Length over the limit gets 413 at once; a body without one (chunked) is
+      counted as it arrives and gets 413 as soon as it passes the limit, never read whole;
+    - at most ``serve.max_concurrency`` requests run at once (GET /health is not counted),
+      503 with Retry-After beyond: memory stays bounded by the cap times one request.
+    The counter needs no lock: ASGI calls run on the one event loop thread.
     """
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, serve: ServeParams, token: str | None) -> None:
         self.app = app
-        self.max_upload_bytes = max_upload_bytes
+        self.max_upload_bytes = serve.max_upload_bytes
+        self.max_body = serve.max_upload_bytes + MULTIPART_OVERHEAD
+        self.max_concurrency = serve.max_concurrency
+        self.token = token.encode() if token else None
+        self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = Headers(scope=scope).get("content-length", "")
-            if length.isdigit() and int(length) > self.max_upload_bytes + MULTIPART_OVERHEAD:
-                response = JSONResponse(status_code=413, content={
-                    "detail": f"request of {int(length):,} bytes is larger than "
-                              f"serve.max_upload_bytes = {self.max_upload_bytes:,} (plus form overhead)"
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        counted = scope["path"] not in UNCOUNTED_PATHS
+        if counted and self.active >= self.max_concurrency:
+            await JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
+                "detail": f"busy: {self.max_concurrency} requests in progress "
+                          f"(serve.max_concurrency); retry in a moment"
+            })(scope, receive, send)
+            return
+        self.active += counted
+        try:
+            await self.app(scope, self._counting(receive), send)
+        finally:
+            self.active -= counted
+
+    def _refusal(self, scope: Scope) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        if self.token and scope["path"] in PROTECTED_PATHS:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+                return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={
+                    "detail": f"missing or wrong bearer token; send 'Authorization: Bearer <token>' "
+                              f"with the token of {TOKEN_ENV} or serve.token"
                 })
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return JSONResponse(status_code=413, content={
+                "detail": f"request of {int(length):,} bytes is larger than "
+                          f"serve.max_upload_bytes = {self.max_upload_bytes:,} (plus form overhead)"
+            })
+        return None
+
+    def _counting(self, receive: Receive) -> Receive:
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    # FastAPI passes an HTTPException from the body reader on as the answer.
+                    raise HTTPException(413, (
+                        f"request body passed {self.max_body:,} bytes, more than "
+                        f"serve.max_upload_bytes = {self.max_upload_bytes:,} (plus form overhead); "
+                        f"stopped reading"
+                    ))
+            return message
+
+        return counting_receive
 
 
 def create_app(params: Params) -> FastAPI:
@@ -261,7 +345,7 @@ def create_app(params: Params) -> FastAPI:
         """The model card of the champion in use."""
         return holder.current().card
 
-    app.add_middleware(RefuseLargeBodies, max_upload_bytes=serve.max_upload_bytes)
+    app.add_middleware(ServiceGuard, serve=serve, token=service_token(serve))
     return app
 
 
@@ -269,4 +353,6 @@ def run_server(params: Params, host: str, port: int) -> None:
     """Serve until interrupted (uvicorn, one process; predictions run in its thread pool)."""
     import uvicorn
 
+    if warning := exposure_warning(host, service_token(params.serve)):
+        log.warning(warning)
     uvicorn.run(create_app(params), host=host, port=port, log_level="info")
