@@ -7,6 +7,7 @@ commands that need them, so ``fanaoi --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -519,6 +520,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that read or change data/, its snapshot, the stage outputs or the registry hold
+# the project lock (tasks.project_lock) while they run. `retrain` and `ingest --flow` run
+# a flow, which takes it itself.
+LOCKED_COMMANDS = frozenset({
+    "demo-data", "validate", "train", "evaluate", "snapshot", "ingest", "gate", "promote",
+    "rollback", "export",
+})
+
+
+def _project_lock(
+    args: argparse.Namespace, params: Params, argv: Sequence[str] | None
+) -> contextlib.AbstractContextManager[None]:
+    """The project lock for a command that needs it; the project is the params file's folder."""
+    if args.command not in LOCKED_COMMANDS or getattr(args, "flow", False):
+        return contextlib.nullcontext()
+    from tasks.project_lock import project_lock
+
+    command = printable(" ".join(["fanaoi", *(sys.argv[1:] if argv is None else argv)]))
+    return project_lock(Path(args.params).resolve().parent, command, params.lock.timeout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -532,7 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         params = load_params(args.params)
-        return COMMANDS[args.command](args, params)
+        with _project_lock(args, params, argv):
+            return COMMANDS[args.command](args, params)
     except EXPECTED_ERRORS as exc:
         print(f"fanaoi {args.command}: error: {printable(str(exc))}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ from flows.nightly import retry_options
 from flows.params import load_params
 from tasks.errors import printable
 from tasks.params import Params
+from tasks.project_lock import project_lock
 
 REPORT_KEY = "ingest-batch-report"
 
@@ -64,7 +65,10 @@ def ingest_batch_flow(
     params_file = Path(params_path).resolve()
     params = load_params(params_file)
     batch = str(Path(batch_dir).resolve())
-    with contextlib.chdir(params_file.parent):
+    with (
+        project_lock(params_file.parent, f"ingest-batch flow {batch}", params.lock.timeout),
+        contextlib.chdir(params_file.parent),
+    ):
         result = ingest_task.with_options(**retry_options(params.nightly))(
             batch, params, push, commit
         )

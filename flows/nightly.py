@@ -23,6 +23,7 @@ from prefect.tasks import exponential_backoff
 from flows.params import load_params
 from tasks.errors import FanaoiError
 from tasks.params import NightlyParams, Params, ParamsError
+from tasks.project_lock import project_lock
 from tasks.stages import RunInProgress, exclusive_run, record_stage, stage_changes
 
 CANDIDATE = "models/candidate.h5"
@@ -179,7 +180,13 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
     params = load_params(params_file)
     project = params_file.parent
     try:
-        with exclusive_run(project / RUN_LOCK, "nightly_retrain run"), contextlib.chdir(project):
+        # A second nightly run is refused at once; an ingest or a stage command running
+        # now is waited for (the project lock), so the run sees one consistent data set.
+        with (
+            exclusive_run(project / RUN_LOCK, "nightly_retrain run"),
+            project_lock(project, "nightly_retrain run", params.lock.timeout),
+            contextlib.chdir(project),
+        ):
             return _run_pipeline(params, push)
     except RunInProgress as exc:
         get_run_logger().warning(str(exc))

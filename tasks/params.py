@@ -269,6 +269,15 @@ class ServeParams:
 
 
 @dataclass(frozen=True)
+class LockParams:
+    timeout: float = 600.0  # seconds a command waits for the project lock held by another
+
+    def __post_init__(self) -> None:
+        if self.timeout < 0:
+            raise ParamsError(f"lock.timeout must be >= 0 seconds, got {self.timeout}")
+
+
+@dataclass(frozen=True)
 class ExplainParams:
     max_heatmaps: int = 50
 
@@ -292,6 +301,7 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     serve: ServeParams = field(default_factory=ServeParams)
     explain: ExplainParams = field(default_factory=ExplainParams)
+    lock: LockParams = field(default_factory=LockParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:

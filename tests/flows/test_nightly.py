@@ -360,3 +360,24 @@ def test_prefect_yaml_declares_the_schedule_of_params_yaml() -> None:
     assert declared["concurrency_limit"] == {
         "limit": 1, "collision_strategy": nightly.collision_strategy,
     }
+
+
+def test_a_run_waits_for_an_ingest_holding_the_project_lock(
+    nightly_project: dict[str, Any], tmp_path: Path
+) -> None:
+    from tasks.project_lock import ProjectLocked
+    from tests.tasks.test_project_lock import hold_lock
+
+    project = copy_project(nightly_project["project"], tmp_path / "project")
+    update_params(project, {"lock": {"timeout": 0.5}})
+    holder = hold_lock(project, 60)  # an ingest in another process, still copying
+    try:
+        state = nightly_retrain(params_path=str(project / "params.yaml"), return_state=True)
+    finally:
+        holder.kill()
+        holder.wait()
+
+    assert state.is_failed()
+    with pytest.raises(ProjectLocked, match=rf"pid {holder.pid} on .*fanaoi ingest nightly-batch/"):
+        state.result()
+    assert "validate" not in task_runs(state)  # nothing ran on a data set being changed
