@@ -67,7 +67,7 @@ def demo_registry(root: Path, params: Params, count: int, epochs: int) -> Params
             report=lambda _: None)
     print(f"champion: {params.model.architecture} {params.model.input_size[0]}x{params.model.input_size[1]}, "
           f"{epochs} epoch(s) on {count} demo images, validation accuracy "
-          f"{summary['last_epoch']['val_accuracy']:.3f} ({time.perf_counter() - started:.0f} s to build)")
+          f"{summary['kept_epoch_metrics']['val_accuracy']:.3f} ({time.perf_counter() - started:.0f} s to build)")
     return params
 
 

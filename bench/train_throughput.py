@@ -33,7 +33,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
-from tasks.dataset import list_images, make_dataset  # noqa: E402
+from tasks.dataset import list_images, make_dataset, resolve_color_mode  # noqa: E402
 from tasks.model import build_model  # noqa: E402
 from tasks.params import Params  # noqa: E402
 
@@ -75,7 +75,7 @@ def seed_recipe_rate(params: Params, data_dir: Path, epochs: int, jit: bool = Fa
     generator = tf.keras.preprocessing.image.ImageDataGenerator(rescale=1 / 255, validation_split=0.2)
     flow = generator.flow_from_directory(
         str(data_dir), target_size=tuple(params.model.input_size), batch_size=params.train.batch_size,
-        class_mode="binary", subset="training", seed=params.train.seed,
+        class_mode="binary", subset="training", seed=params.train.seed, color_mode=params.model.color_mode,
     )
     return fit_rate(params, flow, flow.samples, epochs, jit), flow.samples
 
@@ -131,6 +131,8 @@ def main() -> int:
     if args.measure:
         data_dir = Path(args.data)
         params = dataclasses.replace(params, data=dataclasses.replace(params.data, dir=str(data_dir)))
+        # model.color_mode auto: decided from the images, as training does
+        params = dataclasses.replace(params, model=resolve_color_mode(list_images(data_dir, params.data), params.model))
         rate, count = MEASUREMENTS[args.measure](params, data_dir, args.epochs, args.jit)
         print(f"{rate:.3f} {count}")
         return 0

@@ -75,10 +75,10 @@ def _train(args: argparse.Namespace, params: Params) -> int:
     from tasks.train import run_train
 
     summary = run_train(params, args.model, args.reports)
-    last = summary["last_epoch"]
+    kept = summary["kept_epoch_metrics"]
     print(
-        f"candidate: {args.model}  last epoch accuracy {last['accuracy']:.4f}, "
-        f"val_accuracy {last['val_accuracy']:.4f}  ({summary['seconds']:.0f}s)"
+        f"candidate: {args.model}  epoch {summary['kept_epoch']} of {summary['epochs']} kept: accuracy "
+        f"{kept['accuracy']:.4f}, val_accuracy {kept['val_accuracy']:.4f}  ({summary['seconds']:.0f}s)"
     )
     return 0
 
@@ -88,10 +88,11 @@ def _evaluate(args: argparse.Namespace, params: Params) -> int:
     from tasks.evaluate import run_evaluate
 
     result = run_evaluate(params, args.model, args.reports)
-    validation, comparison = result["validation"], result["last_epoch_vs_evaluate"]
+    validation, comparison = result["validation"], result["kept_epoch_vs_evaluate"]
     print(
         f"validation accuracy {validation['accuracy']:.4f}  escape {validation['escape_rate']:.4f}  "
-        f"overkill {validation['overkill_rate']:.4f}  evaluate-vs-last-epoch gap "
+        f"overkill {validation['overkill_rate']:.4f}  review {validation['review_rate']:.4f}  "
+        f"threshold {validation['threshold']:.4f}  evaluate-vs-kept-epoch gap "
         f"{comparison['validation_accuracy_gap']:.4f}  -> {Path(args.reports) / 'evaluation.json'}"
     )
     return 0
@@ -150,7 +151,8 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
 
 
 def _print_decision(result: dict) -> None:
-    print(f"decision: {result['decision'].upper()}  ({result['metric']}, threshold {result['threshold']:.4f})")
+    print(f"decision: {result['decision'].upper()}  ({result['metric']}, threshold {result['threshold']:.4f}: "
+          f"{result['threshold_source']})")
     for reason in result["reasons"]:
         print(f"  - {reason}")
 
@@ -205,6 +207,8 @@ def _champion(args: argparse.Namespace, params: Params) -> int:
         ("classes", ", ".join(f"{name}={label}" for name, label in card["class_mapping"].items())),
         ("input", f"{card['input_size'][0]}x{card['input_size'][1]} {card['preprocessing']['color_mode']}"),
         ("threshold", f"{card['threshold']:.4f} (p({positive}) >= threshold -> {positive})"),
+        ("review band", "[{:.4f}, {:.4f}) -> REVIEW".format(*card["review_band"]) if card.get("review_band")
+         else "none"),
         ("validation", f"accuracy {validation['accuracy']:.4f}  escape {validation['escape_rate']:.4f}  "
                        f"overkill {validation['overkill_rate']:.4f}  on {validation['count']} images"),
     ):
@@ -378,7 +382,8 @@ def _retrain(args: argparse.Namespace, params: Params) -> int:
     validation = summary["validation"]
     if validation:
         print(f"candidate on {validation['count']} validation images: accuracy {validation['accuracy']:.4f}, "
-              f"escape rate {validation['escape_rate']:.4f}, overkill rate {validation['overkill_rate']:.4f}")
+              f"escape rate {validation['escape_rate']:.4f}, overkill rate {validation['overkill_rate']:.4f}, "
+              f"review rate {validation.get('review_rate', 0.0):.4f}")
     print(f"champion: {summary['champion_path'] or 'none yet'} ({summary['champion_version'] or '-'})")
     print(f"candidate: {summary['candidate_path']}")
     print(f"reports: {summary['reports_path']} (evaluation.json, gate.json, history.csv)")
@@ -457,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (
         ("train", "train a candidate model on the train split"),
-        ("evaluate", "score the candidate; compare evaluate() with the last epoch"),
+        ("evaluate", "score the candidate; compare evaluate() with the kept epoch"),
     ):
         stage = sub.add_parser(name, help=text)
         stage.add_argument("--model", default="models/candidate.h5", help="candidate path")

@@ -118,12 +118,12 @@ def train_stage(params: Params) -> dict[str, Any] | State:
 
     summary = run_train(params, CANDIDATE, REPORTS, report=get_run_logger().info)
     record_stage(Path.cwd(), "train")
-    return {"last_epoch": summary["last_epoch"], "seconds": summary["seconds"]}
+    return {key: summary[key] for key in ("kept_epoch", "kept_epoch_metrics", "seconds")}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_stage(params: Params) -> dict[str, Any] | State:
-    """Score the candidate; compare evaluate() with the last epoch."""
+    """Score the candidate; compare evaluate() with the kept epoch."""
     if skipped := _skip_if_current("evaluate"):
         return skipped
     from tasks.evaluate import run_evaluate
@@ -226,7 +226,7 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
 
 TABLE_METRICS = (
     "accuracy", "balanced_accuracy", "precision", "recall", "f1",
-    "escape_rate", "overkill_rate", "auc",
+    "escape_rate", "overkill_rate", "review_rate", "auc",
 )
 
 
@@ -244,6 +244,8 @@ def summarize(
         "decision": gate.get("decision") if stages["gate"] else "unchanged",
         "last_decision": gate.get("decision"),
         "reasons": gate.get("reasons", []),
+        "threshold": gate.get("threshold"),
+        "threshold_source": gate.get("threshold_source"),
         "stages": {name: "ran" if ran else "skipped" for name, ran in stages.items()},
         "data_snapshot": snapshot["md5"],
         "data_changed": snapshot["changed"],
@@ -254,7 +256,7 @@ def summarize(
         "reports_path": str(Path(REPORTS).resolve()),
         "validation": evaluation.get("validation", {}),
         "metrics": metric_rows(gate),
-        "last_epoch_vs_evaluate": evaluation.get("last_epoch_vs_evaluate", {}),
+        "kept_epoch_vs_evaluate": evaluation.get("kept_epoch_vs_evaluate", {}),
     }
 
 
@@ -280,7 +282,7 @@ def _rounded(value: float | None) -> float | None:
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
-    """The run's page in the dashboard: decision, reasons, snapshot, evaluate vs last epoch."""
+    """The run's page in the dashboard: decision, reasons, snapshot, evaluate vs the kept epoch."""
     decision = summary["decision"]
     lines = [f"# Nightly retrain: {decision.upper()}", ""]
     if decision == "unchanged":
@@ -301,14 +303,22 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"- data snapshot (data.dvc md5): `{summary['data_snapshot']}`"
         + (" (new)" if summary["data_changed"] else ""),
         "- stages: " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()),
+        *threshold_lines(summary),
         "",
         "## Reasons",
         "",
         *[f"- {reason}" for reason in summary["reasons"] or ["(no gate decision yet)"]],
         "",
-        *evaluate_vs_last_epoch_table(summary["last_epoch_vs_evaluate"]),
+        *evaluate_vs_kept_epoch_table(summary["kept_epoch_vs_evaluate"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def threshold_lines(summary: dict[str, Any]) -> list[str]:
+    """The candidate's NG threshold and where it came from (calibration or its fallback)."""
+    if summary.get("threshold") is None:
+        return []
+    return [f"- NG threshold {summary['threshold']:.4f}: {summary['threshold_source']}"]
 
 
 def explain_lines(version: str | None) -> list[str]:
@@ -325,19 +335,20 @@ def explain_lines(version: str | None) -> list[str]:
     return [f"- look inside {version}: `fanaoi explain {version}` writes {report}"]
 
 
-def evaluate_vs_last_epoch_table(comparison: dict[str, Any]) -> list[str]:
-    """Markdown rows: the last epoch's logged numbers beside evaluate() on the final weights."""
+def evaluate_vs_kept_epoch_table(comparison: dict[str, Any]) -> list[str]:
+    """Markdown rows: the kept epoch's logged numbers beside evaluate() on its weights."""
     if not comparison:
         return []
+    epoch = comparison.get("kept_epoch", "kept")
     rows = [
-        "## evaluate() vs last epoch",
+        f"## evaluate() vs epoch {epoch} (the weights kept: lowest validation loss)",
         "",
-        "| | last epoch | evaluate() |",
+        f"| | epoch {epoch} as logged | evaluate() |",
         "|---|---|---|",
     ]
     for split in ("train", "validation"):
         for measure in ("accuracy", "loss"):
-            logged = comparison[f"last_epoch_{split}_{measure}"]
+            logged = comparison[f"kept_epoch_{split}_{measure}"]
             measured = comparison[f"evaluate_{split}_{measure}"]
             rows.append(f"| {split} {measure} | {logged:.4f} | {measured:.4f} |")
     rows += [

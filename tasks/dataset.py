@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.errors import FanaoiError
-from tasks.params import DataParams, ModelParams
+from tasks.params import AugmentParams, DataParams, ModelParams
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+# Pillow modes with one channel (gray with alpha counts: training drops the alpha).
+_SINGLE_CHANNEL_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 _HASH_CHUNK = 1 << 20
 
 
@@ -153,12 +155,16 @@ def make_dataset(
     images: Sequence[LabeledImage],
     model: ModelParams,
     batch_size: int,
+    *,
     shuffle_seed: int | None = None,
     shuffle_buffer: int = 4096,
+    augment: AugmentParams | None = None,
 ) -> tf.data.Dataset:
     """tf.data pipeline: parallel read and decode, cache decoded tensors, batch, prefetch.
 
-    With ``shuffle_seed`` the order is reshuffled each epoch from that seed.
+    With ``shuffle_seed`` the order is reshuffled each epoch from that seed, and
+    ``augment`` (training only) changes each image at random after the cache, from the
+    same seed, so every epoch sees new variants and a rerun sees the same ones.
     """
     import tensorflow as tf
 
@@ -174,7 +180,63 @@ def make_dataset(
         dataset = dataset.shuffle(
             min(shuffle_buffer, max(len(paths), 1)), seed=shuffle_seed, reshuffle_each_iteration=True
         )
+    if augment is not None and augment.active:
+        seeds = tf.data.Dataset.random(seed=shuffle_seed or 0, rerandomize_each_iteration=True).batch(2)
+        square = model.input_size[0] == model.input_size[1]
+        dataset = tf.data.Dataset.zip((dataset, seeds)).map(
+            lambda pair, seed: (augment_image(pair[0], seed, augment, square), pair[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def augment_image(image: tf.Tensor, seed: tf.Tensor, augment: AugmentParams, square: bool) -> tf.Tensor:
+    """One random variant of a decoded [0, 1] image, drawn with stateless ops from ``seed``.
+
+    Flips and quarter turns keep every pixel (an inspected part has no up or left);
+    quarter turns only when the input is square, so the shape never changes. Shifts
+    reflect at the border rather than padding with black a camera never shows.
+    """
+    import tensorflow as tf
+
+    flip_lr, flip_ud, turn, shift, light, contrast = tf.unstack(
+        tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=6)
+    )
+    if augment.flip:
+        image = tf.image.stateless_random_flip_left_right(image, flip_lr)
+        image = tf.image.stateless_random_flip_up_down(image, flip_ud)
+    if augment.rot90 and square:
+        quarter_turns = tf.random.stateless_uniform([], turn, minval=0, maxval=4, dtype=tf.int32)
+        image = tf.image.rot90(image, quarter_turns)
+    if augment.shift > 0:
+        height, width = image.shape[0], image.shape[1]
+        pad_y, pad_x = max(1, round(height * augment.shift)), max(1, round(width * augment.shift))
+        padded = tf.pad(image, [[pad_y, pad_y], [pad_x, pad_x], [0, 0]], mode="REFLECT")
+        image = tf.image.stateless_random_crop(padded, tf.shape(image), shift)
+    if augment.brightness > 0:
+        image = tf.image.stateless_random_brightness(image, augment.brightness, light)
+    if augment.contrast > 0:
+        image = tf.image.stateless_random_contrast(image, 1 - augment.contrast, 1 + augment.contrast, contrast)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def resolve_color_mode(images: Sequence[LabeledImage], model: ModelParams) -> ModelParams:
+    """``color_mode: auto`` becomes grayscale when every image is single-channel, else rgb.
+
+    Reads image headers only (Pillow opens lazily), so it costs a file open per image.
+    """
+    from dataclasses import replace
+
+    from PIL import Image
+
+    if model.color_mode != "auto":
+        return model
+    for image in images:
+        with Image.open(image.path) as opened:
+            if opened.mode not in _SINGLE_CHANNEL_MODES:
+                return replace(model, color_mode="rgb")
+    return replace(model, color_mode="grayscale")
 
 
 def decode_all(images: Sequence[LabeledImage], model: ModelParams) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""The evaluate stage: score the candidate and compare it with its own last epoch.
+"""The evaluate stage: score the candidate and compare it with the epoch it kept.
 
-Keras' last-epoch accuracy is an average over batches while the weights were still
-moving; ``model.evaluate`` scores the final weights. A large gap between the two on the
-validation split points at a preprocessing or determinism bug, so it is reported and
+Training keeps the weights of the epoch with the lowest validation loss. Keras' logged
+train accuracy for that epoch is an average over batches while the weights were still
+moving (with dropout and augmentation on); ``model.evaluate`` scores the kept weights.
+A large gap between the two on the validation split points at a preprocessing or determinism bug, so it is reported and
 flagged. Classification metrics use the AOI vocabulary: an *escape* is an NG part passed
 as GO (the costly error), an *overkill* is a GO part rejected.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,7 @@ import numpy as np
 
 from tasks.dataset import LabeledImage, labels_of, list_images, make_dataset, require_split, select
 from tasks.errors import FanaoiError
-from tasks.model import load_model, read_model_metadata
+from tasks.model import load_model, model_params_from_file, read_model_metadata
 from tasks.params import ModelParams, Params
 from tasks.train import read_history
 
@@ -64,12 +66,34 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(u / (len(positives) * len(negatives)))
 
 
+REVIEW = -1  # a verdict for a person: the probability lies in the review band
+
+
+def verdicts(
+    probabilities: Sequence[float] | np.ndarray, threshold: float, review_band: Sequence[float] | None = None
+) -> np.ndarray:
+    """The decision rule, in one place: 1 (defect) at or above the threshold, else 0, and
+    REVIEW for probabilities in ``[review_band[0], review_band[1])`` when a band is set."""
+    scores = np.asarray(probabilities, dtype=np.float64)
+    decided = (scores >= threshold).astype(np.int64)
+    if review_band is not None:
+        low, high = review_band
+        decided[(scores >= low) & (scores < high)] = REVIEW
+    return decided
+
+
 def classification_metrics(
-    labels: Sequence[int] | np.ndarray, probabilities: Sequence[float] | np.ndarray, threshold: float
+    labels: Sequence[int] | np.ndarray,
+    probabilities: Sequence[float] | np.ndarray,
+    threshold: float,
+    review_band: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, precision, recall, F1, escape and overkill rate, AUC and the confusion counts.
 
-    Label 1 is the defect class (NG); a probability >= threshold predicts NG.
+    Label 1 is the defect class (NG); a probability >= threshold predicts NG. With a
+    review band, ``review_rate`` is the share of parts sent to a person and the
+    ``*_after_review`` rates count only the parts the model decided alone (a reviewed
+    part is neither an escape nor an overkill); the other numbers ignore the band.
     """
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(probabilities, dtype=np.float64)
@@ -82,6 +106,7 @@ def classification_metrics(
     recall = _ratio(tp, tp + fn)
     escape_rate = _ratio(fn, fn + tp)
     overkill_rate = _ratio(fp, fp + tn)
+    decided = verdicts(scores, threshold, review_band)
     return {
         "count": int(len(labels)),
         "accuracy": _ratio(tp + tn, len(labels)),
@@ -91,9 +116,52 @@ def classification_metrics(
         "f1": _ratio(2 * precision * recall, precision + recall),
         "escape_rate": escape_rate,
         "overkill_rate": overkill_rate,
+        "review_rate": _ratio(int(np.sum(decided == REVIEW)), len(labels)),
+        "escape_rate_after_review": _ratio(int(np.sum((decided == 0) & (labels == 1))), fn + tp),
+        "overkill_rate_after_review": _ratio(int(np.sum((decided == 1) & (labels == 0))), fp + tn),
         "auc": roc_auc(labels, scores),
         "threshold": float(threshold),
         "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
+
+
+def calibrate_threshold(labels: np.ndarray, scores: np.ndarray, target_escape_rate: float) -> float:
+    """Highest threshold whose escape rate on these images is at most the target.
+
+    A higher threshold rejects fewer GO parts (less overkill), so the highest one that
+    keeps escapes within the target is the one to use.
+    """
+    positives = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 1])
+    allowed_escapes = math.floor(target_escape_rate * len(positives) + 1e-9)
+    if allowed_escapes >= len(positives):
+        return 1.0
+    return float(positives[allowed_escapes])
+
+
+def defects_needed(target_escape_rate: float) -> int:
+    """NG images a validation set needs before an escape rate of ``target`` can be told
+    apart from zero: one escape among them must be within the target."""
+    return math.ceil(1 / target_escape_rate - 1e-9) if target_escape_rate > 0 else 0
+
+
+def choose_threshold(
+    labels: np.ndarray, scores: np.ndarray, target_escape_rate: float | None, default: float
+) -> dict[str, Any]:
+    """The NG threshold and why: calibrated on validation to the target escape rate, or
+    ``default`` (evaluate.threshold) when there is no target or too few NG images for it."""
+    if target_escape_rate is None:
+        return {"threshold": default, "source": "evaluate.threshold (gate.target_escape_rate is null)"}
+    defects, needed = int(np.sum(np.asarray(labels) == 1)), defects_needed(target_escape_rate)
+    if defects < needed:
+        return {
+            "threshold": default,
+            "source": f"evaluate.threshold: validation holds {defects} NG images, fewer than the "
+                      f"{needed} that gate.target_escape_rate {target_escape_rate} needs; add NG "
+                      f"images or raise the target to calibrate",
+        }
+    return {
+        "threshold": calibrate_threshold(labels, scores, target_escape_rate),
+        "source": f"calibrated on {defects} validation NG images to gate.target_escape_rate {target_escape_rate}",
     }
 
 
@@ -112,25 +180,26 @@ def roc_points(labels: np.ndarray, scores: np.ndarray) -> list[dict[str, float]]
     return points
 
 
-def compare_with_last_epoch(
-    last_epoch: dict[str, float],
+def compare_with_kept_epoch(
+    kept_epoch: dict[str, float],
     evaluated: dict[str, dict[str, float]],
     max_gap: float,
     max_overfit: float,
 ) -> dict[str, Any]:
-    """Side by side: last epoch's logged numbers vs evaluate() on the final weights."""
-    validation_gap = abs(evaluated["validation"]["accuracy"] - last_epoch["val_accuracy"])
+    """Side by side: the kept epoch's logged numbers vs evaluate() on its weights."""
+    validation_gap = abs(evaluated["validation"]["accuracy"] - kept_epoch["val_accuracy"])
     overfit = evaluated["train"]["accuracy"] - evaluated["validation"]["accuracy"]
     return {
-        "last_epoch_train_accuracy": last_epoch["accuracy"],
-        "last_epoch_train_loss": last_epoch["loss"],
-        "last_epoch_validation_accuracy": last_epoch["val_accuracy"],
-        "last_epoch_validation_loss": last_epoch["val_loss"],
+        "kept_epoch": int(kept_epoch["epoch"]),
+        "kept_epoch_train_accuracy": kept_epoch["accuracy"],
+        "kept_epoch_train_loss": kept_epoch["loss"],
+        "kept_epoch_validation_accuracy": kept_epoch["val_accuracy"],
+        "kept_epoch_validation_loss": kept_epoch["val_loss"],
         "evaluate_train_accuracy": evaluated["train"]["accuracy"],
         "evaluate_train_loss": evaluated["train"]["loss"],
         "evaluate_validation_accuracy": evaluated["validation"]["accuracy"],
         "evaluate_validation_loss": evaluated["validation"]["loss"],
-        "train_accuracy_gap": evaluated["train"]["accuracy"] - last_epoch["accuracy"],
+        "train_accuracy_gap": evaluated["train"]["accuracy"] - kept_epoch["accuracy"],
         "validation_accuracy_gap": validation_gap,
         "train_validation_gap": overfit,
         "validation_gap_flag": bool(validation_gap > max_gap),
@@ -138,11 +207,21 @@ def compare_with_last_epoch(
     }
 
 
-def read_last_epoch(history_csv: Path) -> dict[str, float]:
+def read_kept_epoch(history_csv: Path, epoch: int | None) -> dict[str, float]:
+    """The logged row of the epoch whose weights the model holds (the last one for models
+    saved before the kept epoch was recorded)."""
     rows = read_history(history_csv)
     if not rows:
         raise FanaoiError(f"{history_csv}: no epochs recorded; rerun the train stage")
-    return rows[-1]
+    if epoch is None:
+        return rows[-1]
+    for row in rows:
+        if int(row["epoch"]) == epoch:
+            return row
+    raise FanaoiError(
+        f"{history_csv}: has no epoch {epoch}, which the candidate's weights come from; "
+        f"the history and the model are from different runs: rerun the train stage"
+    )
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -173,7 +252,7 @@ def model_record(model_path: Path) -> dict[str, Any]:
     A file saved before the training record existed gives None for each entry.
     """
     training = read_model_metadata(model_path)["training"]
-    return {key: training.get(key) for key in ("first_layer_init", "init", "pruned")}
+    return {key: training.get(key) for key in ("first_layer_init", "init", "pruned", "best_epoch", "epochs_run")}
 
 
 def run_evaluate(
@@ -186,35 +265,38 @@ def run_evaluate(
     model_path, reports_dir = Path(model_path), Path(reports_dir)
     model = load_model(model_path)
     model.compile(loss="binary_crossentropy", metrics=["accuracy"])
+    model_params = model_params_from_file(model_path)  # color_mode auto was resolved in training
     images = list_images(params.data.dir, params.data)
     batch = params.train.batch_size
     evaluated: dict[str, dict[str, float]] = {}
-    scored: dict[str, dict[str, Any]] = {}
-    for split in ("train", "validation", "test"):
+    for split in ("train", "validation"):
         subset = select(images, split)
-        if split != "test":
-            require_split(subset, split, params.data.dir)
-            loss, accuracy = model.evaluate(
-                make_dataset(subset, params.model, batch), verbose=0, return_dict=False
-            )
-            evaluated[split] = {"loss": float(loss), "accuracy": float(accuracy)}
-        if split != "train":
-            labels = np.asarray(labels_of(subset))
-            scores = predict_probabilities(model, subset, params.model, batch)
-            scored[split] = classification_metrics(labels, scores, params.evaluate.threshold)
-            if split == "validation":
-                write_plots(reports_dir, labels, scores, params.evaluate.threshold, params.data.classes)
-    comparison = compare_with_last_epoch(
-        read_last_epoch(reports_dir / "history.csv"), evaluated,
+        require_split(subset, split, params.data.dir)
+        loss, accuracy = model.evaluate(make_dataset(subset, model_params, batch), verbose=0, return_dict=False)
+        evaluated[split] = {"loss": float(loss), "accuracy": float(accuracy)}
+    scores = {split: predict_probabilities(model, select(images, split), model_params, batch)
+              for split in ("validation", "test")}
+    labels = {split: np.asarray(labels_of(select(images, split))) for split in ("validation", "test")}
+    chosen = choose_threshold(labels["validation"], scores["validation"],
+                              params.gate.target_escape_rate, params.evaluate.threshold)
+    threshold, review_band = chosen["threshold"], params.evaluate.review_band
+    scored = {split: classification_metrics(labels[split], scores[split], threshold, review_band)
+              for split in ("validation", "test")}
+    write_plots(reports_dir, labels["validation"], scores["validation"], threshold, params.data.classes)
+    kept = read_model_metadata(model_path)["training"].get("best_epoch")
+    comparison = compare_with_kept_epoch(
+        read_kept_epoch(reports_dir / "history.csv", kept), evaluated,
         params.evaluate.max_gap, params.evaluate.max_overfit,
     )
-    result = {**scored, "last_epoch_vs_evaluate": comparison, "model": model_record(model_path)}
+    result = {**scored, "threshold_source": chosen["source"], "kept_epoch_vs_evaluate": comparison,
+              "model": model_record(model_path)}
     (reports_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     validation = scored["validation"]
     report(
         f"validation accuracy {validation['accuracy']:.4f}, escape rate "
-        f"{validation['escape_rate']:.4f}, overkill rate {validation['overkill_rate']:.4f}; "
-        f"evaluate vs last epoch gap {comparison['validation_accuracy_gap']:.4f}"
+        f"{validation['escape_rate']:.4f}, overkill rate {validation['overkill_rate']:.4f}, review rate "
+        f"{validation['review_rate']:.4f} at threshold {threshold:.4f} ({chosen['source']}); "
+        f"evaluate vs epoch {comparison['kept_epoch']} gap {comparison['validation_accuracy_gap']:.4f}"
         + (" (FLAGGED: above evaluate.max_gap)" if comparison["validation_gap_flag"] else "")
         + (" (FLAGGED: overfit above evaluate.max_overfit)" if comparison["overfit_flag"] else "")
     )

@@ -20,7 +20,7 @@ import numpy as np
 
 from tasks.dataset import LabeledImage, labels_of, list_images, require_split, select
 from tasks.errors import FanaoiError
-from tasks.evaluate import classification_metrics, predict_probabilities
+from tasks.evaluate import choose_threshold, classification_metrics, predict_probabilities
 from tasks.model import ModelFileError, load_model, model_params_from_file, read_model_metadata
 from tasks.params import GateParams, Params
 from tasks.registry import decision_entry, read_champion, record_decision, utc_now
@@ -118,19 +118,6 @@ def decide(
     return ("promote" if all(r["passed"] for r in rules) else "reject"), rules
 
 
-def calibrate_threshold(labels: np.ndarray, scores: np.ndarray, target_escape_rate: float) -> float:
-    """Highest threshold whose escape rate on these images is at most the target.
-
-    A higher threshold rejects fewer GO parts (less overkill), so the highest one that
-    keeps escapes within the target is the one to use.
-    """
-    positives = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 1])
-    allowed_escapes = math.floor(target_escape_rate * len(positives) + _EPSILON)
-    if allowed_escapes >= len(positives):
-        return 1.0
-    return float(positives[allowed_escapes])
-
-
 def _score(
     model_path: Path, images: Sequence[LabeledImage], batch_size: int
 ) -> tuple[np.ndarray, dict[str, int]]:
@@ -207,9 +194,9 @@ def run_gate(
             f"{params.data.class_mapping}; retrain with `fanaoi train`"
         )
     gate = params.gate
-    threshold = (params.evaluate.threshold if gate.target_escape_rate is None
-                 else calibrate_threshold(labels, probabilities, gate.target_escape_rate))
-    candidate = classification_metrics(labels, probabilities, threshold)
+    chosen = choose_threshold(labels, probabilities, gate.target_escape_rate, params.evaluate.threshold)
+    threshold, review_band = chosen["threshold"], params.evaluate.review_band
+    candidate = classification_metrics(labels, probabilities, threshold, review_band)
     champion = score_champion(Path(params.registry.dir), images, labels, params)
     mcnemar = None
     if champion["status"] == "ok":
@@ -221,8 +208,8 @@ def run_gate(
         "time": utc_now(),
         "metric": gate.metric,
         "threshold": threshold,
-        "threshold_source": "evaluate.threshold" if gate.target_escape_rate is None
-        else f"calibrated to gate.target_escape_rate {gate.target_escape_rate}",
+        "threshold_source": chosen["source"],
+        "review_band": list(review_band) if review_band else None,
         "reasons": _champion_reasons(champion) + [r["text"] for r in rules],
         "failed": [r["text"] for r in rules if not r["passed"]],
         "rules": rules,

@@ -28,7 +28,7 @@ class ModelFileError(FanaoiError):
 
 
 def build_model(params: ModelParams, learning_rate: float, jit_compile: bool = False) -> keras.Model:
-    """The seed's CNN (default) or a smaller variant, compiled for binary classification.
+    """The classifier that ``model.architecture`` names, compiled for binary classification.
 
     Layers and optimizer are named here: Keras numbers unnamed ones per process
     (``conv2d_7``, ``adam_3``), so a model trained in a long-lived process (a Prefect
@@ -36,24 +36,13 @@ def build_model(params: ModelParams, learning_rate: float, jit_compile: bool = F
     ``dvc repro``, and DVC would see a changed candidate.
     """
     import keras
-    from keras import layers
 
+    builders = {"seed_cnn": _seed_layers, "small_cnn": _seed_layers, "aoi_cnn": _aoi_layers}
     height, width = params.input_size
     model = keras.Sequential(name=params.architecture)
     model.add(keras.Input(shape=(height, width, params.channels), name="image"))
-    filters = params.conv_filters if params.architecture == "seed_cnn" else params.conv_filters[:1]
-    for index, count in enumerate(filters):
-        # `edges` starts from glorot and overwrites kernels below; he_normal is a built-in
-        # name, so the saved .h5 loads without custom objects either way.
-        initializer = "he_normal" if index == 0 and params.first_layer_init == "he_normal" else "glorot_uniform"
-        model.add(layers.Conv2D(count, (3, 3), activation="relu", kernel_initializer=initializer,
-                                name=f"conv{index + 1}"))
-        model.add(layers.MaxPooling2D((2, 2), name=f"pool{index + 1}"))
-    model.add(layers.Flatten(name="flatten"))
-    model.add(layers.Dense(params.dense_units, activation="relu", name="dense"))
-    if params.dropout > 0:
-        model.add(layers.Dropout(params.dropout, name="dropout"))
-    model.add(layers.Dense(1, activation="sigmoid", name="output"))
+    for layer in builders[params.architecture](params):
+        model.add(layer)
     if params.first_layer_init == "edges":
         place_edge_kernels(model.layers[0])
     model.compile(
@@ -63,6 +52,65 @@ def build_model(params: ModelParams, learning_rate: float, jit_compile: bool = F
         jit_compile=jit_compile,
     )
     return model
+
+
+def _first_initializer(params: ModelParams, index: int) -> str:
+    # `edges` starts from glorot and overwrites kernels afterwards; he_normal is a built-in
+    # name, so the saved .h5 loads without custom objects either way.
+    return "he_normal" if index == 0 and params.first_layer_init == "he_normal" else "glorot_uniform"
+
+
+def _seed_layers(params: ModelParams) -> list[keras.layers.Layer]:
+    """The seed's CNN: Conv-Pool blocks, Flatten, Dense, sigmoid (small_cnn: one block)."""
+    from keras import layers
+
+    filters = params.conv_filters if params.architecture == "seed_cnn" else params.conv_filters[:1]
+    stack: list[keras.layers.Layer] = []
+    for index, count in enumerate(filters):
+        stack.append(layers.Conv2D(count, (3, 3), activation="relu",
+                                   kernel_initializer=_first_initializer(params, index), name=f"conv{index + 1}"))
+        stack.append(layers.MaxPooling2D((2, 2), name=f"pool{index + 1}"))
+    stack.append(layers.Flatten(name="flatten"))
+    stack.append(layers.Dense(params.dense_units, activation="relu", name="dense"))
+    if params.dropout > 0:
+        stack.append(layers.Dropout(params.dropout, name="dropout"))
+    stack.append(layers.Dense(1, activation="sigmoid", name="output"))
+    return stack
+
+
+def _aoi_layers(params: ModelParams) -> list[keras.layers.Layer]:
+    """Conv-BatchNorm-ReLU blocks, global average (or max) pooling, dropout, sigmoid.
+
+    One block per ``conv_filters`` entry with ``convs_per_block`` convolutions; the first
+    convolution strides by ``stem_stride`` and every block but the last ends in a 2x2 max
+    pool. Global pooling keeps the parameter count independent of the input size, so a
+    larger input (small defects stay visible) costs compute, not weights.
+    """
+    from keras import layers
+
+    stack: list[keras.layers.Layer] = []
+    index = 0
+    for block, count in enumerate(params.conv_filters):
+        for _ in range(params.convs_per_block):
+            stride = params.stem_stride if index == 0 else 1
+            stack += [
+                layers.Conv2D(count, (3, 3), strides=stride, padding="same", use_bias=False,
+                              kernel_initializer=_first_initializer(params, index), name=f"conv{index + 1}"),
+                # momentum 0.9, not Keras' 0.99: with a few dozen steps per epoch the moving
+                # statistics otherwise stay near their initial values for many epochs, and
+                # inference (which uses them) outputs one class for every image.
+                layers.BatchNormalization(momentum=0.9, name=f"bn{index + 1}"),
+                layers.ReLU(name=f"relu{index + 1}"),
+            ]
+            index += 1
+        if block < len(params.conv_filters) - 1:
+            stack.append(layers.MaxPooling2D((2, 2), name=f"pool{block + 1}"))
+    pool = layers.GlobalAveragePooling2D if params.pooling == "avg" else layers.GlobalMaxPooling2D
+    stack.append(pool(name="global_pool"))
+    if params.dropout > 0:
+        stack.append(layers.Dropout(params.dropout, name="dropout"))
+    stack.append(layers.Dense(1, activation="sigmoid", name="output"))
+    return stack
 
 
 def edge_kernels() -> np.ndarray:

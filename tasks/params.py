@@ -58,6 +58,8 @@ class DemoParams:
 
 
 FIRST_LAYER_INITS = ("glorot_uniform", "he_normal", "edges")
+ARCHITECTURES = ("seed_cnn", "small_cnn", "aoi_cnn")
+COLOR_MODES = ("rgb", "grayscale", "auto")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class ModelParams:
     input_size: tuple[int, int] = (80, 80)
     color_mode: str = "rgb"
     conv_filters: tuple[int, ...] = (32, 64)
+    convs_per_block: int = 1
+    stem_stride: int = 1
+    pooling: str = "avg"
     dense_units: int = 128
     dropout: float = 0.0
     first_layer_init: str = "glorot_uniform"
@@ -76,19 +81,54 @@ class ModelParams:
                 f"model.first_layer_init must be one of {', '.join(FIRST_LAYER_INITS)}, "
                 f"got {self.first_layer_init!r}"
             )
-        if self.color_mode not in ("rgb", "grayscale"):
-            raise ParamsError(f"model.color_mode must be rgb or grayscale, got {self.color_mode!r}")
-        if self.architecture not in ("seed_cnn", "small_cnn"):
+        if self.color_mode not in COLOR_MODES:
             raise ParamsError(
-                f"model.architecture must be seed_cnn or small_cnn, got {self.architecture!r}"
+                f"model.color_mode must be one of {', '.join(COLOR_MODES)}, got {self.color_mode!r}"
             )
+        if self.architecture not in ARCHITECTURES:
+            raise ParamsError(
+                f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}"
+            )
+        if not self.conv_filters or min(self.conv_filters) < 1:
+            raise ParamsError(f"model.conv_filters needs at least one positive width, got {self.conv_filters}")
+        if self.convs_per_block < 1 or self.stem_stride not in (1, 2):
+            raise ParamsError("model.convs_per_block must be >= 1 and model.stem_stride 1 or 2")
+        if self.pooling not in ("avg", "max"):
+            raise ParamsError(f"model.pooling must be avg or max, got {self.pooling!r}")
+        if not 0 <= self.dropout < 1:
+            raise ParamsError(f"model.dropout must be >= 0 and < 1, got {self.dropout}")
 
     @property
     def channels(self) -> int:
+        if self.color_mode == "auto":
+            raise ParamsError("model.color_mode auto must be resolved from the images before building a model")
         return 3 if self.color_mode == "rgb" else 1
 
 
 INIT_FROM = (None, "champion")
+LR_SCHEDULES = ("constant", "cosine")
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Random changes to training images only; validation, test and inference never see them."""
+
+    flip: bool = False
+    rot90: bool = False
+    shift: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("shift", "brightness", "contrast"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ParamsError(f"train.augment.{name} must be >= 0 and < 1, got {value}")
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.rot90 or self.shift > 0 or self.brightness > 0 or self.contrast > 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +137,10 @@ class TrainParams:
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 0.001
+    lr_schedule: str = "constant"
+    early_stopping_patience: int | None = None
+    class_weight: str = "none"
+    augment: AugmentParams = field(default_factory=AugmentParams)
     shuffle_buffer: int = 4096
     checkpoint_dir: str = "models/checkpoints"
     jit_compile: bool = False
@@ -108,13 +152,38 @@ class TrainParams:
                 f"train.init_from must be null (random initialisation) or champion, "
                 f"got {self.init_from!r}"
             )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ParamsError(
+                f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ParamsError(
+                f"train.class_weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}"
+            )
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ParamsError("train.epochs and train.batch_size must be >= 1, train.learning_rate > 0")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ParamsError(
+                f"train.early_stopping_patience must be null (off) or >= 1, got {self.early_stopping_patience}"
+            )
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     threshold: float = 0.5
+    review_band: tuple[float, float] | None = None
     max_gap: float = 0.02
     max_overfit: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold <= 1:
+            raise ParamsError(f"evaluate.threshold must be between 0 and 1, got {self.threshold}")
+        if self.review_band is not None:
+            if len(self.review_band) != 2 or not 0 <= self.review_band[0] < self.review_band[1] <= 1:
+                raise ParamsError(
+                    f"evaluate.review_band must be null or [low, high] with 0 <= low < high <= 1, "
+                    f"got {list(self.review_band)}"
+                )
 
 
 GATE_METRICS = ("accuracy", "balanced_accuracy", "f1", "auc")

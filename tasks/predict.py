@@ -19,6 +19,7 @@ import numpy as np
 
 from tasks.dataset import decode_image, is_candidate_file
 from tasks.errors import FanaoiError
+from tasks.evaluate import REVIEW, verdicts
 from tasks.image_check import ImageRejected, check_file
 from tasks.model import load_model, model_params_from_file, read_model_metadata
 from tasks.params import ModelParams, ValidateParams
@@ -26,6 +27,8 @@ from tasks.registry import CHAMPION_MODEL, champion_card
 
 if TYPE_CHECKING:
     import keras
+
+REVIEW_LABEL = "REVIEW"  # the label for parts a person must look at
 
 # TensorFlow wraps op errors in "{{function_node ...}} message [Op:ReadFile] name:".
 _TF_DECORATION = re.compile(r"\{\{function_node [^}]*\}\}|\s*\[Op:\w+\].*$", re.DOTALL)
@@ -40,10 +43,13 @@ class Predictor:
     class_names: tuple[str, str]  # by label: class_names[1] is the positive (defect) class
     threshold: float
     version: str | None = None
+    review_band: tuple[float, float] | None = None
 
     def label(self, probability: float) -> str:
-        """The class name for a positive-class probability: the defect class at or above the threshold."""
-        return self.class_names[int(probability >= self.threshold)]
+        """The class name for a positive-class probability (the defect class at or above the
+        threshold), or REVIEW inside the card's review band."""
+        verdict = int(verdicts([probability], self.threshold, self.review_band)[0])
+        return REVIEW_LABEL if verdict == REVIEW else self.class_names[verdict]
 
 
 def _class_names(mapping: dict[str, int]) -> tuple[str, str]:
@@ -70,6 +76,7 @@ def load_champion(registry_dir: Path | str) -> Predictor:
     return Predictor(
         load_model(Path(registry_dir) / CHAMPION_MODEL), model_params,
         _class_names(card["class_mapping"]), float(card["threshold"]), card["version"],
+        tuple(card["review_band"]) if card.get("review_band") else None,
     )
 
 

@@ -107,6 +107,9 @@ def prune_model(model: keras.Model, fraction: float) -> tuple[keras.Model, list[
             values = [kernel[..., keep], *(b[keep] for b in bias)]
             config["filters"] = len(keep)
             kept = keep
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            # gamma, beta, moving mean and variance: one entry per channel of the Conv2D before
+            values = [v if kept is None else v[kept] for v in values]
         elif isinstance(layer, keras.layers.Flatten):
             if kept is not None:
                 kept = _flattened(layer.input.shape[1:], kept)
@@ -117,7 +120,7 @@ def prune_model(model: keras.Model, fraction: float) -> tuple[keras.Model, list[
         elif kind not in _CHANNEL_PRESERVING or values:
             raise PruneError(
                 f"model {model.name!r}: cannot prune through layer {layer.name} ({kind}); "
-                f"pruning supports Conv2D, pooling, Dropout, Flatten and Dense layers"
+                f"pruning supports Conv2D, BatchNormalization, pooling, Dropout, Flatten and Dense layers"
             )
         layers.append(type(layer).from_config(config))
         weights.append(values)

@@ -418,6 +418,8 @@ def build_card(
         # initial weights (random or a champion version), first-layer init, pruning
         "training": metadata["training"],
         "threshold": gate_result["threshold"],
+        "threshold_source": gate_result.get("threshold_source"),
+        "review_band": gate_result.get("review_band"),
         "metrics": {"validation": gate_result["candidate"]["metrics"]},
         "gate": {
             "decision": gate_result["decision"],

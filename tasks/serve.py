@@ -49,6 +49,7 @@ class Prediction(BaseModel):
     label: str
     probability: float
     threshold: float
+    review_band: list[float] | None = None
     positive_class: str
     model_version: str
 
@@ -193,6 +194,7 @@ def classify(loaded: LoadedChampion, data: bytes) -> dict[str, Any]:
         "label": predictor.label(probability),
         "probability": probability,
         "threshold": predictor.threshold,
+        "review_band": list(predictor.review_band) if predictor.review_band else None,
         "positive_class": predictor.class_names[1],
         "model_version": loaded.card["version"],
     }

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.dataset import LabeledImage, list_images, make_dataset, require_split, select, sha256_of
+from tasks.dataset import (
+    LabeledImage,
+    list_images,
+    make_dataset,
+    require_split,
+    resolve_color_mode,
+    select,
+    sha256_of,
+)
 from tasks.errors import FanaoiError
 from tasks.model import build_model, load_model, read_model_metadata, save_model
 from tasks.params import ModelParams, Params, TrainParams
@@ -188,6 +197,71 @@ def _epoch_recorder(
     return EpochRecorder()
 
 
+def best_epoch_keeper(
+    patience: int | None, rows: list[dict[str, float]], checkpoint: _Checkpoint | None
+) -> keras.callbacks.Callback:
+    """Keep the weights of the epoch with the lowest validation loss; stop after ``patience``
+    epochs without improvement; put the kept weights back when training ends.
+
+    The kept weights go to the checkpoint folder too, so a resumed run still ends with the
+    best epoch's weights even when that epoch ran before the kill.
+    """
+    import keras
+
+    class BestEpoch(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self.best_file = None if checkpoint is None else checkpoint.folder / "best.weights.h5"
+            self.best_weights = None
+            self.best = best_epoch(rows) if rows else None
+            if self.best is not None and _kept_epoch(self.best_file) != self.best["epoch"]:
+                self.best = None  # the kept weights are not that epoch's: search again
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            row = rows[-1]
+            if self.best is None or row["val_loss"] < self.best["val_loss"]:
+                self.best = row
+                if self.best_file is not None:
+                    self.model.save_weights(self.best_file)
+                    self.best_file.with_suffix(".json").write_text(json.dumps({"epoch": row["epoch"]}))
+                else:
+                    self.best_weights = self.model.get_weights()
+            elif patience is not None and row["epoch"] - self.best["epoch"] >= patience:
+                self.model.stop_training = True
+
+        def on_train_end(self, logs: dict | None = None) -> None:
+            if self.best is None:
+                return
+            if self.best_file is not None:
+                self.model.load_weights(self.best_file)
+            else:
+                self.model.set_weights(self.best_weights)
+
+    return BestEpoch()
+
+
+def _kept_epoch(best_file: Path | None) -> int | None:
+    """The epoch whose weights ``best_file`` holds, per its sidecar; None when unknown."""
+    if best_file is None or not best_file.exists() or not best_file.with_suffix(".json").exists():
+        return None
+    return json.loads(best_file.with_suffix(".json").read_text())["epoch"]
+
+
+def learning_rate_at(epoch: int, train_params: TrainParams) -> float:
+    """Learning rate for a 0-based epoch: constant, or cosine from the base rate towards 0
+    over the epoch cap (halfway through, half the base rate)."""
+    if train_params.lr_schedule == "constant":
+        return train_params.learning_rate
+    return 0.5 * train_params.learning_rate * (1 + math.cos(math.pi * epoch / train_params.epochs))
+
+
+def class_weights(images: Sequence[LabeledImage], mode: str) -> dict[int, float] | None:
+    """``balanced``: each class weighs in as if both had the same number of images."""
+    if mode == "none":
+        return None
+    counts = {label: sum(1 for image in images if image.label == label) for label in (0, 1)}
+    return {label: len(images) / (2 * count) for label, count in counts.items() if count}
+
+
 def train_model(
     train_images: Sequence[LabeledImage],
     validation_images: Sequence[LabeledImage],
@@ -215,28 +289,42 @@ def train_model(
     train_data = make_dataset(
         train_images, model_params, train_params.batch_size,
         shuffle_seed=train_params.seed, shuffle_buffer=train_params.shuffle_buffer,
+        augment=train_params.augment,
     )
     validation_data = make_dataset(validation_images, model_params, train_params.batch_size)
     rows: list[dict[str, float]] = []
     checkpoint = None
-    callbacks: list[keras.callbacks.Callback] = []
     if checkpoint_dir is not None:
         fingerprint = run_fingerprint(train_images, model_params, train_params, initial_weights(warm_start))
         checkpoint = _Checkpoint(Path(checkpoint_dir), fingerprint)
         rows.extend(checkpoint.finished_epochs())
         if rows:
             report(f"resuming from the checkpoint after epoch {rows[-1]['epoch']}")
+    # Order matters: the recorder writes the epoch's row that the keeper reads, and the
+    # keeper restores the best weights before BackupAndRestore deletes the checkpoint folder.
+    callbacks: list[keras.callbacks.Callback] = [
+        _epoch_recorder(train_params.epochs, len(train_images), rows, report, checkpoint),
+        best_epoch_keeper(train_params.early_stopping_patience, rows, checkpoint),
+    ]
+    if checkpoint_dir is not None:
         callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir)))
-    callbacks.append(_epoch_recorder(train_params.epochs, len(train_images), rows, report, checkpoint))
+    if train_params.lr_schedule != "constant":
+        callbacks.append(keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate_at(epoch, train_params)))
     model.fit(
         train_data,
         validation_data=validation_data,
         epochs=train_params.epochs,
         callbacks=[*callbacks, *extra_callbacks],
+        class_weight=class_weights(train_images, train_params.class_weight),
         shuffle=False,  # the tf.data pipeline shuffles, seeded
         verbose=0,
     )
     return model, rows
+
+
+def best_epoch(history: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The epoch whose weights training keeps: the lowest validation loss (first on ties)."""
+    return min(history, key=lambda row: row["val_loss"])
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -280,26 +368,35 @@ def run_train(
     )
     warm_start = find_warm_start(params)
     init = initial_weights(warm_start)
+    model_params = resolve_color_mode(train_images, params.model)
+    if model_params.color_mode != params.model.color_mode:
+        report(f"model.color_mode auto: {model_params.color_mode} (from the train images)")
     started = time.perf_counter()
     model, history = train_model(
-        train_images, validation_images, params.model, params.train,
+        train_images, validation_images, model_params, params.train,
         checkpoint_dir=Path(params.train.checkpoint_dir), report=report, warm_start=warm_start,
     )
     seconds = time.perf_counter() - started
-    save_model(model, model_path, params.data.class_mapping, params.model, training={"init": init})
+    kept = best_epoch(history)
+    save_model(model, model_path, params.data.class_mapping, model_params,
+               training={"init": init, "best_epoch": int(kept["epoch"]), "epochs_run": len(history)})
     write_history(history, reports_dir / "history.csv")
-    last = history[-1]
     summary = {
         "epochs": len(history),
+        "kept_epoch": int(kept["epoch"]),
         "seconds": round(seconds, 2),
         "images_per_second": round(len(train_images) * len(history) / seconds, 1),
         "parameters": int(model.count_params()),
         "init": init,
         "first_layer_init": params.model.first_layer_init,
-        "last_epoch": {k: round(v, 6) for k, v in last.items() if k not in ("epoch", "seconds")},
+        "color_mode": model_params.color_mode,
+        "kept_epoch_metrics": {k: round(v, 6) for k, v in kept.items() if k not in ("epoch", "seconds")},
         "images": split_counts(images, params.data.classes),
         "class_mapping": params.data.class_mapping,
     }
     (reports_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    report(f"wrote {model_path} ({summary['parameters']} parameters) in {seconds:.1f}s")
+    report(
+        f"wrote {model_path} ({summary['parameters']} parameters) in {seconds:.1f}s, "
+        f"weights of epoch {summary['kept_epoch']} of {summary['epochs']} (lowest validation loss)"
+    )
     return summary

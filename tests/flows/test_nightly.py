@@ -314,7 +314,7 @@ def test_report_says_unchanged_and_keeps_the_last_decision() -> None:
         "stages": dict.fromkeys(PIPELINE_STAGES, "skipped"), "data_snapshot": "abc.dir",
         "data_changed": False, "published_version": None, "champion_version": "v0003",
         "champion_path": "/r/champion.h5", "candidate_path": "/m/candidate.h5",
-        "metrics": [], "last_epoch_vs_evaluate": {},
+        "metrics": [], "kept_epoch_vs_evaluate": {},
     }
     text = report_markdown(summary)
     assert "# Nightly retrain: UNCHANGED" in text

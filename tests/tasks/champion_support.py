@@ -117,3 +117,15 @@ def flip_weight_bytes(model_path: Path, count: int = 64) -> None:
         chunk = raw.read(count)
         raw.seek(offset)
         raw.write(bytes(b ^ 0xFF for b in chunk))
+def review_band_registry(data_dir: Path, base: Path, registry: Path, review_band: tuple[float, float]) -> Path:
+    """A registry whose champion (the good model) was published with a review band."""
+    from tasks.gate import run_gate
+    from tasks.registry import publish
+
+    params = gate_params(data_dir, registry)
+    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, review_band=review_band))
+    candidate = good_model(data_dir, base)
+    result = run_gate(params, candidate, registry.parent / "reports-review")
+    assert result["decision"] == "promote", result["reasons"]
+    publish(candidate, result, params)
+    return registry

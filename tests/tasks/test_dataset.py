@@ -99,3 +99,38 @@ def test_decode_all_keeps_the_order_of_the_images(tmp_path):
     for index in (0, 63, 64, 79):
         one = decode_image(tf.io.read_file(str(images[index].path)), model).numpy()
         assert np.array_equal(decoded[index], one)
+
+
+def test_augmentation_changes_training_images_only_and_repeats_with_its_seed(tmp_path):
+    from PIL import Image
+
+    from tasks.dataset import resolve_color_mode
+    from tasks.params import AugmentParams
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    images = list_images(data, DataParams(dir=str(data)))
+    model = ModelParams(input_size=(24, 24))
+    augment = AugmentParams(flip=True, rot90=True, shift=0.1, brightness=0.1, contrast=0.2)
+
+    def epoch(dataset):
+        batches = list(dataset.as_numpy_iterator())
+        return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+    plain, plain_labels = epoch(make_dataset(images, model, 4, shuffle_seed=3))
+    varied, varied_labels = epoch(make_dataset(images, model, 4, shuffle_seed=3, augment=augment))
+    again, _ = epoch(make_dataset(images, model, 4, shuffle_seed=3, augment=augment))
+    assert list(varied_labels) == list(plain_labels)  # same order, same labels
+    assert varied.shape == plain.shape and 0.0 <= varied.min() and varied.max() <= 1.0
+    assert not np.allclose(varied, plain)
+    np.testing.assert_array_equal(varied, again)  # the seed fixes every variant
+    off, _ = epoch(make_dataset(images, model, 4, shuffle_seed=3, augment=AugmentParams()))
+    np.testing.assert_array_equal(off, plain)
+
+    assert resolve_color_mode(images, ModelParams(color_mode="auto")).color_mode == "rgb"
+    gray = tmp_path / "gray"
+    for image in images:
+        target = gray / image.class_name / image.path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(image.path).convert("L").save(target)
+    gray_images = list_images(gray, DataParams(dir=str(gray)))
+    assert resolve_color_mode(gray_images, ModelParams(color_mode="auto")).color_mode == "grayscale"

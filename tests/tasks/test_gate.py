@@ -1,9 +1,8 @@
 import json
 
-import numpy as np
 import pytest
 
-from tasks.gate import calibrate_threshold, decide, mcnemar_exact, run_gate
+from tasks.gate import decide, mcnemar_exact, run_gate
 from tasks.params import GateParams
 from tasks.registry import CHAMPION_MODEL, read_log
 from tests.tasks.champion_support import (
@@ -98,17 +97,6 @@ def test_mcnemar_never_favours_a_candidate_that_is_significantly_worse():
 
 def test_no_discordant_pairs_gives_p_one():
     assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
-
-
-def test_calibrated_threshold_is_the_highest_that_meets_the_target():
-    labels = np.array([1] * 10 + [0] * 4)
-    scores = np.array([0.05, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.01, 0.1, 0.25, 0.6])
-    threshold = calibrate_threshold(labels, scores, target_escape_rate=0.2)  # 2 of 10 may escape
-    assert threshold == pytest.approx(0.3)
-    escapes = np.sum((scores < threshold) & (labels == 1))
-    assert escapes == 2
-    assert np.sum((scores < np.nextafter(threshold, 1)) & (labels == 1)) == 3  # any higher: too many
-    assert calibrate_threshold(labels, scores, 0.0) == pytest.approx(0.05)
 
 
 @pytest.mark.slow

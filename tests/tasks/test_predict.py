@@ -10,7 +10,7 @@ from tasks.params import DataParams, ValidateParams
 from tasks.predict import expand_paths, load_champion, predict_files
 from tasks.registry import RegistryError
 from tests.bad_files import HOSTILE_IMAGES
-from tests.tasks.champion_support import one_version_registry
+from tests.tasks.champion_support import one_version_registry, review_band_registry
 
 EXTENSIONS = (".png", ".jpg")
 
@@ -103,3 +103,26 @@ def test_images_the_check_refuses_get_its_reason_never_a_label(champion, validat
         expected = inspect_image(path.read_bytes(), limits).rejection(blocking_rules(limits))
         assert (row["label"], row["probability"], row["error"]) == (None, None, expected.reason)
     assert results[-1]["label"] == validation_images[0].class_name and results[-1]["error"] is None
+def expected_label(probability, threshold, band):
+    if band[0] <= probability < band[1]:
+        return "REVIEW"
+    return "NG" if probability >= threshold else "GO"
+
+
+@pytest.mark.slow
+def test_review_band_sends_uncertain_parts_to_a_person(
+    trained_workspace, validation_images, tmp_path_factory, tmp_path
+):
+    base = tmp_path_factory.getbasetemp()
+    paths = [image.path for image in validation_images]
+    plain = predict_files(load_champion(one_version_registry(trained_workspace["data_dir"], base)), paths, 8)
+    probabilities = sorted(row["probability"] for row in plain)
+    band = (probabilities[len(probabilities) // 4], probabilities[3 * len(probabilities) // 4])
+    registry = review_band_registry(trained_workspace["data_dir"], base, tmp_path / "registry", band)
+    champion = load_champion(registry)
+    assert champion.review_band == pytest.approx(band)
+    results = predict_files(champion, paths, batch_size=8)
+    labels = [row["label"] for row in results]
+    assert labels == [expected_label(row["probability"], champion.threshold, band) for row in results]
+    assert labels.count("REVIEW") >= len(paths) // 3  # the middle half of the scores, ties aside
+    assert {"GO", "NG"} & set(labels)

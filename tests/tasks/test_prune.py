@@ -68,10 +68,38 @@ def test_a_layer_that_cannot_be_pruned_through_is_named():
 
     model = keras.Sequential([
         keras.Input((TINY_SIZE, TINY_SIZE, 3)), keras.layers.Conv2D(4, 3),
-        keras.layers.BatchNormalization(name="bn"), keras.layers.Flatten(), keras.layers.Dense(1),
+        keras.layers.LayerNormalization(name="ln"), keras.layers.Flatten(), keras.layers.Dense(1),
     ])
-    with pytest.raises(PruneError, match=r"cannot prune through layer bn \(BatchNormalization\)"):
+    with pytest.raises(PruneError, match=r"cannot prune through layer ln \(LayerNormalization\)"):
         prune_model(model, 0.5)
+
+
+def test_pruning_aoi_cnn_slices_batch_norm_with_its_conv(tiny_data_params):
+    """Silenced channels (zero kernel, zero BatchNorm scale and shift) output exactly 0, so
+    removing them must not change any output of a Conv-BN-ReLU, global-pooling model."""
+    import keras
+
+    from tasks.params import ModelParams
+
+    keras.utils.set_random_seed(5)
+    params = ModelParams(architecture="aoi_cnn", input_size=(TINY_SIZE, TINY_SIZE), conv_filters=(8, 16),
+                         pooling="max")
+    model = build_model(params, 0.001)
+    silenced = {}
+    for layer, indices in zip(conv_layers(model), ([1, 6], [0, 3, 9, 15]), strict=True):
+        (kernel,) = layer.get_weights()
+        kernel[..., indices] = 0.0
+        layer.set_weights([kernel])
+        norm = model.get_layer(layer.name.replace("conv", "bn"))
+        gamma, beta, mean, variance = norm.get_weights()
+        gamma[indices], beta[indices] = 0.0, 0.0
+        norm.set_weights([gamma, beta, mean + 0.1, variance * 2])  # inference uses these
+        silenced[layer.name] = indices
+    pruned, plan = prune_model(model, 0.25)
+    assert {row["layer"]: sorted(row["removed"]) for row in plan} == silenced
+    assert [layer.filters for layer in conv_layers(pruned)] == [6, 12]
+    images = sample_images(seed=1)
+    np.testing.assert_allclose(pruned.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
 
 
 @pytest.fixture

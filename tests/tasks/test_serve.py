@@ -25,6 +25,7 @@ from tests.tasks.champion_support import (
     flip_weight_bytes,
     gate_params,
     one_version_registry,
+    review_band_registry,
     two_version_registry,
 )
 
@@ -327,3 +328,15 @@ def test_a_token_guards_predict_and_model_but_not_health(
 def test_binding_outside_loopback_is_warned_about(host, token, expected):
     warning = exposure_warning(host, token)
     assert warning is None if expected is None else expected in warning
+
+
+def test_the_service_answers_review_inside_the_cards_review_band(
+    trained_workspace, tmp_path_factory, tmp_path, validation_paths
+):
+    base = tmp_path_factory.getbasetemp()
+    registry = review_band_registry(trained_workspace["data_dir"], base, tmp_path / "registry", (0.0, 1.0))
+    with TestClient(create_app(serve_params(trained_workspace, registry))) as client:
+        for path in validation_paths:
+            body = upload(client, path.read_bytes()).json()
+            assert body["review_band"] == [0.0, 1.0]
+            assert body["label"] == ("REVIEW" if body["probability"] < 1.0 else "NG")

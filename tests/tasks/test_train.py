@@ -24,7 +24,7 @@ def test_run_train_writes_model_history_and_summary(trained_workspace):
     summary = json.loads((reports / "train.json").read_text())
     assert summary["epochs"] == 3
     assert summary["images"]["train"]["GO"] > 0 and summary["images"]["validation"]["NG"] > 0
-    assert 0.0 <= summary["last_epoch"]["val_accuracy"] <= 1.0
+    assert 0.0 <= summary["kept_epoch_metrics"]["val_accuracy"] <= 1.0
 
 
 def test_missing_class_folder_names_folder_and_writes_no_model(tmp_path):
@@ -185,3 +185,77 @@ def test_warm_started_run_never_resumes_a_random_init_checkpoint(champion_projec
     assert not any("resuming" in message for message in messages)
     assert messages[0].startswith("warm start from champion v0001")
     assert [row["epoch"] for row in history] == [1, 2]
+
+
+def test_the_lowest_validation_loss_epoch_is_kept_and_patience_stops_training():
+    import keras
+    import numpy as np
+
+    from tasks.train import best_epoch_keeper
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, name="dense")])
+    rows: list[dict[str, float]] = []
+    keeper = best_epoch_keeper(2, rows, checkpoint=None)
+    keeper.set_model(model)
+    model.stop_training = False  # as fit() sets it
+    keeper.on_train_begin()
+    for epoch, val_loss in enumerate([0.5, 0.3, 0.4, 0.45, 0.1]):
+        model.get_layer("dense").set_weights([np.full((1, 1), epoch + 1.0), np.zeros(1)])
+        rows.append({"epoch": epoch + 1, "val_loss": val_loss})
+        keeper.on_epoch_end(epoch)
+        if model.stop_training:
+            break
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]  # two epochs without a better loss
+    keeper.on_train_end()
+    assert model.get_layer("dense").get_weights()[0][0, 0] == 2.0  # epoch 2's weights
+
+
+def test_learning_rate_follows_a_cosine_from_the_base_rate():
+    from tasks.params import TrainParams
+    from tasks.train import learning_rate_at
+
+    cosine = TrainParams(epochs=10, learning_rate=0.01, lr_schedule="cosine")
+    assert learning_rate_at(0, cosine) == pytest.approx(0.01)
+    assert learning_rate_at(5, cosine) == pytest.approx(0.005)
+    assert learning_rate_at(9, cosine) < 0.0003
+    assert learning_rate_at(7, TrainParams(learning_rate=0.01)) == 0.01
+
+
+def test_balanced_class_weights_count_each_class_equally(tmp_path):
+    from tasks.dataset import LabeledImage
+    from tasks.train import class_weights
+
+    images = [LabeledImage(tmp_path / f"{i}.png", "NG" if i < 2 else "GO", int(i < 2), str(i), "train")
+              for i in range(8)]
+    weights = class_weights(images, "balanced")
+    assert weights == {0: pytest.approx(8 / 12), 1: pytest.approx(2.0)}
+    assert 6 * weights[0] == pytest.approx(2 * weights[1])
+    assert class_weights(images, "none") is None
+
+
+@pytest.mark.slow
+def test_aoi_cnn_trains_with_augmentation_and_its_h5_answers_like_the_model(tmp_path):
+    import numpy as np
+
+    from tasks.dataset import decode_all, list_images, select
+    from tasks.model import load_model
+    from tasks.params import AugmentParams, ModelParams
+
+    data = make_image_folder(tmp_path / "data", per_class=16)
+    base = tiny_params(data, epochs=2)
+    augment = AugmentParams(flip=True, rot90=True, shift=0.1, brightness=0.1, contrast=0.1)
+    params = dataclasses.replace(
+        base,
+        model=ModelParams(architecture="aoi_cnn", input_size=(32, 32), color_mode="auto",
+                          conv_filters=(4, 8), stem_stride=2, dropout=0.2),
+        train=dataclasses.replace(base.train, augment=augment, class_weight="balanced",
+                                  lr_schedule="cosine", early_stopping_patience=1),
+    )
+    summary = run_train(params, tmp_path / "candidate.h5", tmp_path / "reports")
+    assert summary["color_mode"] == "rgb"  # the tiny fans are saved as RGB
+    loaded = load_model(tmp_path / "candidate.h5")
+    assert not [layer.name for layer in loaded.layers if "random" in type(layer).__name__.lower()]
+    images = select(list_images(data, params.data), "validation")
+    pixels = decode_all(images, dataclasses.replace(params.model, color_mode="rgb"))
+    first, second = loaded.predict(pixels, verbose=0), loaded.predict(pixels, verbose=0)
+    np.testing.assert_array_equal(first, second)  # no dropout, no augmentation at inference
