@@ -46,10 +46,10 @@ LOAD_ATTEMPTS = 3
 
 
 class Prediction(BaseModel):
-    label: str
+    label: str  # a class name, or REVIEW inside the card's review band
     probability: float
     threshold: float
-    review_band: list[float] | None = None
+    review_band: list[float] | None
     positive_class: str
     model_version: str
 
@@ -322,7 +322,8 @@ def create_app(params: Params) -> FastAPI:
         422: {"description": "truncated or corrupt image, or a decompression bomb"},
     })
     def predict(file: Annotated[UploadFile, File(description="PNG, JPEG or BMP image")]) -> dict[str, Any]:
-        """Classify one image with the champion: label, probability, threshold, model version."""
+        """Classify one image with the champion: label (GO, NG or REVIEW), probability, threshold,
+        review band, model version."""
         loaded = holder.current()
         data = file.file.read(serve.max_upload_bytes + 1)
         try:

@@ -145,7 +145,8 @@ def test_warm_start_begins_at_the_champion_weights_and_is_recorded(champion_proj
     gate_result = run_gate(params, model_path, tmp_path / "reports", record=False)
     card = build_card("v0002", model_path, gate_result, params, repo_dir=tmp_path,
                       action="promote", reason=None)
-    assert card["training"] == {"first_layer_init": "glorot_uniform", "init": expected}
+    assert card["training"] == {"first_layer_init": "glorot_uniform", "init": expected,
+                                "best_epoch": summary["kept_epoch"], "epochs_run": summary["epochs"]}
 
 
 def test_warm_start_without_a_champion_names_the_file_and_the_fix(champion_project, tmp_path):
