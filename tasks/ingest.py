@@ -426,12 +426,17 @@ def write_report(result: dict[str, Any], path: Path) -> None:
     try:
         atomic_write(path, lambda handle: handle.write(text))
     except OSError as exc:
-        full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-        raise IngestError(
-            f"{path}: cannot write the ingest report ({exc.strerror or exc}); nothing was "
-            f"added to the data set. {'Free space on that disk' if full else 'Fix the folder'}, "
-            f"then rerun the ingest", transient=full,
-        ) from None
+        raise _write_failure(path, "the ingest report", exc) from None
+
+
+def _write_failure(path: Path, what: str, exc: OSError) -> IngestError:
+    """A write that failed before data/ was swapped: name the file, say nothing was added."""
+    full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return IngestError(
+        f"{path}: cannot write {what} ({exc.strerror or exc}); nothing was added to the data "
+        f"set. {'Free space on that disk' if full else 'Fix the folder'}, then rerun the ingest",
+        transient=full,
+    )
 
 
 def rejected_count(result: dict[str, Any]) -> int:
@@ -465,8 +470,11 @@ def _write_index(old: Path, new: Path, entries: list[dict]) -> None:
     # A fresh file, never the hard link to the old one: the old folder must stay as it was.
     lines = old.read_text(encoding="utf-8") if old.is_file() else ""
     lines += "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
-    new.write_text(lines, encoding="utf-8")
-    fsync_path(new)
+    try:
+        new.write_text(lines, encoding="utf-8")
+        fsync_path(new)
+    except OSError as exc:
+        raise _write_failure(old, f"the new source index (in {new.parent.parent})", exc) from None
 
 
 def _link_tree(source: Path, target: Path) -> None:

@@ -290,3 +290,22 @@ def test_a_full_disk_while_an_image_is_copied_names_it_and_changes_nothing(tmp_p
     assert tree_digest(data) == before
     (report,) = (project / "reports" / "ingest").iterdir()
     assert json.loads(report.read_text())["error"] in error
+
+
+def test_a_full_disk_while_the_index_is_written_names_it_and_changes_nothing(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    data = make_image_folder(project / "data", per_class=2, seed=1)
+    entry = json.dumps({"file": "data/GO/old.png", "source": "/share/" + "x" * 200}) + "\n"
+    (data / ".sources.jsonl").write_text(entry * 300)  # ~70 KB: the index of a grown data set
+    (project / ".dvc").mkdir()
+    batch = make_image_folder(tmp_path / "batch", per_class=1, seed=2)
+    before = tree_digest(data)
+
+    # The report and the images fit under the limit; the rewritten index does not.
+    error = _ingest_with_file_size_limit(40_000, batch, project)
+
+    assert error.startswith(f"tasks.ingest.IngestError: {data / '.sources.jsonl'}: cannot write "
+                            f"the new source index")
+    assert "(File too large); nothing was added to the data set" in error
+    assert tree_digest(data) == before
+    assert not list(project.glob(".fanaoi-ingest-*"))
