@@ -356,13 +356,19 @@ def record_decision(registry: RegistryParams, entry: dict[str, Any]) -> None:
     """Append a decision that publishes nothing (a gate rejection) to log.jsonl."""
     registry_dir = Path(registry.dir)
     with registry_lock(registry_dir, registry.lock_timeout):
+        _remove_leftovers(registry_dir)
         _append_log(registry_dir, entry)
 
 
 def _remove_leftovers(registry_dir: Path) -> None:
-    """Temp files and staged folders of a publish that was killed (the caller holds the lock)."""
+    """Temp files and staged folders of a publish or card update that was killed.
+
+    Every command that changes the registry calls it first (it holds the lock).
+    """
     for temp in registry_dir.glob(".*.tmp"):
         temp.unlink()
+    for scratch in registry_dir.glob(".card-*"):
+        shutil.rmtree(scratch, ignore_errors=True)
     for staged in (registry_dir / "versions").glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(staged)
 
@@ -487,9 +493,14 @@ def smoke_test(model_path: Path, references: Sequence[dict[str, Any]]) -> None:
     ``references`` are {"path", "probability"} pairs scored during the gate. A file that
     cannot be loaded, or predicts differently, raises PublishError.
     """
+    # The child dies with its parent (Linux PR_SET_PDEATHSIG), and gives up at once if the
+    # parent is already gone: a killed publish leaves no TensorFlow process behind.
     code = (
-        "import json, sys; from tasks.predict import smoke_probabilities; "
-        "print(json.dumps(smoke_probabilities(sys.argv[1], sys.argv[2:])))"
+        "import ctypes, json, os, signal, sys\n"
+        "if sys.platform.startswith('linux'): ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+        "if os.getppid() != int(sys.argv[1]): sys.exit('the publishing process is gone')\n"
+        "from tasks.predict import smoke_probabilities\n"
+        "print(json.dumps(smoke_probabilities(sys.argv[2], sys.argv[3:])))"
     )
     project_root = str(Path(__file__).resolve().parent.parent)
     env = {
@@ -499,7 +510,7 @@ def smoke_test(model_path: Path, references: Sequence[dict[str, Any]]) -> None:
     paths = [str(reference["path"]) for reference in references]
     try:
         result = subprocess.run(
-            [sys.executable, "-c", code, str(model_path), *paths],
+            [sys.executable, "-c", code, str(os.getpid()), str(model_path), *paths],
             capture_output=True, text=True, env=env, timeout=SMOKE_TIMEOUT_SECONDS, check=False,
         )
     except subprocess.TimeoutExpired:
@@ -598,6 +609,7 @@ def rollback(registry: RegistryParams, version: str, reason: str | None = None) 
     """Make an earlier published version the champion again (atomic, logged). Returns its card."""
     registry_dir = Path(registry.dir)
     with registry_lock(registry_dir, registry.lock_timeout):
+        _remove_leftovers(registry_dir)
         version, folder = published_version(registry_dir, version)
         card = read_embedded_card(folder / "model.h5")
         others = [v for v in list_versions(registry_dir) if v != version]

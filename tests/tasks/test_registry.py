@@ -1,8 +1,10 @@
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -252,3 +254,55 @@ def test_a_champion_json_that_is_not_a_card_falls_back_to_the_embedded_one(
     assert champion_card(registry)["version"] == "v0002"
     rollback(gate_params(data_dir, registry).registry, "v0001")  # and rollback repairs the file
     assert json.loads((registry / CHAMPION_CARD).read_text())["version"] == "v0001"
+
+
+@pytest.mark.slow
+def test_leftovers_of_a_killed_publish_are_removed_by_the_next_command(data_dir, base, tmp_path):
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    staged = registry / "versions" / ".incoming-v0003"
+    staged.mkdir()
+    (staged / "model.h5").write_bytes(b"half a model")
+    (registry / ".champion.h5.k1ll3d.tmp").write_bytes(b"half a champion")
+    (registry / ".card-k1ll3d").mkdir()
+
+    rollback(gate_params(data_dir, registry).registry, "v0001")
+
+    assert not staged.exists() and not list(registry.glob(".*.tmp"))
+    assert not list(registry.glob(".card-*"))
+    assert list_versions(registry) == ["v0001", "v0002"]
+
+
+@pytest.mark.integration
+def test_the_smoke_test_process_dies_with_a_killed_publisher(data_dir, base):
+    import psutil
+
+    model = one_version_registry(data_dir, base) / "versions" / "v0001" / "model.h5"
+    image = next((data_dir / "GO").iterdir())
+    code = (f"from pathlib import Path; from tasks.registry import smoke_test; "
+            f"smoke_test(Path({str(model)!r}), [{{'path': {str(image)!r}, 'probability': 0.5}}])")
+    publisher = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
+    try:
+        children: list = []
+        deadline = time.monotonic() + 60
+        while not children and time.monotonic() < deadline:
+            children = psutil.Process(publisher.pid).children()
+            time.sleep(0.02)
+        assert children, "the smoke test never started"
+        publisher.kill()  # SIGKILL while the child is still importing TensorFlow
+        publisher.wait()
+
+        def ended(process) -> bool:
+            try:
+                return process.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        deadline = time.monotonic() + 3  # far less than the child needs to finish on its own
+        while not all(map(ended, children)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(map(ended, children)), "the smoke test process outlived its publisher"
+    finally:
+        publisher.kill()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
