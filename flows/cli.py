@@ -95,7 +95,18 @@ def _evaluate(args: argparse.Namespace, params: Params) -> int:
         f"threshold {validation['threshold']:.4f}  evaluate-vs-kept-epoch gap "
         f"{comparison['validation_accuracy_gap']:.4f}  -> {Path(args.reports) / 'evaluation.json'}"
     )
+    _print_defect_types(validation)
     return 0
+
+
+def _print_defect_types(metrics: dict) -> None:
+    """The escape rate's 95 % upper bound, then one line per defect type (NG subfolder)."""
+    from tasks.evaluate import defect_type_lines
+
+    if "escape_rate_upper95" in metrics:
+        print(f"escape rate 95 % upper bound {metrics['escape_rate_upper95']:.4f}")
+    for line in defect_type_lines(metrics):
+        print(f"  {line}")
 
 
 @command("snapshot")
@@ -346,6 +357,7 @@ def _explain(args: argparse.Namespace, params: Params) -> int:
     print(f"{summary['model']}: {len(summary['escapes'])} escape(s), {len(summary['overkills'])} "
           f"overkill(s) on {summary['validation']['count']} validation images; {shown} heatmap(s)"
           + (f", {summary['left_out']} left out (explain.max_heatmaps)" if summary["left_out"] else ""))
+    _print_defect_types(summary["validation"])
     print(f"report: {summary['index']}  ({summary['seconds']:.1f}s)")
     return 0
 
@@ -384,6 +396,7 @@ def _retrain(args: argparse.Namespace, params: Params) -> int:
         print(f"candidate on {validation['count']} validation images: accuracy {validation['accuracy']:.4f}, "
               f"escape rate {validation['escape_rate']:.4f}, overkill rate {validation['overkill_rate']:.4f}, "
               f"review rate {validation.get('review_rate', 0.0):.4f}")
+        _print_defect_types(validation)
     print(f"champion: {summary['champion_path'] or 'none yet'} ({summary['champion_version'] or '-'})")
     print(f"candidate: {summary['candidate_path']}")
     print(f"reports: {summary['reports_path']} (evaluation.json, gate.json, history.csv)")

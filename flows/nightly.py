@@ -31,6 +31,7 @@ REPORTS = "reports"
 RUN_LOCK = ".fanaoi/nightly.lock"
 REPORT_KEY = "nightly-retrain-report"
 METRICS_KEY = "nightly-retrain-metrics"
+DEFECT_TYPES_KEY = "nightly-retrain-defect-types"
 SKIPPED = "Skipped"
 
 # Plain OS errors that do not heal by waiting: a missing file, a permission. Others (a
@@ -226,7 +227,7 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
 
 TABLE_METRICS = (
     "accuracy", "balanced_accuracy", "precision", "recall", "f1",
-    "escape_rate", "overkill_rate", "review_rate", "auc",
+    "escape_rate", "escape_rate_upper95", "overkill_rate", "review_rate", "auc",
 )
 
 
@@ -256,6 +257,7 @@ def summarize(
         "reports_path": str(Path(REPORTS).resolve()),
         "validation": evaluation.get("validation", {}),
         "metrics": metric_rows(gate),
+        "defect_types": defect_type_rows(gate),
         "kept_epoch_vs_evaluate": evaluation.get("kept_epoch_vs_evaluate", {}),
     }
 
@@ -275,6 +277,40 @@ def metric_rows(gate: dict[str, Any]) -> list[dict[str, Any]]:
             "delta": _rounded(delta),
         })
     return rows
+
+
+def defect_type_rows(gate: dict[str, Any]) -> list[dict[str, Any]]:
+    """Escapes per defect type on the gate's validation images: candidate, and champion's rate."""
+    candidate = gate.get("candidate", {}).get("metrics", {}).get("defect_types", {})
+    champion = (gate.get("champion", {}).get("metrics") or {}).get("defect_types", {})
+    return [
+        {
+            "defect_type": kind, "images": row["count"], "escapes": row["escapes"],
+            "escape_rate": _rounded(row["escape_rate"]),
+            "escape_rate_upper95": _rounded(row["escape_rate_upper95"]),
+            "champion_escape_rate": _rounded(champion.get(kind, {}).get("escape_rate")),
+        }
+        for kind, row in candidate.items()
+    ]
+
+
+def defect_type_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of :func:`defect_type_rows`."""
+    if not rows:
+        return []
+    lines = [
+        "## Escapes per defect type (validation)",
+        "",
+        "| defect type | images | escapes | escape rate | 95 % upper bound | champion |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        champion = "-" if row["champion_escape_rate"] is None else f"{row['champion_escape_rate']:.4f}"
+        lines.append(
+            f"| {row['defect_type']} | {row['images']} | {row['escapes']} | {row['escape_rate']:.4f} "
+            f"| {row['escape_rate_upper95']:.4f} | {champion} |"
+        )
+    return [*lines, ""]
 
 
 def _rounded(value: float | None) -> float | None:
@@ -309,6 +345,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "",
         *[f"- {reason}" for reason in summary["reasons"] or ["(no gate decision yet)"]],
         "",
+        *defect_type_table(summary.get("defect_types", [])),
         *evaluate_vs_kept_epoch_table(summary["kept_epoch_vs_evaluate"]),
     ]
     return "\n".join(lines) + "\n"
@@ -372,6 +409,11 @@ def report_run(summary: dict[str, Any]) -> None:
         create_table_artifact(
             summary["metrics"], key=METRICS_KEY,
             description="candidate vs champion on the gate's validation images",
+        )
+    if summary.get("defect_types"):
+        create_table_artifact(
+            summary["defect_types"], key=DEFECT_TYPES_KEY,
+            description="escapes per defect type (NG subfolder) on the gate's validation images",
         )
 
 

@@ -3,7 +3,8 @@
 A data set is a folder with one subfolder per class (``data.classes`` in params). The
 label of a class is its position in that list, never its place in alphabetical order.
 An image's split is a function of the sha256 of its bytes and a salt, so adding images
-never moves an old one between train, validation and test.
+never moves an old one between train, validation and test. Subfolders of the positive
+class folder name defect types (``NG/crack/``); labels stay binary.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 from tasks.errors import FanaoiError
@@ -28,6 +29,8 @@ SPLITS = ("train", "validation", "test")
 # Pillow modes with one channel (gray with alpha counts: training drops the alpha).
 _SINGLE_CHANNEL_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 _HASH_CHUNK = 1 << 20
+# The defect type of a positive-class image that sits directly in the class folder.
+UNTYPED = "untyped"
 
 
 class DatasetError(FanaoiError):
@@ -41,6 +44,19 @@ class LabeledImage:
     label: int
     sha256: str
     split: str
+    defect_type: str | None = None  # see defect_type_of; None for the negative class
+
+
+def defect_type_of(relative: PurePath | str, positive_class: str) -> str | None:
+    """The defect type of an image from its path relative to the data folder.
+
+    ``NG/crack/a.png`` and ``NG/crack/day2/a.png`` are "crack", ``NG/a.png`` is UNTYPED;
+    images of the other class (subfolders there only organise files) have no type.
+    """
+    parts = PurePath(relative).parts
+    if not parts or parts[0] != positive_class:
+        return None
+    return parts[1] if len(parts) > 2 else UNTYPED
 
 
 def sha256_of(path: Path) -> str:
@@ -121,7 +137,8 @@ def list_images(data_dir: Path | str, params: DataParams) -> list[LabeledImage]:
         for path in accepted:
             digest = sha256_of(path)
             split = assign_split(digest, params.split_salt, params.split)
-            images.append(LabeledImage(path, name, mapping[name], digest, split))
+            kind = defect_type_of(path.relative_to(data_dir), params.positive_class)
+            images.append(LabeledImage(path, name, mapping[name], digest, split, kind))
     return images
 
 
@@ -249,3 +266,7 @@ def decode_all(images: Sequence[LabeledImage], model: ModelParams) -> np.ndarray
 
 def labels_of(images: Sequence[LabeledImage]) -> list[int]:
     return [image.label for image in images]
+
+
+def defect_types_of(images: Sequence[LabeledImage]) -> list[str | None]:
+    return [image.defect_type for image in images]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.dataset import LabeledImage, labels_of, list_images, make_dataset, require_split, select
+from tasks.dataset import LabeledImage, defect_types_of, labels_of, list_images, make_dataset, require_split, select
 from tasks.errors import FanaoiError
 from tasks.model import load_model, model_params_from_file, read_model_metadata
 from tasks.params import ModelParams, Params
@@ -126,16 +126,25 @@ def classification_metrics(
 
 
 def calibrate_threshold(labels: np.ndarray, scores: np.ndarray, target_escape_rate: float) -> float:
-    """Highest threshold whose escape rate on these images is at most the target.
+    """The NG threshold that meets the target escape rate with the least overkill, midway
+    in the gap of scores where it may lie.
 
-    A higher threshold rejects fewer GO parts (less overkill), so the highest one that
-    keeps escapes within the target is the one to use.
+    The highest threshold that keeps escapes within the target also rejects the fewest GO
+    parts; every threshold down to the next GO score below it rejects exactly as many. On
+    well separated validation scores that gap is wide, and its top edge sits right under an
+    NG image: new NG parts scored a little lower would pass. The middle of the gap keeps a
+    margin on both sides at no cost on validation.
     """
-    positives = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 1])
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    positives = np.sort(scores[labels == 1])
     allowed_escapes = math.floor(target_escape_rate * len(positives) + 1e-9)
     if allowed_escapes >= len(positives):
         return 1.0
-    return float(positives[allowed_escapes])
+    highest = float(positives[allowed_escapes])
+    below = scores[(labels == 0) & (scores < highest)]
+    floor = float(below.max()) if below.size else 0.0
+    return (floor + highest) / 2
 
 
 def defects_needed(target_escape_rate: float) -> int:
@@ -178,6 +187,77 @@ def roc_points(labels: np.ndarray, scores: np.ndarray) -> list[dict[str, float]]
             "threshold": float(threshold),
         })
     return points
+
+
+# Escape rates carry the upper end of their two-sided 95 % Clopper-Pearson interval:
+# 0 escapes among 40 NG images is "at most 8.8 %", not 0 %.
+ESCAPE_BOUND_CONFIDENCE = 0.95
+
+
+def escape_upper_bound(escapes: int, count: int) -> float:
+    """Exact binomial (Clopper-Pearson) upper limit of the 95 % interval of escapes / count.
+
+    The beta quantile, not a normal approximation, so it holds for small counts and for
+    zero escapes; with no images nothing is known and the bound is 1.
+    """
+    from scipy.stats import beta
+
+    if escapes >= count:
+        return 1.0
+    quantile = 1 - (1 - ESCAPE_BOUND_CONFIDENCE) / 2
+    return float(beta.ppf(quantile, escapes + 1, count - escapes))
+
+
+def escapes_by_type(
+    labels: Sequence[int] | np.ndarray,
+    predicted: Sequence[int] | np.ndarray,
+    types: Sequence[str | None],
+) -> dict[str, dict[str, Any]]:
+    """Per defect type of the positive-class images: count, escapes, rate and its upper bound.
+
+    ``predicted`` holds 1 for an image predicted NG; ``types`` comes from
+    ``LabeledImage.defect_type``. Types are sorted by name.
+    """
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    per_type: dict[str, dict[str, Any]] = {}
+    for kind in sorted({t for t, label in zip(types, labels, strict=True) if label == 1 and t is not None}):
+        members = (labels == 1) & np.array([t == kind for t in types])
+        count, escapes = int(members.sum()), int(np.sum(members & (predicted == 0)))
+        per_type[kind] = {
+            "count": count, "escapes": escapes, "escape_rate": _ratio(escapes, count),
+            "escape_rate_upper95": escape_upper_bound(escapes, count),
+        }
+    return per_type
+
+
+def escape_bounds(
+    labels: Sequence[int] | np.ndarray,
+    probabilities: Sequence[float] | np.ndarray,
+    threshold: float,
+    types: Sequence[str | None],
+) -> dict[str, Any]:
+    """What goes beside classification_metrics: the escape rate's upper bound, and per type.
+
+    Like ``escape_rate``, the review band is ignored: an NG part below the threshold is an
+    escape (``escape_rate_after_review`` is the band's business).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    predicted = verdicts(probabilities, threshold)
+    positives = labels == 1
+    return {
+        "escape_rate_upper95": escape_upper_bound(int(np.sum(positives & (predicted == 0))),
+                                                  int(positives.sum())),
+        "defect_types": escapes_by_type(labels, predicted, types),
+    }
+
+
+def defect_type_lines(metrics: dict[str, Any]) -> list[str]:
+    """One line per defect type, e.g. ``crack: 2 of 12 escaped, 0.1667 (95 % upper 0.4841)``."""
+    return [
+        f"{kind}: {row['escapes']} of {row['count']} escaped, {row['escape_rate']:.4f} "
+        f"(95 % upper {row['escape_rate_upper95']:.4f})"
+        for kind, row in metrics.get("defect_types", {}).items()
+    ]
 
 
 def compare_with_kept_epoch(
@@ -281,6 +361,7 @@ def run_evaluate(
                               params.gate.target_escape_rate, params.evaluate.threshold)
     threshold, review_band = chosen["threshold"], params.evaluate.review_band
     scored = {split: classification_metrics(labels[split], scores[split], threshold, review_band)
+              | escape_bounds(labels[split], scores[split], threshold, defect_types_of(select(images, split)))
               for split in ("validation", "test")}
     write_plots(reports_dir, labels["validation"], scores["validation"], threshold, params.data.classes)
     kept = read_model_metadata(model_path)["training"].get("best_epoch")
@@ -300,4 +381,6 @@ def run_evaluate(
         + (" (FLAGGED: above evaluate.max_gap)" if comparison["validation_gap_flag"] else "")
         + (" (FLAGGED: overfit above evaluate.max_overfit)" if comparison["overfit_flag"] else "")
     )
+    report(f"validation escape rate 95 % upper bound {validation['escape_rate_upper95']:.4f}; by defect type: "
+           + "; ".join(defect_type_lines(validation)))
     return result

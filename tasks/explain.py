@@ -10,6 +10,7 @@ the mistakes shown are the ones it makes in production.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 import math
@@ -23,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from tasks.dataset import LabeledImage, decode_image, list_images, require_split, select
+from tasks.dataset import UNTYPED, LabeledImage, decode_image, defect_types_of, list_images, require_split, select
 from tasks.errors import FanaoiError
-from tasks.evaluate import classification_metrics, predict_probabilities, roc_points
+from tasks.evaluate import classification_metrics, escape_bounds, predict_probabilities, roc_points
 from tasks.model import ModelFileError, load_model, model_params_from_file, read_model_metadata
 from tasks.params import ModelParams, Params
 from tasks.registry import published_version, read_embedded_card
@@ -446,10 +447,7 @@ def _relabel(images: Sequence[LabeledImage], mapping: dict[str, int], path: Path
             f"{path}: the model knows the classes {sorted(mapping)} but the data has "
             f"{', '.join(missing)}; explain it on the data it was trained for"
         )
-    return [
-        LabeledImage(image.path, image.class_name, mapping[image.class_name], image.sha256, image.split)
-        for image in images
-    ]
+    return [dataclasses.replace(image, label=mapping[image.class_name]) for image in images]
 
 
 def draw_feature_maps(
@@ -521,6 +519,7 @@ def run_explain(
     labels = np.asarray([image.label for image in validation])
     probabilities = predict_probabilities(model, validation, model_params, params.registry.predict_batch_size)
     metrics = classification_metrics(labels, probabilities, source.threshold)
+    metrics |= escape_bounds(labels, probabilities, source.threshold, defect_types_of(validation))
     wrong = mistakes(validation, labels, probabilities, source.threshold)
     shown = wrong[: params.explain.max_heatmaps]
 
@@ -583,6 +582,31 @@ def _confusion_table(confusion: dict[str, int], class_names: Sequence[str]) -> s
     )
 
 
+def _upper_text(metrics: dict[str, Any]) -> str:
+    upper = metrics.get("escape_rate_upper95")
+    return "" if upper is None else f" (95 % upper bound {upper:.4f})"
+
+
+def _defect_type_table(metrics: dict[str, Any], positive: str) -> str:
+    """Escapes per defect type (subfolder of the positive class) with their upper bounds."""
+    per_type = metrics.get("defect_types") or {}
+    if not per_type:
+        return ""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(kind)}</td><td>{row['count']}</td><td>{row['escapes']}</td>"
+        f"<td>{row['escape_rate']:.4f}</td><td>{row['escape_rate_upper95']:.4f}</td></tr>"
+        for kind, row in per_type.items()
+    )
+    return (
+        f"<h3>Escapes per defect type</h3><p>Defect type = subfolder of {e(positive)}/ "
+        f"(images directly in it: {e(UNTYPED)}). The upper bound is the top of the exact "
+        f"(Clopper-Pearson) 95 % interval: with few images a rate of 0 is not a guarantee.</p>"
+        f"<table><tr><th>defect type</th><th>{e(positive)} images</th><th>escapes</th>"
+        f"<th>escape rate</th><th>95 % upper bound</th></tr>{rows}</table>"
+    )
+
+
 _STYLE = """
 body { font-family: sans-serif; margin: 2em; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ccc; }
@@ -626,10 +650,11 @@ def render_html(
         "</table>",
         "<h2>Validation</h2>",
         f"<p>{metrics['count']} validation images: accuracy {metrics['accuracy']:.4f}, escape rate "
-        f"{metrics['escape_rate']:.4f} ({e(positive)} passed as {e(negative)}), overkill rate "
+        f"{metrics['escape_rate']:.4f}{_upper_text(metrics)} ({e(positive)} passed as {e(negative)}), overkill rate "
         f"{metrics['overkill_rate']:.4f} ({e(negative)} rejected), AUC "
         f"{'n/a' if auc is None else f'{auc:.4f}'}.</p>",
         _confusion_table(metrics["confusion"], class_names),
+        _defect_type_table(metrics, positive),
         '<div class="charts">',
         svg_line_chart(
             "ROC (validation)",

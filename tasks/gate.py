@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.dataset import LabeledImage, labels_of, list_images, require_split, select
+from tasks.dataset import LabeledImage, defect_types_of, labels_of, list_images, require_split, select
 from tasks.errors import FanaoiError
-from tasks.evaluate import choose_threshold, classification_metrics, predict_probabilities
+from tasks.evaluate import choose_threshold, classification_metrics, escape_bounds, predict_probabilities
 from tasks.model import ModelFileError, load_model, model_params_from_file, read_model_metadata
 from tasks.params import GateParams, Params
 from tasks.registry import decision_entry, read_champion, record_decision, utc_now
@@ -36,6 +36,11 @@ def _rule(name: str, passed: bool, text: str, **numbers: Any) -> dict[str, Any]:
     return {"rule": name, "passed": bool(passed), **numbers, "text": f"{text}: {verdict}"}
 
 
+def _upper(metrics: dict[str, Any]) -> str:
+    upper = metrics.get("escape_rate_upper95")
+    return "" if upper is None else f" (95 % upper {upper:.4f})"
+
+
 def floor_rules(candidate: dict[str, Any], gate: GateParams) -> list[dict[str, Any]]:
     """Absolute floors, checked on every run."""
     accuracy, escape = candidate["accuracy"], candidate["escape_rate"]
@@ -44,8 +49,26 @@ def floor_rules(candidate: dict[str, Any], gate: GateParams) -> list[dict[str, A
               f"accuracy {accuracy:.4f} >= floor {gate.min_accuracy:.4f}",
               value=accuracy, limit=gate.min_accuracy),
         _rule("max_escape_rate", escape <= gate.max_escape_rate + _EPSILON,
-              f"escape rate {escape:.4f} <= ceiling {gate.max_escape_rate:.4f}",
-              value=escape, limit=gate.max_escape_rate),
+              f"escape rate {escape:.4f}{_upper(candidate)} <= ceiling {gate.max_escape_rate:.4f}",
+              value=escape, limit=gate.max_escape_rate, upper95=candidate.get("escape_rate_upper95")),
+    ]
+
+
+def defect_type_rules(candidate: dict[str, Any], gate: GateParams) -> list[dict[str, Any]]:
+    """With gate.max_escape_rate_per_type set: a ceiling on each defect type in validation.
+
+    A model can pass the overall ceiling while letting one rare defect type through.
+    """
+    ceiling = gate.max_escape_rate_per_type
+    if ceiling is None:
+        return []
+    return [
+        _rule("max_escape_rate_per_type", row["escape_rate"] <= ceiling + _EPSILON,
+              f"{kind} escape rate {row['escape_rate']:.4f} ({row['escapes']} of {row['count']}, "
+              f"95 % upper {row['escape_rate_upper95']:.4f}) <= ceiling {ceiling:.4f}",
+              defect_type=kind, value=row["escape_rate"], limit=ceiling, count=row["count"],
+              escapes=row["escapes"], upper95=row["escape_rate_upper95"])
+        for kind, row in candidate.get("defect_types", {}).items()
     ]
 
 
@@ -110,7 +133,7 @@ def decide(
     mcnemar: dict[str, Any] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """The pure decision on metric dicts: ("promote" | "reject", every rule checked)."""
-    rules = floor_rules(candidate, gate)
+    rules = floor_rules(candidate, gate) + defect_type_rules(candidate, gate)
     if champion is not None:
         rules += comparison_rules(candidate, champion, gate)
         if gate.significance is not None and mcnemar is not None:
@@ -149,7 +172,8 @@ def score_champion(
     threshold = float(champion.card["threshold"])
     return {
         "status": "ok", "version": champion.version, "threshold": threshold,
-        "metrics": classification_metrics(labels, probabilities, threshold),
+        "metrics": classification_metrics(labels, probabilities, threshold)
+        | escape_bounds(labels, probabilities, threshold, defect_types_of(images)),
         "probabilities": probabilities,
     }
 
@@ -197,6 +221,7 @@ def run_gate(
     chosen = choose_threshold(labels, probabilities, gate.target_escape_rate, params.evaluate.threshold)
     threshold, review_band = chosen["threshold"], params.evaluate.review_band
     candidate = classification_metrics(labels, probabilities, threshold, review_band)
+    candidate |= escape_bounds(labels, probabilities, threshold, defect_types_of(images))
     champion = score_champion(Path(params.registry.dir), images, labels, params)
     mcnemar = None
     if champion["status"] == "ok":

@@ -5,7 +5,8 @@ without following symlinks, and judged by the one image check of the pipeline
 (``tasks.image_check`` with the blocking limits of ``validate`` in params). The copy is
 read again the same way and must hash to the judged bytes, so what enters the data set
 is exactly what was checked. Accepted files are copied to
-``data/<class>/<sha256><ext>``; their origin goes to ``data/.sources.jsonl``, hidden so
+``data/<class>/<sha256><ext>`` (``data/NG/<type>/<sha256><ext>`` from a defect-type
+subfolder ``NG/<type>/`` of the batch); their origin goes to ``data/.sources.jsonl``, hidden so
 training and validation skip it, yet inside the DVC snapshot, so checking out an older
 snapshot restores the matching index. Originals are only read, never moved or deleted.
 
@@ -35,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.dataset import is_candidate_file, sha256_of
+from tasks.dataset import UNTYPED, defect_type_of, is_candidate_file, sha256_of
 from tasks.durable import atomic_write, fsync_path
 from tasks.errors import FanaoiError
 from tasks.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
@@ -80,6 +81,7 @@ class Verdict:
     reason: str = ""
     sha256: str | None = None
     stored_as: str | None = None
+    defect_type: str | None = None  # tasks.dataset.defect_type_of, from the path in the batch
 
 
 def ingest_batch(
@@ -170,8 +172,13 @@ def judge_batch(batch_dir: Path, data_dir: Path, params: Params, data_rel: str) 
     for check in checked:
         if check.problem is None:
             in_batch[check.sha256].append((check.class_name, str(check.path)))
+    types = {str(path): defect_type_of(path.relative_to(batch_dir), params.data.positive_class)
+             for path, _ in candidates}
     for check in checked:
-        verdicts.append(_judge_file(check, in_data=in_data, in_batch=in_batch, data_rel=data_rel))
+        verdicts.append(_judge_file(
+            check, in_data=in_data, in_batch=in_batch, data_rel=data_rel,
+            defect_type=types[str(check.path)],
+        ))
     return verdicts
 
 
@@ -273,10 +280,10 @@ def _walk_class_folder(
 
 def _judge_file(
     check: CheckedFile, *, in_data: dict[str, list[tuple[str, str]]],
-    in_batch: dict[str, list[tuple[str, str]]], data_rel: str,
+    in_batch: dict[str, list[tuple[str, str]]], data_rel: str, defect_type: str | None = None,
 ) -> Verdict:
     name = check.class_name
-    verdict = Verdict(str(check.path), name, ACCEPTED, sha256=check.sha256)
+    verdict = Verdict(str(check.path), name, ACCEPTED, sha256=check.sha256, defect_type=defect_type)
     if check.problem is not None:
         verdict.verdict, verdict.reason = check.problem
         return verdict
@@ -292,8 +299,14 @@ def _judge_file(
     elif first_in_batch != str(check.path):
         verdict.verdict, verdict.reason = DUPLICATE_IN_BATCH, f"same bytes as {first_in_batch}"
     else:
-        verdict.stored_as = f"{data_rel}/{name}/{check.sha256}{check.path.suffix.lower()}"
+        stored = Path(data_rel, name, type_folder(defect_type), f"{check.sha256}{check.path.suffix.lower()}")
+        verdict.stored_as = stored.as_posix()
     return verdict
+
+
+def type_folder(defect_type: str | None) -> str:
+    """Where in its class folder an accepted image goes: its defect type's subfolder, or ""."""
+    return "" if defect_type in (None, UNTYPED) else defect_type
 
 
 def existing_hashes(
@@ -318,7 +331,7 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
         new_tree = staging / "new"
         _link_tree(data_dir, new_tree)
         for verdict in accepted:
-            target = new_tree / verdict.class_name / Path(verdict.stored_as).name
+            target = new_tree / verdict.class_name / type_folder(verdict.defect_type) / Path(verdict.stored_as).name
             target.parent.mkdir(parents=True, exist_ok=True)
             copy_checked(Path(verdict.path), target, verdict.sha256)
         _write_index(data_dir / INDEX_NAME, new_tree / INDEX_NAME, index_entries)

@@ -29,7 +29,7 @@ import pandas as pd
 import PIL
 from PIL import Image
 
-from tasks.dataset import assign_split, is_candidate_file
+from tasks.dataset import assign_split, defect_type_of, is_candidate_file
 from tasks.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
 from tasks.params import DataParams, ValidateParams
 
@@ -136,8 +136,9 @@ def build_manifest(
 ) -> pd.DataFrame:
     """One row per entry of the data folder, sorted by path; images inspected or cached.
 
-    Columns: path (relative, '/'-separated), kind, class_name, split, detail, and the
-    fields of FileCheck. ``attrs["inspected"]`` counts the files decoded this time.
+    Columns: path (relative, '/'-separated), kind, class_name, split, detail, the
+    fields of FileCheck, and defect_type (images of the positive class only).
+    ``attrs["inspected"]`` counts the files decoded this time.
     """
     data_dir = Path(data_dir)
     entries = list(_walk_data_folder(data_dir, data))
@@ -177,6 +178,10 @@ def _to_frame(entries: list[_Entry], checks: dict[str, list], data: DataParams) 
         for sha in frame["sha256"]
     ])
     frame["decodable"] = frame["decodable"].astype("boolean")
+    frame["defect_type"] = [
+        defect_type_of(path, data.positive_class) if kind == IMAGE else None
+        for path, kind in zip(frame["path"], frame["kind"], strict=True)
+    ]
     return frame.sort_values("path", ignore_index=True)
 
 

@@ -197,6 +197,7 @@ class GateParams:
     max_overkill_increase: float = 0.01
     min_accuracy: float = 0.95
     max_escape_rate: float = 0.05
+    max_escape_rate_per_type: float | None = None
     significance: float | None = None
     target_escape_rate: float | None = None
     smoke_images: int = 8
@@ -206,7 +207,7 @@ class GateParams:
             raise ParamsError(
                 f"gate.metric must be one of {', '.join(GATE_METRICS)}, got {self.metric!r}"
             )
-        for name in ("significance", "target_escape_rate"):
+        for name in ("significance", "target_escape_rate", "max_escape_rate_per_type"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise ParamsError(f"gate.{name} must be null or between 0 and 1, got {value}")

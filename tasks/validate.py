@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.dataset import SPLITS, DatasetError
+from tasks.dataset import SPLITS, UNTYPED, DatasetError
 from tasks.errors import FanaoiError
 from tasks.image_check import format_reason, mode_reason, side_reason
 from tasks.manifest import (
@@ -283,6 +283,7 @@ def summarize(
         "classes": {row.class_name: {"images": int(row.images), "fraction": float(row.fraction)}
                     for row in classes.itertuples()},
         "splits": {split: int((usable["split"] == split).sum()) for split in SPLITS},
+        "defect_types": defect_type_counts(usable),
         "expectations": {
             rule: {
                 "success": outcome["success"],
@@ -297,8 +298,21 @@ def summarize(
     return result
 
 
+def defect_type_counts(usable: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Usable positive-class images per defect type, in all and per split, sorted by type."""
+    typed = usable[usable["defect_type"].notna()]
+    return {
+        kind: {"images": len(group), **{split: int((group["split"] == split).sum()) for split in SPLITS}}
+        for kind, group in typed.groupby("defect_type")
+    }
+
+
 def _summary_line(result: dict, data_dir: Path) -> str:
     per_class = ", ".join(f"{name} {c['images']}" for name, c in result["classes"].items())
+    if set(result["defect_types"]) - {UNTYPED}:  # a data set with NG subfolders
+        per_class += "; defect types: " + ", ".join(
+            f"{kind} {c['images']} ({c['validation']} in validation)" for kind, c in result["defect_types"].items()
+        )
     verdict = "valid" if result["valid"] else "INVALID"
     return (
         f"validation of {data_dir}: {verdict}; {result['usable_images']} usable images "

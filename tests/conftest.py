@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,22 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, obj
         "root": root, "data_dir": data_dir, "params": params,
         "model_path": model_path, "reports": reports, "summary": summary,
     }
+
+
+def copy_with_defect_types(
+    source: Path, target: Path, types: tuple[str, ...] = ("crack", "blowhole"), positive: str = "NG"
+) -> Path:
+    """A copy of an image folder with the positive-class images dealt round-robin into
+    ``positive/<type>/`` subfolders and ``positive/`` itself (untyped); returns target.
+
+    The bytes are unchanged, so every image keeps its split and a model trained on the
+    source scores the copy exactly as it scores the source.
+    """
+    shutil.copytree(source, target)
+    folder = target / positive
+    for index, path in enumerate(sorted(folder.iterdir())):
+        kind = (*types, None)[index % (len(types) + 1)]
+        if kind is not None:
+            (folder / kind).mkdir(exist_ok=True)
+            path.rename(folder / kind / path.name)
+    return target

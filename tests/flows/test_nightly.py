@@ -17,9 +17,11 @@ import yaml
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 
 from flows.nightly import (
+    DEFECT_TYPES_KEY,
     METRICS_KEY,
     REPORT_KEY,
     SKIPPED,
+    defect_type_rows,
     is_transient,
     metric_rows,
     nightly_deployment,
@@ -145,6 +147,12 @@ def test_first_run_publishes_report_and_metrics_artifacts(nightly_project: dict[
     gate = json.loads((project / "reports" / "gate.json").read_text())
     assert rows["accuracy"]["candidate"] == round(gate["candidate"]["metrics"]["accuracy"], 4)
     assert rows["accuracy"]["champion"] is None  # first run: no champion to compare with
+    # No NG subfolders in this data set: one defect type, "untyped", with its upper bound.
+    per_type = json.loads(found[DEFECT_TYPES_KEY].data)
+    untyped = gate["candidate"]["metrics"]["defect_types"]["untyped"]
+    assert [(row["defect_type"], row["images"], row["escape_rate_upper95"]) for row in per_type] == [
+        ("untyped", untyped["count"], round(untyped["escape_rate_upper95"], 4))]
+    assert "| untyped |" in report.data
 
 
 def test_second_run_with_nothing_changed_skips_every_stage(nightly_project: dict[str, Any]) -> None:
@@ -381,3 +389,34 @@ def test_a_run_waits_for_an_ingest_holding_the_project_lock(
     with pytest.raises(ProjectLocked, match=rf"pid {holder.pid} on .*fanaoi ingest nightly-batch/"):
         state.result()
     assert "validate" not in task_runs(state)  # nothing ran on a data set being changed
+
+
+def test_dashboard_gives_escapes_per_defect_type_with_upper_bounds() -> None:
+    crack = {"count": 12, "escapes": 2, "escape_rate": 2 / 12, "escape_rate_upper95": 0.48414}
+    blowhole = {"count": 40, "escapes": 0, "escape_rate": 0.0, "escape_rate_upper95": 0.08809}
+    gate = {
+        "candidate": {"metrics": {"escape_rate": 0.0385, "escape_rate_upper95": 0.1321,
+                                  "defect_types": {"blowhole": blowhole, "crack": crack}}},
+        "champion": {"metrics": {"escape_rate": 0.02, "escape_rate_upper95": 0.1,
+                                 "defect_types": {"crack": {**crack, "escapes": 1, "escape_rate": 1 / 12}}}},
+    }
+    rows = defect_type_rows(gate)
+    assert rows == [
+        {"defect_type": "blowhole", "images": 40, "escapes": 0, "escape_rate": 0.0,
+         "escape_rate_upper95": 0.0881, "champion_escape_rate": None},
+        {"defect_type": "crack", "images": 12, "escapes": 2, "escape_rate": 0.1667,
+         "escape_rate_upper95": 0.4841, "champion_escape_rate": 0.0833},
+    ]
+    upper = {row["metric"]: row for row in metric_rows(gate)}["escape_rate_upper95"]
+    assert (upper["candidate"], upper["champion"]) == (0.1321, 0.1)
+    summary = {
+        "decision": "reject", "last_decision": "reject", "reasons": [], "stages": {},
+        "data_snapshot": "abc.dir", "data_changed": False, "published_version": None,
+        "champion_version": None, "champion_path": None, "candidate_path": "/m/candidate.h5",
+        "metrics": [], "defect_types": rows, "kept_epoch_vs_evaluate": {},
+    }
+    text = report_markdown(summary)
+    assert "## Escapes per defect type (validation)" in text
+    assert "| blowhole | 40 | 0 | 0.0000 | 0.0881 | - |" in text
+    assert "| crack | 12 | 2 | 0.1667 | 0.4841 | 0.0833 |" in text
+    assert "Escapes per defect type" not in report_markdown({**summary, "defect_types": []})

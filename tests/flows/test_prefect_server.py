@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from flows.nightly import METRICS_KEY, REPORT_KEY
+from flows.nightly import DEFECT_TYPES_KEY, METRICS_KEY, REPORT_KEY
 from tasks.registry import read_champion
 from tests.dvc_support import BIN, tool_env
 from tests.flows.conftest import make_flow_project
@@ -149,7 +149,7 @@ def test_nightly_run_is_recorded_by_a_real_prefect_server(
     # Its artifacts, found by flow run and by their stable keys (the dashboard's history).
     in_run = {"flow_runs": {"id": {"any_": [flow_run["id"]]}}}
     found = {a["key"]: a for a in api(prefect_server, "POST", "/artifacts/filter", in_run)}
-    assert found.keys() == {REPORT_KEY, METRICS_KEY}
+    assert found.keys() == {REPORT_KEY, METRICS_KEY, DEFECT_TYPES_KEY}
     report = api(prefect_server, "GET", f"/artifacts/{REPORT_KEY}/latest")
     assert report["flow_run_id"] == flow_run["id"] and report["type"] == "markdown"
     assert report["data"] == found[REPORT_KEY]["data"]

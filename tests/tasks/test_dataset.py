@@ -4,7 +4,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tasks.dataset import DatasetError, assign_split, decode_all, decode_image, list_images, make_dataset, select
+from tasks.dataset import (
+    UNTYPED,
+    DatasetError,
+    assign_split,
+    decode_all,
+    decode_image,
+    defect_type_of,
+    list_images,
+    make_dataset,
+    select,
+)
 from tasks.params import DataParams, ModelParams
 from tests.conftest import make_image_folder
 
@@ -99,6 +109,32 @@ def test_decode_all_keeps_the_order_of_the_images(tmp_path):
     for index in (0, 63, 64, 79):
         one = decode_image(tf.io.read_file(str(images[index].path)), model).numpy()
         assert np.array_equal(decoded[index], one)
+
+
+def test_defect_type_is_the_first_subfolder_under_the_positive_class(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=6, seed=6)
+    (data / "NG" / "crack" / "day2").mkdir(parents=True)
+    (data / "NG" / "blowhole").mkdir()
+    (data / "GO" / "line2").mkdir()
+    (data / "NG" / "ng_000.png").rename(data / "NG" / "crack" / "ng_000.png")
+    (data / "NG" / "ng_001.png").rename(data / "NG" / "crack" / "day2" / "ng_001.png")
+    (data / "NG" / "ng_002.png").rename(data / "NG" / "blowhole" / "ng_002.png")
+    (data / "GO" / "go_000.png").rename(data / "GO" / "line2" / "go_000.png")
+    images = {image.path.relative_to(data).as_posix(): image for image in list_images(data, DataParams())}
+    types = {path: image.defect_type for path, image in images.items()}
+    assert types["NG/crack/ng_000.png"] == types["NG/crack/day2/ng_001.png"] == "crack"
+    assert types["NG/blowhole/ng_002.png"] == "blowhole"
+    assert types["NG/ng_003.png"] == UNTYPED == "untyped"
+    assert types["GO/line2/go_000.png"] is None and types["GO/go_001.png"] is None
+    assert {image.label for image in images.values() if image.class_name == "NG"} == {1}  # labels stay binary
+    assert Counter(types.values()) == {None: 6, "crack": 2, "blowhole": 1, "untyped": 3}
+
+
+def test_defect_type_of_follows_the_positive_class_of_params():
+    assert defect_type_of("NG/crack/a.png", "NG") == "crack"
+    assert defect_type_of("NG/a.png", "NG") == UNTYPED
+    assert defect_type_of("Defect/scratch/a.png", "Defect") == "scratch"
+    assert defect_type_of("GO/scratch/a.png", "NG") is None
 
 
 def test_augmentation_changes_training_images_only_and_repeats_with_its_seed(tmp_path):

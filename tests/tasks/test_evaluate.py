@@ -1,20 +1,28 @@
 import csv
+import dataclasses
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
 
+from tasks.dataset import list_images, select
 from tasks.evaluate import (
     REVIEW,
     calibrate_threshold,
     choose_threshold,
     classification_metrics,
     compare_with_kept_epoch,
+    defect_type_lines,
+    escape_bounds,
+    escape_upper_bound,
+    escapes_by_type,
     roc_auc,
     run_evaluate,
     verdicts,
 )
+from tests.conftest import copy_with_defect_types
 
 
 def test_escape_and_overkill_follow_aoi_meaning():
@@ -80,15 +88,77 @@ def test_run_evaluate_reports_both_views(trained_workspace, tmp_path):
     }
 
 
-def test_calibrated_threshold_is_the_highest_that_meets_the_target():
+@pytest.mark.parametrize(("escapes", "count", "upper"), [
+    (0, 40, 1 - 0.025 ** (1 / 40)),  # 0.0881: zero escapes among 40 is not 0 %
+    (0, 10, 1 - 0.025 ** (1 / 10)),  # 0.3085
+    (39, 40, 0.975 ** (1 / 40)),  # all but one escaped: closed form as well
+    (1, 10, 0.4450),  # Clopper and Pearson's tables / R binom.test(1, 10)
+    (5, 10, 0.8129),
+    (3, 3, 1.0),
+    (0, 0, 1.0),  # no images: nothing is known
+])
+def test_escape_upper_bound_is_the_exact_clopper_pearson_limit(escapes, count, upper):
+    assert escape_upper_bound(escapes, count) == pytest.approx(upper, abs=5e-5)
+
+
+def test_escape_upper_bound_of_0_of_40_is_about_0_088():
+    assert round(escape_upper_bound(0, 40), 3) == 0.088
+
+
+def test_escapes_are_counted_per_defect_type():
+    labels = [1, 1, 1, 1, 1, 1, 1, 0, 0]
+    predicted = [0, 1, 1, 1, 0, 0, 1, 1, 0]
+    types = ["crack", "crack", "crack", "blowhole", "blowhole", "untyped", "untyped", None, None]
+    per_type = escapes_by_type(labels, predicted, types)
+    assert list(per_type) == ["blowhole", "crack", "untyped"]  # sorted, GO (None) left out
+    assert per_type["crack"] == {
+        "count": 3, "escapes": 1, "escape_rate": pytest.approx(1 / 3),
+        "escape_rate_upper95": pytest.approx(escape_upper_bound(1, 3)),
+    }
+    assert (per_type["blowhole"]["count"], per_type["blowhole"]["escapes"]) == (2, 1)
+    assert (per_type["untyped"]["count"], per_type["untyped"]["escapes"]) == (2, 1)
+    bounds = escape_bounds(labels, [0.1 if p == 0 else 0.9 for p in predicted], 0.5, types)
+    assert bounds["defect_types"] == per_type
+    assert bounds["escape_rate_upper95"] == pytest.approx(escape_upper_bound(3, 7))
+    assert defect_type_lines(bounds)[1] == "crack: 1 of 3 escaped, 0.3333 (95 % upper 0.9057)"
+
+
+@pytest.mark.slow
+def test_run_evaluate_reports_escapes_per_defect_type(trained_workspace, tmp_path):
+    params = trained_workspace["params"]
+    data = copy_with_defect_types(trained_workspace["data_dir"], tmp_path / "data")
+    params = dataclasses.replace(params, data=dataclasses.replace(params.data, dir=str(data)))
+    reports = tmp_path / "reports"
+    shutil.copytree(trained_workspace["reports"], reports)
+    run_evaluate(params, trained_workspace["model_path"], reports)
+    written = json.loads((reports / "evaluation.json").read_text())
+    assert set(written["validation"]["defect_types"]) == {"crack", "blowhole", "untyped"}
+    for split in ("validation", "test"):
+        expected = Counter(image.defect_type for image in select(list_images(data, params.data), split)
+                           if image.defect_type)
+        scored = written[split]
+        # A type with no image in a split is left out of it, not reported as 0 of 0.
+        assert {kind: row["count"] for kind, row in scored["defect_types"].items()} == expected
+        assert sum(row["escapes"] for row in scored["defect_types"].values()) == scored["confusion"]["fn"]
+        assert scored["escape_rate_upper95"] == pytest.approx(
+            escape_upper_bound(scored["confusion"]["fn"], scored["confusion"]["fn"] + scored["confusion"]["tp"]))
+        assert all(row["escape_rate"] <= row["escape_rate_upper95"] <= 1 for row in scored["defect_types"].values())
+
+
+def test_calibrated_threshold_meets_the_target_with_least_overkill_midway_in_its_gap():
     labels = np.array([1] * 10 + [0] * 4)
     scores = np.array([0.05, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.01, 0.1, 0.25, 0.6])
     threshold = calibrate_threshold(labels, scores, target_escape_rate=0.2)  # 2 of 10 may escape
-    assert threshold == pytest.approx(0.3)
-    escapes = np.sum((scores < threshold) & (labels == 1))
-    assert escapes == 2
-    assert np.sum((scores < np.nextafter(threshold, 1)) & (labels == 1)) == 3  # any higher: too many
-    assert calibrate_threshold(labels, scores, 0.0) == pytest.approx(0.05)
+    assert threshold == pytest.approx((0.25 + 0.3) / 2)  # between the GO at 0.25 and the NG at 0.3
+    assert np.sum((scores < threshold) & (labels == 1)) == 2
+    assert np.sum((scores >= threshold) & (labels == 0)) == 1  # as few as at 0.3, the highest allowed
+    assert calibrate_threshold(labels, scores, 0.0) == pytest.approx((0.01 + 0.05) / 2)
+
+
+def test_separated_scores_get_a_threshold_with_margin_on_both_sides():
+    labels = np.array([1] * 5 + [0] * 5)
+    scores = np.array([0.97, 0.98, 0.99, 0.995, 0.999, 0.001, 0.01, 0.02, 0.03, 0.04])
+    assert calibrate_threshold(labels, scores, 0.0) == pytest.approx((0.04 + 0.97) / 2)
 
 
 def test_threshold_is_calibrated_only_with_enough_defects_to_measure_the_target():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from tasks.dataset import list_images, select
 from tasks.explain import feature_grid, filter_grid, grad_cam, normalise_kernel, overlay, run_explain
 from tasks.params import ExplainParams
 from tasks.predict import predict_files, predictor_from_file
+from tests.conftest import copy_with_defect_types
 
 
 def _with(params, **sections):
@@ -208,3 +210,23 @@ def test_a_grayscale_model_is_drawn_in_gray(trained_workspace, tmp_path):
     assert summary["filters"]["count"] == 8 and summary["input"]["color_mode"] == "grayscale"
     assert np.array_equal(filters[..., 0], filters[..., 1])  # one channel, shown as gray
     assert len(list((tmp_path / "report" / "heatmaps").glob("*.png"))) == len(summary["heatmaps"])
+
+
+def test_page_gives_escapes_per_defect_type_with_upper_bounds(trained_workspace, tmp_path):
+    params = trained_workspace["params"]
+    data = copy_with_defect_types(trained_workspace["data_dir"], tmp_path / "data")
+    params = _with(params, data=dataclasses.replace(params.data, dir=str(data)), explain=ExplainParams(max_heatmaps=0))
+    summary = run_explain(params, model_path=trained_workspace["model_path"], out_dir=tmp_path / "out",
+                          reports_dir=trained_workspace["reports"])
+    validation = select(list_images(data, params.data), "validation")
+    per_type = summary["validation"]["defect_types"]
+    assert {kind: row["count"] for kind, row in per_type.items()} == Counter(
+        image.defect_type for image in validation if image.defect_type)
+    escaped = Counter(image.defect_type for image in validation if str(image.path) in summary["escapes"])
+    assert {kind: row["escapes"] for kind, row in per_type.items()} == {kind: escaped[kind] for kind in per_type}
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "<h3>Escapes per defect type</h3>" in page
+    for kind, row in per_type.items():
+        assert (f"<tr><td>{kind}</td><td>{row['count']}</td><td>{row['escapes']}</td>"
+                f"<td>{row['escape_rate']:.4f}</td><td>{row['escape_rate_upper95']:.4f}</td></tr>") in page
+    assert f"(95 % upper bound {summary['validation']['escape_rate_upper95']:.4f})" in page

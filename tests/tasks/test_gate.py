@@ -1,10 +1,15 @@
+import dataclasses
 import json
+from collections import Counter
 
 import pytest
 
+from tasks.dataset import list_images, select
+from tasks.evaluate import escape_upper_bound
 from tasks.gate import decide, mcnemar_exact, run_gate
-from tasks.params import GateParams
+from tasks.params import GateParams, ParamsError
 from tasks.registry import CHAMPION_MODEL, read_log
+from tests.conftest import copy_with_defect_types
 from tests.tasks.champion_support import (
     copy_registry,
     gate_params,
@@ -164,3 +169,77 @@ def test_missing_candidate_is_a_clear_error(data_dir, tmp_path):
     with pytest.raises(ModelFileError, match="candidate.h5: model file not found"):
         run_gate(gate_params(data_dir, tmp_path / "registry"), tmp_path / "candidate.h5", tmp_path)
     assert not (tmp_path / "gate.json").exists()
+
+
+def typed(count, escapes):
+    return {"count": count, "escapes": escapes, "escape_rate": escapes / count,
+            "escape_rate_upper95": escape_upper_bound(escapes, count)}
+
+
+def test_one_defect_type_let_through_is_rejected_though_the_overall_rate_passes():
+    # 2 escapes of 50 NG (4 %, under the 5 % floor), both of them blowholes: 2 of 5.
+    candidate = metrics(0.97, escape_rate=0.04, defect_types={
+        "blowhole": typed(5, 2), "crack": typed(25, 0), "untyped": typed(20, 0),
+    })
+    assert decide(candidate, None, GATE)[0] == "promote"  # per-type rule off by default
+    per_type = dataclasses.replace(GATE, max_escape_rate_per_type=0.1)
+    decision, rules = decide(candidate, None, per_type)
+    assert decision == "reject"
+    assert failed(rules) == ["max_escape_rate_per_type"]
+    by_type = {rule["defect_type"]: rule for rule in rules if rule["rule"] == "max_escape_rate_per_type"}
+    assert list(by_type) == ["blowhole", "crack", "untyped"]  # one rule per type, each recorded
+    blowhole = by_type["blowhole"]
+    assert (blowhole["count"], blowhole["escapes"], blowhole["value"], blowhole["limit"]) == (5, 2, 0.4, 0.1)
+    assert blowhole["upper95"] == pytest.approx(0.8534, abs=1e-4)
+    assert blowhole["text"] == "blowhole escape rate 0.4000 (2 of 5, 95 % upper 0.8534) <= ceiling 0.1000: FAIL"
+    assert by_type["crack"]["passed"] and by_type["crack"]["upper95"] == pytest.approx(0.1372, abs=1e-4)
+
+
+def test_per_type_ceiling_applies_with_a_champion_too():
+    candidate = metrics(0.99, escape_rate=0.01, defect_types={"crack": typed(10, 1)})
+    gate = dataclasses.replace(GATE, max_escape_rate_per_type=0.05)
+    decision, rules = decide(candidate, metrics(0.95, escape_rate=0.02), gate)
+    assert decision == "reject" and failed(rules) == ["max_escape_rate_per_type"]
+    loose = dataclasses.replace(GATE, max_escape_rate_per_type=0.1)
+    assert decide(candidate, metrics(0.95, escape_rate=0.02), loose)[0] == "promote"
+
+
+def test_per_type_ceiling_must_be_a_rate():
+    with pytest.raises(ParamsError, match="gate.max_escape_rate_per_type must be null or between 0 and 1"):
+        GateParams(max_escape_rate_per_type=5)
+
+
+@pytest.mark.slow
+def test_gate_rejects_a_candidate_that_lets_one_defect_type_through(data_dir, base, tmp_path):
+    from tasks.evaluate import predict_probabilities
+    from tasks.model import load_model
+
+    typed_data = copy_with_defect_types(data_dir, tmp_path / "data")
+    params = gate_params(typed_data, tmp_path / "registry", max_escape_rate_per_type=0.1)
+    model = good_model(data_dir, base)
+    validation = select(list_images(typed_data, params.data), "validation")
+    expected = Counter(image.defect_type for image in validation if image.defect_type)
+    probabilities = predict_probabilities(load_model(model), validation, params.model, 16)
+    ng = sorted((float(p), image.defect_type) for p, image in zip(probabilities, validation, strict=True)
+                if image.label == 1)
+    # A threshold between the two least confident NG images: exactly one NG escapes.
+    (lowest, let_through), (second, _) = ng[0], ng[1]
+    # 1 escape: within the 0.2 floor overall (5 or more NG), above 0.1 for its type (fewer than 10).
+    assert lowest < second and expected[let_through] < 10 and len(ng) >= 5
+    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate,
+                                                                      threshold=(lowest + second) / 2))
+    result = run_gate(params, model, tmp_path / "reports", record=False)
+
+    written = json.loads((tmp_path / "reports" / "gate.json").read_text())
+    candidate = written["candidate"]["metrics"]
+    assert {kind: row["count"] for kind, row in candidate["defect_types"].items()} == expected
+    assert candidate["confusion"]["fn"] == 1 and candidate["escape_rate"] <= params.gate.max_escape_rate
+    assert candidate["escape_rate"] < candidate["escape_rate_upper95"] <= 1
+    assert result["decision"] == written["decision"] == "reject"
+    assert failed(written["rules"]) == ["max_escape_rate_per_type"]
+    rules = {rule["defect_type"]: rule for rule in written["rules"] if rule["rule"] == "max_escape_rate_per_type"}
+    assert list(rules) == sorted(expected)
+    assert [kind for kind, rule in rules.items() if not rule["passed"]] == [let_through]
+    assert rules[let_through]["escapes"] == 1 and rules[let_through]["count"] == expected[let_through]
+    assert rules[let_through]["upper95"] == pytest.approx(escape_upper_bound(1, expected[let_through]))
+    assert any(text.startswith(f"{let_through} escape rate") for text in written["failed"])

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tasks import ingest
-from tasks.dataset import sha256_of
+from tasks.dataset import list_images, sha256_of
 from tasks.image_check import blocking_rules, inspect_image
 from tasks.ingest import (
     IngestError,
@@ -309,3 +309,30 @@ def test_a_full_disk_while_the_index_is_written_names_it_and_changes_nothing(tmp
     assert "(File too large); nothing was added to the data set" in error
     assert tree_digest(data) == before
     assert not list(project.glob(".fanaoi-ingest-*"))
+
+
+@pytest.mark.integration
+def test_ingest_keeps_the_defect_type_subfolder(tmp_path: Path) -> None:
+    repo = make_dvc_repo(tmp_path / "repo", tmp_path / "remote")
+    batch = make_image_folder(tmp_path / "batch", per_class=3, seed=5)
+    (batch / "NG" / "crack" / "day2").mkdir(parents=True)
+    (batch / "GO" / "line2").mkdir()
+    (batch / "NG" / "ng_000.png").rename(batch / "NG" / "crack" / "ng_000.png")
+    (batch / "NG" / "ng_001.png").rename(batch / "NG" / "crack" / "day2" / "ng_001.png")
+    (batch / "GO" / "go_000.png").rename(batch / "GO" / "line2" / "go_000.png")
+
+    result = ingest_batch(batch, Params(), repo, push=False)
+
+    assert result["accepted"] == 6
+    types = {Path(row["path"]).name: row["defect_type"] for row in result["files"]}
+    assert types == {"ng_000.png": "crack", "ng_001.png": "crack", "ng_002.png": "untyped",
+                     "go_000.png": None, "go_001.png": None, "go_002.png": None}
+    stored = sorted(p.relative_to(repo / "data").as_posix() for p in (repo / "data").rglob("*.png"))
+    digest = {name: sha256_of(path) for name, path in ((p.name, p) for p in batch.rglob("*.png"))}
+    assert stored == sorted([
+        f"NG/crack/{digest['ng_000.png']}.png", f"NG/crack/{digest['ng_001.png']}.png",
+        f"NG/{digest['ng_002.png']}.png",  # untyped stays directly in NG/
+        *(f"GO/{digest[f'go_{i:03d}.png']}.png" for i in range(3)),  # GO subfolders carry no type
+    ])
+    listed = {image.path.name: image.defect_type for image in list_images(repo / "data", DataParams())}
+    assert listed[f"{digest['ng_001.png']}.png"] == "crack"

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
-from tasks.dataset import DatasetError, assign_split
+from tasks.dataset import DatasetError, assign_split, list_images
 from tasks.params import DataParams, Params, ValidateParams
 from tasks.validate import ValidationFailed, run_validate
 from tests.bad_files import (
@@ -22,7 +22,7 @@ from tests.bad_files import (
     write_truncated_jpeg,
     write_zero_byte,
 )
-from tests.conftest import make_image_folder
+from tests.conftest import copy_with_defect_types, make_image_folder
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -213,3 +213,38 @@ def test_missing_data_folder_names_the_fix(tmp_path):
     params = dataclasses.replace(Params(), data=DataParams(dir=str(tmp_path / "nowhere")))
     with pytest.raises(DatasetError, match="nowhere: data folder not found.*fanaoi demo-data"):
         run_validate(params, tmp_path / "reports")
+
+
+def test_defect_type_subfolders_are_counted_not_flagged_while_a_stray_root_folder_is(tmp_path):
+    source = make_image_folder(tmp_path / "flat", per_class=24, seed=7)
+    data = copy_with_defect_types(source, tmp_path / "data")  # NG/crack/, NG/blowhole/, NG/ (untyped)
+    (data / "GO" / "line2").mkdir()  # GO may be organised in subfolders too: no type, no flag
+    (data / "GO" / "go_000.png").rename(data / "GO" / "line2" / "go_000.png")
+    (data / "NG" / "crack" / "day2").mkdir()  # deeper folders belong to their first subfolder's type
+    first_crack = sorted((data / "NG" / "crack").glob("*.png"))[0]
+    first_crack.rename(data / "NG" / "crack" / "day2" / first_crack.name)
+    (data / "rejects").mkdir()
+    shutil.copy(source / "NG" / "ng_000.png", data / "rejects" / "ng_000.png")
+    params = Params(
+        data=DataParams(dir=str(data)),
+        validate=ValidateParams(min_per_class=10, cache_dir=str(tmp_path / "cache")),
+    )
+    lines: list[str] = []
+    with pytest.raises(ValidationFailed, match=r"data/rejects/?: unexpected folder"):
+        run_validate(params, tmp_path / "reports", report=lines.append)
+    report = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    unexpected = [p["path"] for p in report["failing_files"] if p["rule"] == "no_unexpected_folders"]
+    assert unexpected == [str(data / "rejects/")]
+    assert [p for p in report["failing_files"] if p["rule"] != "no_unexpected_folders"] == []
+    splits = {image.path.relative_to(source).as_posix(): image.split for image in list_images(source, DataParams())}
+    assert report["defect_types"] == {
+        kind: {"images": 8, **{split: sum(1 for name in names if splits[f"NG/ng_{name:03d}.png"] == split)
+                               for split in ("train", "validation", "test")}}
+        for kind, names in (("blowhole", range(1, 24, 3)), ("crack", range(0, 24, 3)),
+                            ("untyped", range(2, 24, 3)))
+    }
+    assert report["classes"] == {"GO": {"images": 24, "fraction": 0.5}, "NG": {"images": 24, "fraction": 0.5}}
+    validation = report["defect_types"]
+    assert (f"(GO 24, NG 24; defect types: blowhole 8 ({validation['blowhole']['validation']} in validation), "
+            f"crack 8 ({validation['crack']['validation']} in validation), "
+            f"untyped 8 ({validation['untyped']['validation']} in validation))") in lines[-1]
