@@ -93,7 +93,7 @@ def direct_rate(params: Params, images: list[bytes], count: int) -> float:
     started = time.perf_counter()
     for index in range(count):
         data = images[index % len(images)]
-        check_upload(data, params.serve, params.validate.formats)
+        check_upload(data, params.serve, params.validate)
         classify(loaded, data)
     return count / (time.perf_counter() - started)
 

@@ -7,13 +7,14 @@ commands that need them, so ``fanaoi --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flows.params import DEFAULT_PARAMS, load_params
-from tasks.errors import FanaoiError
+from tasks.errors import FanaoiError, printable
 from tasks.params import Params
 
 log = logging.getLogger("fanaoi")
@@ -21,6 +22,9 @@ log = logging.getLogger("fanaoi")
 # Errors a user can fix: printed as one line, exit 1, no traceback. OSError carries the
 # file name (disk full, permission denied, missing file).
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (FanaoiError, OSError)
+
+# What `fanaoi gate --no-publish` writes instead of gate.json, the gate stage's DVC metric.
+PREVIEW_REPORT = "gate-preview.json"
 
 Command = Callable[[argparse.Namespace, Params], int]
 COMMANDS: dict[str, Command] = {}
@@ -141,11 +145,11 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
     fine = (ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED)
     for row in result["files"]:
         if row["verdict"] == ACCEPTED and not args.quiet:
-            print(f"{ACCEPTED}: {row['path']} -> {row['stored_as']}")
+            print(f"{ACCEPTED}: {printable(row['path'])} -> {row['stored_as']}")
         elif row["verdict"] not in fine or not args.quiet:
-            print(f"{row['verdict']}: {row['path']}: {row['reason']}")
+            print(f"{row['verdict']}: {printable(row['path'])}: {printable(row['reason'])}")
     print(", ".join(f"{n} {verdict}" for verdict, n in result["counts"].items()) or "empty batch",
-          f"-> report {result['report_path']}")
+          f"-> report {printable(result['report_path'])}")
     snapshot = result["snapshot"]
     if snapshot:
         print(f"data snapshot {snapshot['md5']} ({'new' if snapshot['changed'] else 'unchanged'})")
@@ -169,9 +173,15 @@ def _gate(args: argparse.Namespace, params: Params) -> int:
     from tasks.gate import run_gate
     from tasks.registry import publish
 
-    result = run_gate(params, args.model, args.reports, record=not args.no_publish)
+    if args.no_publish:
+        result = run_gate(params, args.model, args.reports, record=False, report_file=PREVIEW_REPORT)
+        _print_decision(result)
+        print(f"report: {Path(args.reports) / PREVIEW_REPORT} (nothing published or logged; "
+              f"{Path(args.reports) / 'gate.json'}, the DVC metric, unchanged)")
+        return 0
+    result = run_gate(params, args.model, args.reports)
     _print_decision(result)
-    if result["decision"] == "promote" and not args.no_publish:
+    if result["decision"] == "promote":
         card = publish(args.model, result, params, repo_dir=".")
         print(f"published {card['version']}: {Path(params.registry.dir) / 'champion.h5'}")
     return 0
@@ -295,7 +305,9 @@ def _predict(args: argparse.Namespace, params: Params) -> int:
 
     files = expand_paths(args.paths, params.data.extensions)
     predictor = load_champion(params.registry.dir)
-    results = predict_files(predictor, files, args.batch_size or params.registry.predict_batch_size)
+    results = predict_files(
+        predictor, files, args.batch_size or params.registry.predict_batch_size, params.validate
+    )
     if args.json:
         print(json.dumps({"champion": predictor.version, "threshold": predictor.threshold,
                           "positive_class": predictor.class_names[1], "results": results}, indent=2))
@@ -305,7 +317,7 @@ def _predict(args: argparse.Namespace, params: Params) -> int:
             outcome = f"error: {row['error']}" if row["error"] else (
                 f"{row['label']}  p({positive})={row['probability']:.4f}"
             )
-            print(f"{row['path']}  {outcome}")
+            print(f"{printable(row['path'])}  {printable(outcome)}")
     # 1 when some file could not be classified; the others were still printed.
     return 1 if any(row["error"] for row in results) else 0
 
@@ -487,7 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     gate = sub.add_parser("gate", help="candidate vs champion: promote (and publish) or reject")
-    gate.add_argument("--no-publish", action="store_true", help="decide only; change nothing")
+    gate.add_argument(
+        "--no-publish", action="store_true",
+        help=f"decide only: publish and log nothing; the report goes to REPORTS/{PREVIEW_REPORT}, "
+             f"not to gate.json (a DVC metric)",
+    )
     promote = sub.add_parser("promote", help="publish the candidate whatever the gate says (logged)")
     promote.add_argument("--force", action="store_true", required=True, help="required: override the gate")
     promote.add_argument("--reason", required=True, help="why; goes to the card and the log")
@@ -522,6 +538,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that read or change data/, its snapshot, the stage outputs or the registry hold
+# the project lock (tasks.project_lock) while they run. `retrain` and `ingest --flow` run
+# a flow, which takes it itself.
+LOCKED_COMMANDS = frozenset({
+    "demo-data", "validate", "train", "evaluate", "snapshot", "ingest", "gate", "promote",
+    "rollback", "export",
+})
+
+
+def _project_lock(
+    args: argparse.Namespace, params: Params, argv: Sequence[str] | None
+) -> contextlib.AbstractContextManager[None]:
+    """The project lock for a command that needs it; the project is the params file's folder."""
+    if args.command not in LOCKED_COMMANDS or getattr(args, "flow", False):
+        return contextlib.nullcontext()
+    from tasks.project_lock import project_lock
+
+    command = printable(" ".join(["fanaoi", *(sys.argv[1:] if argv is None else argv)]))
+    return project_lock(Path(args.params).resolve().parent, command, params.lock.timeout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -535,9 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         params = load_params(args.params)
-        return COMMANDS[args.command](args, params)
+        with _project_lock(args, params, argv):
+            return COMMANDS[args.command](args, params)
     except EXPECTED_ERRORS as exc:
-        print(f"fanaoi {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fanaoi {args.command}: error: {printable(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fanaoi {args.command}: interrupted", file=sys.stderr)

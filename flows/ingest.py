@@ -17,7 +17,9 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.nightly import retry_options
 from flows.params import load_params
+from tasks.errors import printable
 from tasks.params import Params
+from tasks.project_lock import project_lock
 
 REPORT_KEY = "ingest-batch-report"
 
@@ -48,8 +50,8 @@ def verdict_markdown(result: dict[str, Any]) -> str:
     if others:
         lines += ["", "| file | class | verdict | reason |", "|---|---|---|---|"]
         lines += [
-            f"| `{row['path']}` | {row['class_name'] or '-'} | {row['verdict']} | "
-            f"{row['reason'].replace('|', '/')} |"
+            f"| `{printable(row['path'])}` | {row['class_name'] or '-'} | {row['verdict']} | "
+            f"{printable(row['reason']).replace('|', '/')} |"
             for row in others
         ]
     return "\n".join(lines) + "\n"
@@ -63,7 +65,10 @@ def ingest_batch_flow(
     params_file = Path(params_path).resolve()
     params = load_params(params_file)
     batch = str(Path(batch_dir).resolve())
-    with contextlib.chdir(params_file.parent):
+    with (
+        project_lock(params_file.parent, f"ingest-batch flow {batch}", params.lock.timeout),
+        contextlib.chdir(params_file.parent),
+    ):
         result = ingest_task.with_options(**retry_options(params.nightly))(
             batch, params, push, commit
         )

@@ -23,6 +23,7 @@ from prefect.tasks import exponential_backoff
 from flows.params import load_params
 from tasks.errors import FanaoiError
 from tasks.params import NightlyParams, Params, ParamsError
+from tasks.project_lock import project_lock
 from tasks.stages import RunInProgress, exclusive_run, record_stage, stage_changes
 
 CANDIDATE = "models/candidate.h5"
@@ -33,26 +34,24 @@ METRICS_KEY = "nightly-retrain-metrics"
 DEFECT_TYPES_KEY = "nightly-retrain-defect-types"
 SKIPPED = "Skipped"
 
-# Errors that say nothing about the data or the model: a full disk, a dropped network
-# share, a busy DVC lock, an unreachable DVC remote. Missing files and permissions do not
-# heal by waiting, and neither does bad data.
+# Plain OS errors that do not heal by waiting: a missing file, a permission. Others (a
+# full disk, a dropped network share, a timeout) may pass on the next attempt.
 PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-# tasks.snapshot reports every dvc failure as SnapshotError; these ones may pass on a retry.
-TRANSIENT_SNAPSHOT_FAILURES = ("`dvc push` failed", "holds the repository lock", "disk full")
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying; validation failures and other FanaoiErrors are not."""
-    from dvc.lock import LockError
+    """True for failures worth retrying.
 
-    from tasks.snapshot import SnapshotError
+    A FanaoiError says so itself (``transient``: an unreachable DVC remote, a busy lock);
+    validation failures and the other expected errors are not. Nothing here reads the
+    message text.
+    """
+    from dvc.lock import LockError
 
     if isinstance(exc, LockError):
         return True
-    if isinstance(exc, SnapshotError):
-        return any(marker in str(exc) for marker in TRANSIENT_SNAPSHOT_FAILURES)
     if isinstance(exc, FanaoiError):
-        return False
+        return exc.transient
     return isinstance(exc, OSError) and not isinstance(exc, PERMANENT_OS_ERRORS)
 
 
@@ -182,7 +181,13 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
     params = load_params(params_file)
     project = params_file.parent
     try:
-        with exclusive_run(project / RUN_LOCK, "nightly_retrain run"), contextlib.chdir(project):
+        # A second nightly run is refused at once; an ingest or a stage command running
+        # now is waited for (the project lock), so the run sees one consistent data set.
+        with (
+            exclusive_run(project / RUN_LOCK, "nightly_retrain run"),
+            project_lock(project, "nightly_retrain run", params.lock.timeout),
+            contextlib.chdir(project),
+        ):
             return _run_pipeline(params, push)
     except RunInProgress as exc:
         get_run_logger().warning(str(exc))

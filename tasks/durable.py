@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 
 def fsync_path(path: Path | str) -> None:
@@ -13,3 +16,24 @@ def fsync_path(path: Path | str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``target`` via a temp file in the same folder, fsync, then ``os.replace``.
+
+    Readers see the old file or the new one, never a part; on any failure the temp file
+    is removed and the old file is untouched.
+    """
+    descriptor, temp_name = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    fsync_path(target.parent)

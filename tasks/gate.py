@@ -195,8 +195,13 @@ def run_gate(
     reports_dir: Path | str = "reports",
     report: Callable[[str], None] = log.info,
     record: bool = True,
+    *,
+    report_file: str = "gate.json",
 ) -> dict[str, Any]:
-    """The gate stage: writes reports/gate.json; with ``record`` a rejection is logged.
+    """The gate stage: writes ``reports_dir/report_file``; with ``record`` a rejection is logged.
+
+    ``report_file`` stays gate.json for the stage (a DVC metric); a decision that must
+    change nothing (``fanaoi gate --no-publish``) writes a file of its own.
 
     Returns {"decision", "reasons", "failed", "rules", "candidate", "champion", ...};
     ``smoke`` holds a few validation images with the candidate's probabilities for the
@@ -241,7 +246,7 @@ def run_gate(
                   for image, p in zip(images[: gate.smoke_images], probabilities, strict=False)],
     }
     reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "gate.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (reports_dir / report_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     why = "; ".join(result["failed"]) or "every rule passes"
     report(f"gate: {decision} {candidate_path}: {why}")
     if record and decision == "reject":

@@ -1,8 +1,10 @@
 """Ingest a labeled batch into the data set: a verdict per file, content-hash names, atomic.
 
-A batch is laid out like the data set (one folder per class). Every file is inspected by
-the validation stage's own per-file check (``tasks.manifest.inspect_file`` and the
-blocking limits of ``validate`` in params). Accepted files are copied to
+A batch is laid out like the data set (one folder per class). Every file is read once,
+without following symlinks, and judged by the one image check of the pipeline
+(``tasks.image_check`` with the blocking limits of ``validate`` in params). The copy is
+read again the same way and must hash to the judged bytes, so what enters the data set
+is exactly what was checked. Accepted files are copied to
 ``data/<class>/<sha256><ext>`` (``data/NG/<type>/<sha256><ext>`` from a defect-type
 subfolder ``NG/<type>/`` of the batch); their origin goes to ``data/.sources.jsonl``, hidden so
 training and validation skip it, yet inside the DVC snapshot, so checking out an older
@@ -18,10 +20,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections import Counter, defaultdict
@@ -33,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.dataset import UNTYPED, defect_type_of, is_candidate_file, sha256_of
-from tasks.durable import fsync_path
+from tasks.durable import atomic_write, fsync_path
 from tasks.errors import FanaoiError
-from tasks.manifest import FileCheck, inspect_file
+from tasks.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
 from tasks.params import Params, ValidateParams
 from tasks.snapshot import (
     SnapshotError,
@@ -62,6 +66,7 @@ INVALID = "invalid"  # decodes, but format, mode or size break a blocking valida
 UNEXPECTED = "unexpected"  # not an image file, outside a class folder, a symlink
 IGNORED = "ignored"  # hidden files such as .DS_Store
 REJECTED = (LABEL_CONFLICT, UNREADABLE, INVALID, UNEXPECTED)
+_COPY_CHUNK = 1 << 20
 
 
 class IngestError(FanaoiError):
@@ -103,21 +108,29 @@ def ingest_batch(
     with ingest_lock(data_dir):
         recover_interrupted(data_dir, report)
         verdicts = judge_batch(batch_dir, data_dir, params, data_rel)
+        result = _summary(batch_dir, data_rel, started, verdicts)
+        path = report_path(Path(reports_dir) if reports_dir else repo_dir / "reports" / "ingest",
+                           started, batch_dir)
+        result["report_path"] = str(path)
+        # The verdicts are on disk before data/ changes: a failure here changes nothing.
+        write_report(result, path)
         accepted = [v for v in verdicts if v.verdict == ACCEPTED]
         if accepted:
-            add_to_data(data_dir, accepted, _index_entries(accepted, batch_dir, started))
+            try:
+                add_to_data(data_dir, accepted, _index_entries(accepted, batch_dir, started))
+            except FanaoiError as exc:
+                result["error"] = str(exc)
+                write_report(result, path)
+                raise
             report(f"added {len(accepted)} image(s) to {data_rel}/")
-    result = _summary(batch_dir, data_rel, started, verdicts)
-    path = report_path(Path(reports_dir) if reports_dir else repo_dir / "reports" / "ingest",
-                       started, batch_dir)
-    result["report_path"] = str(path)
     try:
         _snapshot(result, repo_dir, data_dir, push, commit)
     except SnapshotError as exc:
         result["snapshot_error"] = str(exc)
         raise SnapshotError(
             f"{exc}. The verdicts are in {path}; {data_rel}/ holds the accepted files: "
-            f"rerun the ingest once fixed (it adds nothing twice and retries the snapshot)"
+            f"rerun the ingest once fixed (it adds nothing twice and retries the snapshot)",
+            command=exc.command, transient=exc.transient,
         ) from None
     finally:
         write_report(result, path)
@@ -140,23 +153,66 @@ def _snapshot(result: dict[str, Any], repo_dir: Path, data_dir: Path, push: bool
     )
 
 
+@dataclass(frozen=True)
+class CheckedFile:
+    """One batch file as read once (without following a symlink) and judged."""
+
+    path: Path
+    class_name: str
+    sha256: str | None
+    problem: tuple[str, str] | None  # (verdict, reason) when the file is refused
+
+
 def judge_batch(batch_dir: Path, data_dir: Path, params: Params, data_rel: str) -> list[Verdict]:
     """One verdict per file (or unexpected folder) of the batch; reads, never writes."""
     verdicts, candidates = walk_batch(batch_dir, params.data.classes, params.data.extensions)
-    checked = [(inspect_file(path, params.validate.max_pixels), name) for path, name in candidates]
+    checked = [check_batch_file(path, name, params.validate) for path, name in candidates]
     in_data = existing_hashes(data_dir, params.data.classes, data_rel)
     in_batch: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for check, name in checked:
-        if file_problem(check, params.validate) is None:
-            in_batch[check.sha256].append((name, str(check.path)))
+    for check in checked:
+        if check.problem is None:
+            in_batch[check.sha256].append((check.class_name, str(check.path)))
     types = {str(path): defect_type_of(path.relative_to(batch_dir), params.data.positive_class)
              for path, _ in candidates}
-    for check, name in checked:
+    for check in checked:
         verdicts.append(_judge_file(
-            check, name, params.validate, in_data=in_data, in_batch=in_batch, data_rel=data_rel,
+            check, in_data=in_data, in_batch=in_batch, data_rel=data_rel,
             defect_type=types[str(check.path)],
         ))
     return verdicts
+
+
+def check_batch_file(path: Path, class_name: str, limits: ValidateParams) -> CheckedFile:
+    """Read the file once (a symlink is refused, not followed), hash it, run the image check."""
+    try:
+        data = read_no_follow(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return CheckedFile(path, class_name, None, (UNEXPECTED, "symlink; copy the file itself"))
+        return CheckedFile(path, class_name, None,
+                           (UNREADABLE, f"cannot read the file ({exc.strerror or exc})"))
+    found = inspect_image(data, limits)
+    problem = found.rejection(blocking_rules(limits))
+    verdict = None
+    if problem is not None:
+        verdict = (UNREADABLE if problem.rule in ALWAYS_BLOCKING else INVALID, problem.reason)
+    return CheckedFile(path, class_name, hashlib.sha256(data).hexdigest(), verdict)
+
+
+def read_no_follow(path: Path) -> bytes:
+    """The bytes of a regular file; a symlink fails with ELOOP (``O_NOFOLLOW``)."""
+    descriptor = open_no_follow(path)
+    with os.fdopen(descriptor, "rb") as handle:
+        return handle.read()
+
+
+def open_no_follow(path: Path) -> int:
+    """A read descriptor on ``path`` itself: never a symlink's target, never a FIFO or device."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return descriptor
 
 
 def walk_batch(
@@ -222,36 +278,14 @@ def _walk_class_folder(
                 candidates.append((path, folder.name))
 
 
-def file_problem(check: FileCheck, limits: ValidateParams) -> tuple[str, str] | None:
-    """(verdict, reason) when the file breaks a blocking per-file expectation of validate."""
-    blocking = {k for k, v in limits.severity.items() if v == "blocking"}
-    if not check.decodable:  # never admitted, whatever the severity: training cannot decode it
-        return UNREADABLE, check.error or "cannot be decoded"
-    rules = (
-        ("format_allowed", check.format not in limits.formats,
-         f"format {check.format} is not one of {', '.join(limits.formats)} (validate.formats)"),
-        ("mode_allowed", check.mode not in limits.modes,
-         f"colour mode {check.mode} is not one of {', '.join(limits.modes)} (validate.modes)"),
-        ("width_in_bounds", not limits.min_side <= (check.width or 0) <= limits.max_side,
-         f"width {check.width} px outside {limits.min_side}..{limits.max_side} (validate)"),
-        ("height_in_bounds", not limits.min_side <= (check.height or 0) <= limits.max_side,
-         f"height {check.height} px outside {limits.min_side}..{limits.max_side} (validate)"),
-    )
-    for expectation, broken, reason in rules:
-        if broken and expectation in blocking:
-            return INVALID, reason
-    return None
-
-
 def _judge_file(
-    check: FileCheck, name: str, limits: ValidateParams, *,
-    in_data: dict[str, list[tuple[str, str]]], in_batch: dict[str, list[tuple[str, str]]],
-    data_rel: str, defect_type: str | None = None,
+    check: CheckedFile, *, in_data: dict[str, list[tuple[str, str]]],
+    in_batch: dict[str, list[tuple[str, str]]], data_rel: str, defect_type: str | None = None,
 ) -> Verdict:
+    name = check.class_name
     verdict = Verdict(str(check.path), name, ACCEPTED, sha256=check.sha256, defect_type=defect_type)
-    problem = file_problem(check, limits)
-    if problem is not None:
-        verdict.verdict, verdict.reason = problem
+    if check.problem is not None:
+        verdict.verdict, verdict.reason = check.problem
         return verdict
     conflicts = [f"{path} (labeled {other})" for other, path in in_data.get(check.sha256, [])
                  + in_batch[check.sha256] if other != name]
@@ -299,7 +333,7 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
         for verdict in accepted:
             target = new_tree / verdict.class_name / type_folder(verdict.defect_type) / Path(verdict.stored_as).name
             target.parent.mkdir(parents=True, exist_ok=True)
-            copy_durably(Path(verdict.path), target)
+            copy_checked(Path(verdict.path), target, verdict.sha256)
         _write_index(data_dir / INDEX_NAME, new_tree / INDEX_NAME, index_entries)
         fsync_path(staging)
         (staging / COMPLETE_MARKER).touch()
@@ -308,10 +342,43 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def copy_durably(source: Path, target: Path) -> None:
-    """Copy the bytes and flush them to disk before the folder is swapped in."""
-    shutil.copyfile(source, target)
-    fsync_path(target)
+def copy_checked(source: Path, target: Path, sha256: str) -> None:
+    """Copy the bytes that were judged, flushed to disk, or raise IngestError.
+
+    The source is opened without following a symlink and hashed while it is copied: a
+    file swapped (for a symlink, or other bytes) between its check and its copy is
+    refused instead of entering the data set under a name its bytes do not match.
+    """
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(open_no_follow(source), "rb") as origin, target.open("xb") as copy:
+            while chunk := origin.read(_COPY_CHUNK):
+                digest.update(chunk)
+                copy.write(chunk)
+            copy.flush()
+            os.fsync(copy.fileno())
+    except OSError as exc:
+        raise _copy_failure(source, target, exc) from None
+    if digest.hexdigest() != sha256:
+        raise IngestError(
+            f"{source}: changed after it was checked (sha256 {sha256[:12]}... then, "
+            f"{digest.hexdigest()[:12]}... now); nothing was added. Rerun the ingest once "
+            f"nothing writes to the batch any more"
+        )
+
+
+def _copy_failure(source: Path, target: Path, exc: OSError) -> IngestError:
+    if exc.errno == errno.ELOOP:
+        return IngestError(
+            f"{source}: became a symlink after it was checked; nothing was added. Put the "
+            f"file itself in the batch and rerun"
+        )
+    full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    fix = f"free space on the disk of {target.parent}" if full else "check the file"
+    return IngestError(
+        f"{source}: copying it to {target} failed ({exc.strerror or exc}); nothing was "
+        f"added: {fix}, then rerun the ingest", transient=full,
+    )
 
 
 def swap_in(new_tree: Path, data_dir: Path, staging: Path) -> None:
@@ -367,7 +434,22 @@ def report_path(folder: Path, started: datetime, batch_dir: Path) -> Path:
 
 
 def write_report(result: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    """Write the report whole or not at all; a failure names the file and leaves data/ alone."""
+    text = (json.dumps(result, indent=2) + "\n").encode("utf-8")
+    try:
+        atomic_write(path, lambda handle: handle.write(text))
+    except OSError as exc:
+        raise _write_failure(path, "the ingest report", exc) from None
+
+
+def _write_failure(path: Path, what: str, exc: OSError) -> IngestError:
+    """A write that failed before data/ was swapped: name the file, say nothing was added."""
+    full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return IngestError(
+        f"{path}: cannot write {what} ({exc.strerror or exc}); nothing was added to the data "
+        f"set. {'Free space on that disk' if full else 'Fix the folder'}, then rerun the ingest",
+        transient=full,
+    )
 
 
 def rejected_count(result: dict[str, Any]) -> int:
@@ -401,8 +483,11 @@ def _write_index(old: Path, new: Path, entries: list[dict]) -> None:
     # A fresh file, never the hard link to the old one: the old folder must stay as it was.
     lines = old.read_text(encoding="utf-8") if old.is_file() else ""
     lines += "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
-    new.write_text(lines, encoding="utf-8")
-    fsync_path(new)
+    try:
+        new.write_text(lines, encoding="utf-8")
+        fsync_path(new)
+    except OSError as exc:
+        raise _write_failure(old, f"the new source index (in {new.parent.parent})", exc) from None
 
 
 def _link_tree(source: Path, target: Path) -> None:

@@ -1,8 +1,9 @@
 """One row per file of a data set: what Pillow says about it, hashed and cached.
 
 ``inspect_file`` never raises on a bad image: the row's ``error`` says why it cannot be
-used (zero-byte, truncated, not an image, decompression bomb). The validate stage and
-``fanaoi ingest`` both judge files by these rows.
+used (zero-byte, truncated, not an image, decompression bomb, animated). The verdict
+itself is ``tasks.image_check``'s, the one check that ``fanaoi ingest``, ``fanaoi
+predict`` and the HTTP service use as well.
 
 ``build_manifest`` walks a data folder the way training reads it (class folders searched
 recursively, hidden files skipped, symlinked folders not followed) and adds a row for
@@ -15,25 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
-import re
 import stat
-import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import PIL
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from tasks.dataset import assign_split, defect_type_of, is_candidate_file
-from tasks.params import DataParams
+from tasks.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
+from tasks.params import DataParams, ValidateParams
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ LOOSE_FILE = "loose_file"  # beside the class folders: training ignores it
 UNEXPECTED_FOLDER = "unexpected_folder"  # not a class: training refuses the data set
 OUTSIDE_LINK = "outside_link"  # symlink leading out of the data folder
 
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
 
 # dHash: compare neighbouring pixels of a 17x16 grayscale thumbnail -> 256 bits. The usual
 # 64-bit (9x8) hash cannot tell two AOI photos apart: one camera, one pose, one part, so
@@ -63,80 +61,60 @@ class FileCheck:
     height: int | None
     mode: str | None
     format: str | None
-    decodable: bool
+    decodable: bool | None  # None: a blocking header rule (format, mode, size) stopped it first
     error: str | None
     dhash: str | None = None  # 64 hex digits, difference hash for near-duplicate search
     brightness: float | None = None  # mean grayscale intensity, 0..255
 
 
-def inspect_file(path: Path, max_pixels: int) -> FileCheck:
-    """Read, hash and fully decode one file; any problem goes into ``error``."""
+def inspect_file(path: Path, limits: ValidateParams) -> FileCheck:
+    """Read and hash one file, then judge its bytes with the shared image check."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         return _failed(path, 0, None, f"cannot read the file ({exc.strerror or exc})")
+    return check_bytes(path, data, limits)
+
+
+def check_bytes(path: Path, data: bytes, limits: ValidateParams) -> FileCheck:
+    """The manifest row of ``data`` (read from ``path``): tasks.image_check decides.
+
+    A file stopped by a blocking header rule (format, mode, size) is not decoded:
+    ``decodable`` is None and the rule's own expectation names it. A file that cannot be
+    decoded has ``decodable`` False and ``error`` says why.
+    """
     digest = hashlib.sha256(data).hexdigest()
-    if not data:
-        return _failed(path, 0, digest, "zero-byte file")
-    try:
-        with _pixel_limit(max_pixels):
-            return _decode(path, data, digest)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        reason = f"decompression bomb: {pixels}, more than validate.max_pixels = {max_pixels:,}"
-        return _failed(path, len(data), digest, reason)
-    except UnidentifiedImageError:
-        return _failed(path, len(data), digest, "not an image (Pillow cannot identify its format)")
-    except Exception as exc:  # any decoder failure is a property of the file, not a crash
-        return _failed(path, len(data), digest, f"truncated or corrupt image ({_describe(exc)})")
-
-
-def _decode(path: Path, data: bytes, digest: str) -> FileCheck:
-    # verify() checks structure and checksums but leaves the image unusable; load()
-    # then decodes every pixel, which is what catches truncated JPEGs.
-    with Image.open(io.BytesIO(data)) as image:
-        image.verify()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        gray = image.convert("L")
-        pixels = np.asarray(gray.resize(_DHASH_SIZE, Image.Resampling.BOX), dtype=np.int16)
-        bits = (pixels[:, 1:] > pixels[:, :-1]).ravel()
+    found = inspect_image(data, limits)
+    unreadable = next((p for p in found.problems if p.rule in ALWAYS_BLOCKING), None)
+    if unreadable is not None:  # named once, by "readable": no header fields to trip others
+        return _failed(path, len(data), digest, unreadable.reason)
+    if found.image is None:
         return FileCheck(
-            path=path,
-            bytes=len(data),
-            sha256=digest,
-            width=image.width,
-            height=image.height,
-            mode=image.mode,
-            format=image.format,
-            decodable=True,
-            error=None,
-            dhash=np.packbits(bits).tobytes().hex(),
-            brightness=round(float(np.asarray(gray).mean()), 3),
+            path, len(data), digest, found.width, found.height, found.mode, found.format,
+            None, None,
         )
-
-
-@contextmanager
-def _pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Pillow's bomb guard at ``max_pixels``; its warning becomes an error."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+    image = found.image
+    gray = image.convert("L")
+    pixels = np.asarray(gray.resize(_DHASH_SIZE, Image.Resampling.BOX), dtype=np.int16)
+    bits = (pixels[:, 1:] > pixels[:, :-1]).ravel()
+    return FileCheck(
+        path=path,
+        bytes=len(data),
+        sha256=digest,
+        width=image.width,
+        height=image.height,
+        mode=image.mode,
+        format=image.format,
+        decodable=True,
+        error=None,
+        dhash=np.packbits(bits).tobytes().hex(),
+        brightness=round(float(np.asarray(gray).mean()), 3),
+    )
 
 
 def _failed(path: Path, size: int, digest: str | None, error: str) -> FileCheck:
     return FileCheck(path, size, digest, None, None, None, None, False, error)
-
-
-def _describe(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 _CHECK_COLUMNS = [f.name for f in dataclasses.fields(FileCheck) if f.name != "path"]
@@ -153,7 +131,8 @@ class _Entry:
 
 
 def build_manifest(
-    data_dir: Path | str, data: DataParams, max_pixels: int, cache_dir: Path | str | None = None
+    data_dir: Path | str, data: DataParams, limits: ValidateParams,
+    cache_dir: Path | str | None = None,
 ) -> pd.DataFrame:
     """One row per entry of the data folder, sorted by path; images inspected or cached.
 
@@ -164,7 +143,7 @@ def build_manifest(
     data_dir = Path(data_dir)
     entries = list(_walk_data_folder(data_dir, data))
     cache_path = _cache_path(Path(cache_dir), data_dir) if cache_dir is not None else None
-    cached = _load_cache(cache_path, max_pixels) if cache_path else {}
+    cached = _load_cache(cache_path, limits) if cache_path else {}
     # relative path -> [size, mtime_ns, *FileCheck fields]: lists keep the cache compact
     checks: dict[str, list] = {}
     inspected = 0
@@ -173,12 +152,12 @@ def build_manifest(
             continue
         hit = cached.get(entry.relative)
         if hit is None or (hit[0], hit[1]) != entry.key:
-            check = inspect_file(Path(entry.path), max_pixels)
+            check = inspect_file(Path(entry.path), limits)
             hit = [*entry.key, *(getattr(check, name) for name in _CHECK_COLUMNS)]
             inspected += 1
         checks[entry.relative] = hit
     if cache_path and (inspected or len(checks) != len(cached)):
-        _save_cache(cache_path, max_pixels, checks)
+        _save_cache(cache_path, limits, checks)
     frame = _to_frame(entries, checks, data)
     frame.attrs["inspected"] = inspected
     log.info("manifest of %s: %d entries, %d inspected, %d from cache",
@@ -278,26 +257,31 @@ def _cache_path(cache_dir: Path, data_dir: Path) -> Path:
     return cache_dir / f"manifest-{tag}.json"
 
 
-def _load_cache(path: Path, max_pixels: int) -> dict[str, list]:
+def _load_cache(path: Path, limits: ValidateParams) -> dict[str, list]:
     """Rows of an earlier run, or nothing if the file is missing, stale or damaged."""
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if stored.get("header") != _cache_header(max_pixels):
+    if stored.get("header") != _cache_header(limits):
         return {}
     return stored.get("files", {})
 
 
-def _save_cache(path: Path, max_pixels: int, checks: dict[str, list]) -> None:
+def _save_cache(path: Path, limits: ValidateParams, checks: dict[str, list]) -> None:
     """Write to a temporary file and rename, so a killed run leaves the old cache whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({"header": _cache_header(max_pixels), "files": checks}),
+    temporary.write_text(json.dumps({"header": _cache_header(limits), "files": checks}),
                          encoding="utf-8")
     os.replace(temporary, path)
 
 
-def _cache_header(max_pixels: int) -> dict:
-    # A new bomb limit or Pillow version may change verdicts: start over.
-    return {"version": _CACHE_VERSION, "max_pixels": max_pixels, "pillow": PIL.__version__}
+def _cache_header(limits: ValidateParams) -> dict:
+    # New limits (they decide which files are decoded) or a new Pillow may change verdicts.
+    return {
+        "version": _CACHE_VERSION, "max_pixels": limits.max_pixels,
+        "formats": list(limits.formats), "modes": list(limits.modes),
+        "sides": [limits.min_side, limits.max_side], "blocking": sorted(blocking_rules(limits)),
+        "pillow": PIL.__version__,
+    }

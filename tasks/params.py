@@ -324,12 +324,27 @@ class ServeParams:
     port: int = 8000
     max_upload_bytes: int = 10_000_000
     max_pixels: int = 50_000_000
+    max_concurrency: int = 4
+    token: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ParamsError(f"serve.port must be between 0 and 65535, got {self.port}")
-        if self.max_upload_bytes < 1 or self.max_pixels < 1:
-            raise ParamsError("serve.max_upload_bytes and serve.max_pixels must be at least 1")
+        if self.max_upload_bytes < 1 or self.max_pixels < 1 or self.max_concurrency < 1:
+            raise ParamsError(
+                "serve.max_upload_bytes, serve.max_pixels and serve.max_concurrency must be at least 1"
+            )
+        if self.token is not None and len(self.token) < 16:
+            raise ParamsError("serve.token must be null or at least 16 characters (a random secret)")
+
+
+@dataclass(frozen=True)
+class LockParams:
+    timeout: float = 600.0  # seconds a command waits for the project lock held by another
+
+    def __post_init__(self) -> None:
+        if self.timeout < 0:
+            raise ParamsError(f"lock.timeout must be >= 0 seconds, got {self.timeout}")
 
 
 @dataclass(frozen=True)
@@ -356,6 +371,7 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     serve: ServeParams = field(default_factory=ServeParams)
     explain: ExplainParams = field(default_factory=ExplainParams)
+    lock: LockParams = field(default_factory=LockParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:

@@ -1,8 +1,10 @@
 """Classify images with the champion, using the card's class mapping, preprocessing and threshold.
 
-Images are decoded with the same function training used (tasks.dataset.decode_image), in
-batches; a file that cannot be read or decoded gets an error of its own and the others
-are still classified.
+Every file first passes the pipeline's one image check (tasks.image_check, the limits of
+params' validate section): what ingest would refuse gets that reason as its error, never
+a label. Accepted images are decoded with the same function training used
+(tasks.dataset.decode_image), in batches; a file that cannot be read or decoded gets an
+error of its own and the others are still classified.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import numpy as np
 from tasks.dataset import decode_image, is_candidate_file
 from tasks.errors import FanaoiError
 from tasks.evaluate import REVIEW, verdicts
+from tasks.image_check import ImageRejected, check_file
 from tasks.model import load_model, model_params_from_file, read_model_metadata
-from tasks.params import ModelParams
+from tasks.params import ModelParams, ValidateParams
 from tasks.registry import CHAMPION_MODEL, champion_card
 
 if TYPE_CHECKING:
@@ -129,18 +132,36 @@ def decode_error(path: Path, model_params: ModelParams) -> str:
     return "not decoded"
 
 
+def rejected_files(files: Sequence[Path], limits: ValidateParams) -> dict[int, str]:
+    """Index -> reason for each file the pipeline's image check refuses (as ingest would)."""
+    rejected = {}
+    for index, path in enumerate(files):
+        try:
+            check_file(path, limits)
+        except ImageRejected as exc:
+            rejected[index] = str(exc)
+    return rejected
+
+
 def predict_files(
-    predictor: Predictor, files: Sequence[Path], batch_size: int
+    predictor: Predictor, files: Sequence[Path], batch_size: int,
+    limits: ValidateParams | None = None,
 ) -> list[dict[str, Any]]:
-    """One result per file: label and positive-class probability, or the error."""
-    probabilities = probabilities_of(predictor, files, batch_size)
+    """One result per file: label and positive-class probability, or the error.
+
+    A file the image check refuses (``limits``: params' validate section, its defaults if
+    None) gets that reason as its error and is never shown to the model.
+    """
+    rejected = rejected_files(files, limits or ValidateParams())
+    checked = [index for index in range(len(files)) if index not in rejected]
+    probabilities = np.full(len(files), np.nan, dtype=np.float64)
+    if checked:
+        probabilities[checked] = probabilities_of(predictor, [files[i] for i in checked], batch_size)
     results = []
-    for path, probability in zip(files, probabilities, strict=True):
+    for index, (path, probability) in enumerate(zip(files, probabilities, strict=True)):
         if np.isnan(probability):
-            results.append({
-                "path": str(path), "label": None, "probability": None,
-                "error": decode_error(path, predictor.model_params),
-            })
+            error = rejected.get(index) or decode_error(path, predictor.model_params)
+            results.append({"path": str(path), "label": None, "probability": None, "error": error})
         else:
             results.append({
                 "path": str(path),

@@ -33,10 +33,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tasks.dataset import sha256_of
-from tasks.durable import fsync_path
+from tasks.durable import atomic_write, fsync_path
 from tasks.errors import FanaoiError
 from tasks.model import ModelFileError, read_model_metadata
 from tasks.params import Params, RegistryParams
@@ -45,6 +45,7 @@ from tasks.snapshot import data_snapshot_id
 log = logging.getLogger(__name__)
 
 CARD_ATTR = "fanaoi_card"
+MODEL_SHA256 = "model_sha256"  # in card.json: the sha256 of the version's model.h5
 CHAMPION_MODEL = "champion.h5"
 CHAMPION_CARD = "champion.json"
 LOG_FILE = "log.jsonl"
@@ -61,7 +62,9 @@ class RegistryError(FanaoiError):
 
 
 class RegistryLockedError(RegistryError):
-    """Another process holds the registry lock past the timeout."""
+    """Another process holds the registry lock past the timeout: a later attempt may pass."""
+
+    transient = True
 
 
 class PublishError(RegistryError):
@@ -134,27 +137,6 @@ def registry_lock(registry_dir: Path | str, timeout: float = 60.0) -> Iterator[N
 # --- atomic files ----------------------------------------------------------------------
 
 
-def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``target`` via a temp file in the same folder, fsync, then ``os.replace``.
-
-    Readers see the old file or the new one, never a part; on any failure the temp file
-    is removed and the old file is untouched.
-    """
-    descriptor, temp_name = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    fsync_path(target.parent)
-
-
 def _copy_atomic(source: Path, target: Path) -> None:
     with source.open("rb") as origin:
         atomic_write(target, lambda handle: shutil.copyfileobj(origin, handle))
@@ -179,23 +161,59 @@ def read_embedded_card(model_path: Path) -> dict[str, Any]:
         raise ModelFileError(f"{model_path}: model file not found")
     try:
         with h5py.File(model_path, "r") as handle:
-            return json.loads(handle.attrs[CARD_ATTR])
+            card = json.loads(handle.attrs[CARD_ATTR])
     except KeyError:
         raise ModelFileError(
             f"{model_path}: has no FanAOI model card, so it was not published by FanAOI"
         ) from None
     except (OSError, ValueError) as exc:
         raise ModelFileError(f"{model_path}: not a readable .h5 file ({exc})") from None
+    if not isinstance(card, dict) or "version" not in card:
+        raise ModelFileError(f"{model_path}: its embedded model card is not a FanAOI card")
+    return card
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A card file as a dict; None, with a warning, when it is missing, unreadable or not a card."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        card = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         log.warning("%s: unreadable model card (%s); using the card inside the model", path, exc)
         return None
+    if not isinstance(card, dict):
+        log.warning(
+            "%s: holds a JSON %s, not a model card; using the card inside the model",
+            path, type(card).__name__,
+        )
+        return None
+    return card
+
+
+def published_sha256(registry_dir: Path | str, version: str) -> str | None:
+    """The sha256 of versions/<version>/model.h5 recorded when it was published.
+
+    None for versions published before FanAOI recorded it: those load unverified.
+    """
+    card = _read_json(Path(registry_dir) / "versions" / version / "card.json")
+    return card.get(MODEL_SHA256) if card else None
+
+
+def integrity_problem(
+    model_path: Path, registry_dir: Path | str, version: str, fix: str
+) -> str | None:
+    """None when ``model_path`` holds the bytes published as ``version``; else what is wrong."""
+    expected = published_sha256(registry_dir, version)
+    if expected is None:
+        return None
+    actual = sha256_of(model_path)
+    if actual == expected:
+        return None
+    return (
+        f"{model_path}: its sha256 {actual[:12]}... is not that of {version} as published "
+        f"({expected[:12]}...): the file was changed or damaged; {fix}"
+    )
 
 
 def read_champion(registry_dir: Path | str) -> Champion | None:
@@ -219,7 +237,12 @@ def read_champion(registry_dir: Path | str) -> Champion | None:
             "%s names %s but %s is %s (a publish was interrupted); %s is the champion",
             card_path, json_card.get("version"), model_path, card["version"], card["version"],
         )
-    return Champion(card, model_path, None)
+    version = card["version"]
+    problem = integrity_problem(
+        model_path, registry_dir, version, f"restore it with `fanaoi rollback {version}`"
+    )
+    sealed = published_sha256(registry_dir, version)
+    return Champion({**card, MODEL_SHA256: sealed} if sealed else card, model_path, problem)
 
 
 def _restore_hint(registry_dir: Path) -> str:
@@ -333,13 +356,19 @@ def record_decision(registry: RegistryParams, entry: dict[str, Any]) -> None:
     """Append a decision that publishes nothing (a gate rejection) to log.jsonl."""
     registry_dir = Path(registry.dir)
     with registry_lock(registry_dir, registry.lock_timeout):
+        _remove_leftovers(registry_dir)
         _append_log(registry_dir, entry)
 
 
 def _remove_leftovers(registry_dir: Path) -> None:
-    """Temp files and staged folders of a publish that was killed (the caller holds the lock)."""
+    """Temp files and staged folders of a publish or card update that was killed.
+
+    Every command that changes the registry calls it first (it holds the lock).
+    """
     for temp in registry_dir.glob(".*.tmp"):
         temp.unlink()
+    for scratch in registry_dir.glob(".card-*"):
+        shutil.rmtree(scratch, ignore_errors=True)
     for staged in (registry_dir / "versions").glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(staged)
 
@@ -414,6 +443,17 @@ def _embed_card(model_path: Path, card: dict[str, Any]) -> None:
         handle.attrs[CARD_ATTR] = json.dumps(card)
 
 
+def _seal(model_path: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Embed ``card`` in the model file; return card.json's card: it plus the file's sha256.
+
+    The model file cannot hold its own hash, so card.json of the version records it and
+    every load of that version (or of the champion copied from it) checks it.
+    """
+    embedded = {key: value for key, value in card.items() if key != MODEL_SHA256}
+    _embed_card(model_path, embedded)
+    return {**embedded, MODEL_SHA256: sha256_of(model_path)}
+
+
 def update_card(registry_dir: Path | str, version: str, card: dict[str, Any]) -> None:
     """Replace a published version's card: in its model file first, then card.json.
 
@@ -422,14 +462,16 @@ def update_card(registry_dir: Path | str, version: str, card: dict[str, Any]) ->
     """
     registry_dir = Path(registry_dir)
     folder = registry_dir / "versions" / version
+    # Asked before the edit: afterwards champion.h5 no longer matches the version's sha256.
+    champion = read_champion(registry_dir)
+    is_champion = champion is not None and champion.problem is None and champion.version == version
     with tempfile.TemporaryDirectory(dir=registry_dir, prefix=".card-") as scratch:
         edited = Path(scratch) / "model.h5"
         shutil.copyfile(folder / "model.h5", edited)
-        _embed_card(edited, card)
+        sealed = _seal(edited, card)
         _copy_atomic(edited, folder / "model.h5")
-    _write_json_atomic(folder / "card.json", card)
-    champion = read_champion(registry_dir)
-    if champion is not None and champion.problem is None and champion.version == version:
+    _write_json_atomic(folder / "card.json", sealed)
+    if is_champion:
         _install_champion(registry_dir, version)
 
 
@@ -438,7 +480,7 @@ def _stage_version(registry_dir: Path, version: str, candidate_path: Path, card:
     staged = registry_dir / "versions" / f"{STAGING_PREFIX}{version}"
     staged.mkdir(parents=True)
     shutil.copyfile(candidate_path, staged / "model.h5")
-    _embed_card(staged / "model.h5", card)
+    card = _seal(staged / "model.h5", card)
     fsync_path(staged / "model.h5")
     (staged / "card.json").write_bytes(_json_bytes(card))
     fsync_path(staged / "card.json")
@@ -451,9 +493,14 @@ def smoke_test(model_path: Path, references: Sequence[dict[str, Any]]) -> None:
     ``references`` are {"path", "probability"} pairs scored during the gate. A file that
     cannot be loaded, or predicts differently, raises PublishError.
     """
+    # The child dies with its parent (Linux PR_SET_PDEATHSIG), and gives up at once if the
+    # parent is already gone: a killed publish leaves no TensorFlow process behind.
     code = (
-        "import json, sys; from tasks.predict import smoke_probabilities; "
-        "print(json.dumps(smoke_probabilities(sys.argv[1], sys.argv[2:])))"
+        "import ctypes, json, os, signal, sys\n"
+        "if sys.platform.startswith('linux'): ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+        "if os.getppid() != int(sys.argv[1]): sys.exit('the publishing process is gone')\n"
+        "from tasks.predict import smoke_probabilities\n"
+        "print(json.dumps(smoke_probabilities(sys.argv[2], sys.argv[3:])))"
     )
     project_root = str(Path(__file__).resolve().parent.parent)
     env = {
@@ -463,7 +510,7 @@ def smoke_test(model_path: Path, references: Sequence[dict[str, Any]]) -> None:
     paths = [str(reference["path"]) for reference in references]
     try:
         result = subprocess.run(
-            [sys.executable, "-c", code, str(model_path), *paths],
+            [sys.executable, "-c", code, str(os.getpid()), str(model_path), *paths],
             capture_output=True, text=True, env=env, timeout=SMOKE_TIMEOUT_SECONDS, check=False,
         )
     except subprocess.TimeoutExpired:
@@ -520,6 +567,7 @@ def publish(
             repo_dir=repo_dir, action=action, reason=force_reason,
         )
         staged = _stage_version(registry_dir, version, candidate_path, card)
+        card = json.loads((staged / "card.json").read_text(encoding="utf-8"))  # with model_sha256
         try:
             smoke_test(staged / "model.h5", gate_result["smoke"])
         except PublishError as exc:
@@ -561,8 +609,16 @@ def rollback(registry: RegistryParams, version: str, reason: str | None = None) 
     """Make an earlier published version the champion again (atomic, logged). Returns its card."""
     registry_dir = Path(registry.dir)
     with registry_lock(registry_dir, registry.lock_timeout):
+        _remove_leftovers(registry_dir)
         version, folder = published_version(registry_dir, version)
         card = read_embedded_card(folder / "model.h5")
+        others = [v for v in list_versions(registry_dir) if v != version]
+        problem = integrity_problem(
+            folder / "model.h5", registry_dir, version,
+            f"roll back to another version ({', '.join(others) or 'none'})",
+        )
+        if problem:
+            raise RegistryError(problem)
         previous = read_champion(registry_dir)
         _install_champion(registry_dir, version)
         _append_log(registry_dir, {

@@ -1,8 +1,9 @@
 """Serve the champion over HTTP (FastAPI): POST /predict, GET /health, GET /model.
 
-Images are decoded and thresholded exactly as ``fanaoi predict`` does (tasks.predict's
-Predictor and load_champion, tasks.dataset.decode_image), so the service and the CLI give
-the same answer for the same file.
+Uploads pass the pipeline's one image check (tasks.image_check) and are decoded and
+thresholded exactly as ``fanaoi predict`` does (tasks.predict's Predictor and
+load_champion, tasks.dataset.decode_image), so the service and the CLI give the same
+answer, or refuse with the same reason, for the same file.
 
 Before each request the service looks at ``champion.h5`` (one ``stat``). When the file
 was replaced (publish, rollback, an export rewriting its card) the new champion is loaded
@@ -13,11 +14,12 @@ A champion that cannot be loaded is logged and reported by /health; the old one 
 
 from __future__ import annotations
 
-import io
+import dataclasses
+import hmac
+import ipaddress
 import logging
 import os
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,14 +27,14 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasks.dataset import decode_image
 from tasks.errors import FanaoiError
-from tasks.params import Params, ServeParams
+from tasks.image_check import EMPTY, FORMAT, UNIDENTIFIED, ImageRejected, check_image
+from tasks.params import Params, ServeParams, ValidateParams
 from tasks.predict import Predictor, load_champion
 from tasks.registry import CHAMPION_MODEL, champion_card, utc_now
 
@@ -134,7 +136,8 @@ class ChampionHolder:
         signature = _signature(self.registry_dir / CHAMPION_MODEL)
         try:
             loaded = load_current_champion(self.registry_dir)
-        except (FanaoiError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a bad registry file raises, the
+            # service answers with the model it has and reports "stale"; never a 500.
             self._failed, self.reload_error = signature, str(exc)
             log.warning("keeping champion %s: %s", self._current.card["version"], exc)
             return
@@ -143,8 +146,23 @@ class ChampionHolder:
         log.info("champion reloaded: %s -> %s", previous, loaded.card["version"])
 
 
-def check_upload(data: bytes, serve: ServeParams, formats: Sequence[str]) -> None:
-    """Reject what cannot be a fan image before TensorFlow sees it (UploadRejected)."""
+# HTTP status by what the image check found; anything else it refuses is 422.
+UPLOAD_STATUS = {EMPTY: 400, UNIDENTIFIED: 415, FORMAT: 415}
+
+
+def upload_limits(serve: ServeParams, limits: ValidateParams) -> tuple[ValidateParams, str]:
+    """The validate limits, with serve.max_pixels when it caps the pixels tighter."""
+    if serve.max_pixels < limits.max_pixels:
+        return dataclasses.replace(limits, max_pixels=serve.max_pixels), "serve.max_pixels"
+    return limits, "validate.max_pixels"
+
+
+def check_upload(data: bytes, serve: ServeParams, limits: ValidateParams) -> None:
+    """Reject what the pipeline would not take as an image before TensorFlow sees it.
+
+    The verdict is tasks.image_check's, the check of validate, ingest and ``fanaoi
+    predict``: the same file is refused for the same reason everywhere.
+    """
     if not data:
         raise UploadRejected(400, "empty upload; send the image file in the form field 'file'")
     if len(data) > serve.max_upload_bytes:
@@ -153,26 +171,9 @@ def check_upload(data: bytes, serve: ServeParams, formats: Sequence[str]) -> Non
                  f"{serve.max_upload_bytes:,}"
         )
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            pixels = image.width * image.height
-            if pixels > serve.max_pixels:
-                raise UploadRejected(
-                    422, f"decompression bomb: {pixels:,} pixels, more than serve.max_pixels = "
-                         f"{serve.max_pixels:,}"
-                )
-            if image.format not in formats:
-                raise UploadRejected(
-                    415, f"{image.format} image; the model takes {', '.join(formats)}"
-                )
-            image.load()  # decodes every pixel: catches truncated and corrupt files
-    except UnidentifiedImageError:
-        raise UploadRejected(415, f"not an image; send {', '.join(formats)}") from None
-    except Image.DecompressionBombError as exc:
-        raise UploadRejected(422, f"decompression bomb: {exc}") from None
-    except UploadRejected:
-        raise
-    except Exception as exc:  # any decoder failure is a property of the upload
-        raise UploadRejected(422, f"truncated or corrupt image ({type(exc).__name__}: {exc})") from None
+        check_image(data, *upload_limits(serve, limits))
+    except ImageRejected as exc:
+        raise UploadRejected(UPLOAD_STATUS.get(exc.problem.kind, 422), str(exc)) from None
 
 
 def probability_of(predictor: Predictor, data: bytes) -> float:
@@ -199,33 +200,115 @@ def classify(loaded: LoadedChampion, data: bytes) -> dict[str, Any]:
     }
 
 
-class RefuseLargeBodies:
-    """ASGI middleware: a request whose Content-Length is over the limit gets 413 at once.
+TOKEN_ENV = "FANAOI_SERVE_TOKEN"
+PROTECTED_PATHS = ("/predict", "/model")  # need the bearer token when one is set
+UNCOUNTED_PATHS = ("/health",)  # always answered: the line asks it while the service is busy
 
-    Without it the multipart body would be read (and spooled to disk) before the endpoint
-    could look at its size.
+
+def service_token(serve: ServeParams) -> str | None:
+    """The bearer token: the environment variable wins over serve.token (kept out of git)."""
+    return os.environ.get(TOKEN_ENV) or serve.token
+
+
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """What to tell the operator when the service is reachable from other machines."""
+    if host == "localhost" or _is_loopback(host):
+        return None
+    if token:
+        return (f"serving on {host}: reachable from other machines; /predict and /model need "
+                f"the bearer token, /health is open")
+    return (f"serving on {host} WITHOUT a token: anyone who can reach this machine can use "
+            f"/predict and read /model; set {TOKEN_ENV} (or serve.token), or bind to 127.0.0.1")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: assume it is reachable
+        return False
+
+
+class ServiceGuard:
+    """ASGI middleware in front of every route: the token, the body size, the request cap.
+
+    Each is decided before the endpoint runs, and before the body is read where it can be:
+    - /predict and /model need ``Authorization: Bearer <token>`` when a token is set: 401;
+    - a Content-Length over the limit gets 413 at once; a body without one (chunked) is
+      counted as it arrives and gets 413 as soon as it passes the limit, never read whole;
+    - at most ``serve.max_concurrency`` requests run at once (GET /health is not counted),
+      503 with Retry-After beyond: memory stays bounded by the cap times one request.
+    The counter needs no lock: ASGI calls run on the one event loop thread.
     """
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, serve: ServeParams, token: str | None) -> None:
         self.app = app
-        self.max_upload_bytes = max_upload_bytes
+        self.max_upload_bytes = serve.max_upload_bytes
+        self.max_body = serve.max_upload_bytes + MULTIPART_OVERHEAD
+        self.max_concurrency = serve.max_concurrency
+        self.token = token.encode() if token else None
+        self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = Headers(scope=scope).get("content-length", "")
-            if length.isdigit() and int(length) > self.max_upload_bytes + MULTIPART_OVERHEAD:
-                response = JSONResponse(status_code=413, content={
-                    "detail": f"request of {int(length):,} bytes is larger than "
-                              f"serve.max_upload_bytes = {self.max_upload_bytes:,} (plus form overhead)"
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        counted = scope["path"] not in UNCOUNTED_PATHS
+        if counted and self.active >= self.max_concurrency:
+            await JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
+                "detail": f"busy: {self.max_concurrency} requests in progress "
+                          f"(serve.max_concurrency); retry in a moment"
+            })(scope, receive, send)
+            return
+        self.active += counted
+        try:
+            await self.app(scope, self._counting(receive), send)
+        finally:
+            self.active -= counted
+
+    def _refusal(self, scope: Scope) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        if self.token and scope["path"] in PROTECTED_PATHS:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+                return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={
+                    "detail": f"missing or wrong bearer token; send 'Authorization: Bearer <token>' "
+                              f"with the token of {TOKEN_ENV} or serve.token"
                 })
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return JSONResponse(status_code=413, content={
+                "detail": f"request of {int(length):,} bytes is larger than "
+                          f"serve.max_upload_bytes = {self.max_upload_bytes:,} (plus form overhead)"
+            })
+        return None
+
+    def _counting(self, receive: Receive) -> Receive:
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    # FastAPI passes an HTTPException from the body reader on as the answer.
+                    raise HTTPException(413, (
+                        f"request body passed {self.max_body:,} bytes, more than "
+                        f"serve.max_upload_bytes = {self.max_upload_bytes:,} (plus form overhead); "
+                        f"stopped reading"
+                    ))
+            return message
+
+        return counting_receive
 
 
 def create_app(params: Params) -> FastAPI:
     """The service over the registry of ``params``; raises if there is no usable champion."""
-    serve, formats = params.serve, params.validate.formats
+    serve, limits = params.serve, params.validate
     holder = ChampionHolder(params.registry.dir)
     app = FastAPI(
         title="FanAOI",
@@ -244,7 +327,7 @@ def create_app(params: Params) -> FastAPI:
         loaded = holder.current()
         data = file.file.read(serve.max_upload_bytes + 1)
         try:
-            check_upload(data, serve, formats)
+            check_upload(data, serve, limits)
             return classify(loaded, data)
         except UploadRejected as exc:
             raise HTTPException(exc.status, f"{file.filename}: {exc}") from None
@@ -265,7 +348,7 @@ def create_app(params: Params) -> FastAPI:
         """The model card of the champion in use."""
         return holder.current().card
 
-    app.add_middleware(RefuseLargeBodies, max_upload_bytes=serve.max_upload_bytes)
+    app.add_middleware(ServiceGuard, serve=serve, token=service_token(serve))
     return app
 
 
@@ -273,4 +356,6 @@ def run_server(params: Params, host: str, port: int) -> None:
     """Serve until interrupted (uvicorn, one process; predictions run in its thread pool)."""
     import uvicorn
 
+    if warning := exposure_warning(host, service_token(params.serve)):
+        log.warning(warning)
     uvicorn.run(create_app(params), host=host, port=port, log_level="info")

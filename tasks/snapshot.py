@@ -27,8 +27,21 @@ from tasks.errors import FanaoiError
 DEFAULT_REMOTE_HINT = "dvc remote add -d local ~/.cache/fanaoi/dvc-remote"
 
 
+# DVC commands that talk to the remote: their failures are mostly the network or the
+# remote's storage (unreachable, timed out, full), which may be back on the next attempt.
+REMOTE_COMMANDS = ("push", "pull", "fetch")
+
+
 class SnapshotError(FanaoiError):
-    """DVC could not record or push the data snapshot; the message says what to fix."""
+    """DVC could not record or push the data snapshot; the message says what to fix.
+
+    ``command`` is what failed (``dvc push data.dvc``, ``git commit``), ``transient``
+    whether a retry may pass (see :func:`dvc_failure`).
+    """
+
+    def __init__(self, message: str, *, command: str | None = None, transient: bool = False) -> None:
+        super().__init__(message, transient=transient)
+        self.command = command
 
 
 def pointer_file(repo_dir: Path | str, data_dir: str = "data") -> Path:
@@ -109,32 +122,49 @@ def run_dvc(repo_dir: Path | str, *args: str) -> str:
         cwd=repo_dir, env=env, capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:
-        output = result.stderr + result.stdout
-        raise SnapshotError(explain_dvc_failure(Path(repo_dir), args, output))
+        raise dvc_failure(Path(repo_dir), args, result.stderr + result.stdout)
     return result.stdout
 
 
-def explain_dvc_failure(repo_dir: Path, args: tuple[str, ...], output: str) -> str:
-    """Turn DVC's error output into one line that names what to fix."""
+def dvc_failure(repo_dir: Path, args: tuple[str, ...], output: str) -> SnapshotError:
+    """DVC's error output as one line that names what to fix, typed transient or not.
+
+    Transient: a busy repository lock, a full disk, and any failure of a command that
+    talks to the remote other than a missing or broken remote configuration (an
+    unreachable or unwritable remote may be back on the next attempt). Permanent: the
+    rest (no DVC repository, a missing output, a bad dvc.yaml).
+    """
     command = "dvc " + " ".join(a for a in args if not a.startswith("-"))
     errors = re.findall(r"ERROR: (.*)", output)
     lines = output.strip().splitlines()
     reason = " ".join(errors) if errors else (lines[-1] if lines else "no output, see `dvc doctor`")
-    if "no remote specified" in output:
-        return (
-            f"{repo_dir}: `{command}` found no DVC remote; add one with `{DEFAULT_REMOTE_HINT}` "
-            f"(S3/GCS/Azure: see README, Data versioning) or skip the push with --no-push"
+
+    # (markers in DVC's output, what to say, transient), the first match wins
+    known = (
+        (("no remote specified",),
+         f"`{command}` found no DVC remote; add one with `{DEFAULT_REMOTE_HINT}` "
+         f"(S3/GCS/Azure: see README, Data versioning) or skip the push with --no-push", False),
+        (("config file error",),
+         f"`{command}` failed: {reason}; fix the remote's settings (`dvc remote list`, "
+         f".dvc/config)", False),
+        (("No space left on device", "Errno 28"),
+         f"disk full during `{command}`; free space on the disk holding the DVC cache "
+         f"({repo_dir / '.dvc' / 'cache'}) or the remote (`dvc remote list`), then rerun", True),
+        (("Unable to acquire lock",),
+         f"another dvc command holds the repository lock during `{command}`; wait for it, "
+         f"then rerun", True),
+        (("not inside of a DVC repository",), "not a DVC repository; run `dvc init` there", False),
+    )
+    for markers, message, transient in known:
+        if any(marker in output for marker in markers):
+            return SnapshotError(f"{repo_dir}: {message}", command=command, transient=transient)
+    if args and args[0] in REMOTE_COMMANDS:
+        return SnapshotError(
+            f"{repo_dir}: `{command}` failed: {reason}; check that the DVC remote "
+            f"(`dvc remote list`) is reachable and writable, then rerun",
+            command=command, transient=True,
         )
-    if "No space left on device" in output or "Errno 28" in output:
-        return (
-            f"{repo_dir}: disk full during `{command}`; free space on the disk holding the DVC "
-            f"cache ({repo_dir / '.dvc' / 'cache'}) or the remote (`dvc remote list`), then rerun"
-        )
-    if "Unable to acquire lock" in output:
-        return f"{repo_dir}: another dvc command holds the repository lock; wait for it, then rerun"
-    if "not inside of a DVC repository" in output:
-        return f"{repo_dir}: not a DVC repository; run `dvc init` there"
-    return f"{repo_dir}: `{command}` failed: {reason}"
+    return SnapshotError(f"{repo_dir}: `{command}` failed: {reason}", command=command)
 
 
 def _git(repo_dir: Path, *args: str) -> str:
@@ -143,5 +173,6 @@ def _git(repo_dir: Path, *args: str) -> str:
     )
     if result.returncode != 0:
         reason = result.stderr.strip() or result.stdout.strip()
-        raise SnapshotError(f"{repo_dir}: `git {' '.join(args)}` failed: {reason}")
+        command = f"git {' '.join(args)}"
+        raise SnapshotError(f"{repo_dir}: `{command}` failed: {reason}", command=command)
     return result.stdout

@@ -22,6 +22,7 @@ import pandas as pd
 
 from tasks.dataset import SPLITS, UNTYPED, DatasetError
 from tasks.errors import FanaoiError
+from tasks.image_check import format_reason, mode_reason, side_reason
 from tasks.manifest import (
     IMAGE,
     LOOSE_FILE,
@@ -59,7 +60,7 @@ def run_validate(
             f"({', '.join(params.data.classes)}) or run `fanaoi demo-data {data_dir}`"
         )
     rules = params.validate
-    manifest = build_manifest(data_dir, params.data, rules.max_pixels, rules.cache_dir)
+    manifest = build_manifest(data_dir, params.data, rules, rules.cache_dir)
     files = add_rule_columns(manifest, rules)
     classes = class_table(files, params.data.classes)
     reports_dir = Path(reports_dir)
@@ -357,22 +358,10 @@ Reason = Callable[[pd.Series, _Context], str]
 REASONS: dict[str, Reason] = {
     "readable": lambda row, _: f"{row['error']}; replace or remove the file",
     "not_empty": lambda row, _: "zero-byte file; copy it again or remove it",
-    "format_allowed": lambda row, c: (
-        f"format {row['format']} is not one of validate.formats ({', '.join(c.rules.formats)}); "
-        "convert it"
-    ),
-    "mode_allowed": lambda row, c: (
-        f"colour mode {row['mode']} is not one of validate.modes "
-        f"({', '.join(c.rules.modes)}); convert it"
-    ),
-    "width_in_bounds": lambda row, c: (
-        f"width {_int(row['width'])} px outside {c.rules.min_side}..{c.rules.max_side} "
-        "(validate.min_side/max_side)"
-    ),
-    "height_in_bounds": lambda row, c: (
-        f"height {_int(row['height'])} px outside {c.rules.min_side}..{c.rules.max_side} "
-        "(validate.min_side/max_side)"
-    ),
+    "format_allowed": lambda row, c: format_reason(row["format"], c.rules),
+    "mode_allowed": lambda row, c: mode_reason(row["mode"], c.rules),
+    "width_in_bounds": lambda row, c: side_reason("width", _int(row["width"]), c.rules),
+    "height_in_bounds": lambda row, c: side_reason("height", _int(row["height"]), c.rules),
     "image_files_only": lambda row, _: (
         f"not an image file (extension {Path(row['path']).suffix or 'none'!r}, not in "
         "data.extensions, or not a regular file); training skips it: "

@@ -48,3 +48,46 @@ def write_bomb_png(path: Path, side: int) -> Path:
     Image.new("1", (side, side)).save(path, optimize=True)
     return path
 
+
+
+# Files that Pillow opens but the pipeline refuses (DESIGN section 7, issue 15): each
+# writer returns its path; the file name may lie about the format, as on a real share.
+def write_one_pixel_png(path: Path) -> Path:
+    Image.new("RGB", (1, 1), (200, 200, 200)).save(path, format="PNG")
+    return path
+
+
+def write_16_bit_png(path: Path) -> Path:
+    ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60).astype(np.uint16)
+    Image.fromarray(ramp).save(path, format="PNG")
+    return path
+
+
+def write_cmyk_jpeg(path: Path) -> Path:
+    good_image().convert("CMYK").save(path, format="JPEG")
+    return path
+
+
+def write_gif_named_png(path: Path) -> Path:
+    good_image().save(path, format="GIF")
+    return path
+
+
+def write_animated_png(path: Path) -> Path:
+    good_image().save(path, format="PNG", save_all=True, append_images=[good_image(seed=7)])
+    return path
+
+
+def write_default_bomb(path: Path) -> Path:
+    """8000x8000 pixels in a few KB: above validate.max_pixels (50 M) of the defaults."""
+    return write_bomb_png(path, 8000)
+
+
+HOSTILE_IMAGES = {
+    "one_pixel.png": write_one_pixel_png,
+    "sixteen_bit.png": write_16_bit_png,
+    "cmyk.jpg": write_cmyk_jpeg,
+    "gif_named.png": write_gif_named_png,
+    "animated.png": write_animated_png,
+    "bomb.png": write_default_bomb,
+}

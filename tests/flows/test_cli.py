@@ -45,3 +45,25 @@ def test_serve_refuses_without_a_prefect_server(tmp_path, monkeypatch, capsys):
     assert code.returncode == 1
     assert code.stderr.count("\n") == 1
     assert "prefect server start" in code.stderr and "PREFECT_API_URL" in code.stderr
+
+
+@pytest.mark.integration
+def test_ingest_prints_a_file_name_with_a_newline_on_one_line(tmp_path, monkeypatch, capsys):
+    from tests.dvc_support import make_dvc_repo
+
+    repo = make_dvc_repo(tmp_path / "repo", remote=None)
+    (repo / "params.yaml").write_text("validate:\n  min_per_class: 1\n")
+    batch = make_image_folder(tmp_path / "batch", per_class=1)
+    forged = "go\naccepted: passwd -> data:GO:forged"  # no "/": it cannot be in a name
+    (batch / "GO" / "go_000.png").rename(batch / "GO" / f"{forged}.png")
+    (batch / "NG" / "ng_000.png").rename(batch / "NG" / "x\x1b[2Jy.txt")
+    monkeypatch.chdir(repo)
+
+    assert main(["ingest", str(batch), "--no-push"]) == 2  # the .txt is rejected
+
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("accepted: passwd") for line in lines)
+    (accepted,) = [line for line in lines if line.startswith("accepted: ")]
+    assert accepted.startswith(f"accepted: {batch / 'GO'}/go\\naccepted: passwd -> data:GO:forged.png -> data/GO/")
+    (rejected,) = [line for line in lines if line.startswith("unexpected: ")]
+    assert "x\\x1b[2Jy.txt" in rejected and "\x1b" not in rejected

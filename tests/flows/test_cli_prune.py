@@ -39,7 +39,7 @@ def test_prune_writes_a_candidate_that_the_gate_compares_with_the_champion(proje
     code = main(["--params", project["params"], "gate", "--model", str(out), "--reports", str(reports),
                  "--no-publish"])
     assert code == 0
-    gate = json.loads((reports / "gate.json").read_text())
+    gate = json.loads((reports / "gate-preview.json").read_text())  # --no-publish: not gate.json
     assert gate["candidate"]["path"] == str(out)
     assert gate["champion"]["version"] == "v0001"
     assert gate["candidate"]["metrics"]["accuracy"] == pytest.approx(report["after"]["validation_accuracy"])

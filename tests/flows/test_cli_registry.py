@@ -6,8 +6,10 @@ import pytest
 
 from flows.cli import main
 from tasks.registry import CHAMPION_MODEL, read_log
+from tests.bad_files import HOSTILE_IMAGES
 from tests.tasks.champion_support import (
     copy_registry,
+    flip_weight_bytes,
     one_version_registry,
     save_random_model,
     two_version_registry,
@@ -118,3 +120,66 @@ def test_predict_prints_label_and_probability_per_file(project, capsys):
     assert run(project, "predict", str(one)) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{one}  NG  p(NG)=") or line.startswith(f"{one}  GO  p(NG)=")
+
+
+def test_predict_reports_a_refused_image_as_an_error_never_a_label(project, capsys):
+    hostile = [write(project["tmp"] / name) for name, write in HOSTILE_IMAGES.items()]
+    good = next((project["data_dir"] / "GO").iterdir())
+    capsys.readouterr()
+
+    assert run(project, "predict", *map(str, hostile), str(good)) == 1
+
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(hostile) + 1
+    for path, line in zip(hostile, lines, strict=False):
+        assert line.startswith(f"{path}  error: "), line
+        assert "p(NG)" not in line
+    assert "decompression bomb: 64,000,000 pixels" in lines[-2]
+    assert lines[-1].startswith(f"{good}  ") and "p(NG)=" in lines[-1]
+
+
+def test_damaged_champion_weights_are_an_error_naming_the_fix_not_a_label(project, capsys):
+    flip_weight_bytes(project["registry"] / CHAMPION_MODEL)
+    image = next((project["data_dir"] / "GO").iterdir())
+
+    assert run(project, "predict", str(image)) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "is not that of v0002 as published" in captured.err
+    assert captured.err.strip().endswith("restore it with `fanaoi rollback v0002`")
+    assert run(project, "rollback", "v0002") == 0
+    capsys.readouterr()
+    assert run(project, "predict", str(image)) == 0
+
+
+def test_a_champion_json_that_is_not_an_object_breaks_no_command(project, capsys):
+    (project["registry"] / "champion.json").write_text('["v0002"]')
+    image = next((project["data_dir"] / "GO").iterdir())
+    assert run(project, "champion") == 0
+    assert capsys.readouterr().out.startswith("champion v0002")
+    assert run(project, "predict", str(image)) == 0
+    reports = str(project["tmp"] / "reports")
+    weak = save_random_model(main_params(project), project["tmp"] / "weak.h5", seed=11)
+    assert run(project, "gate", "--no-publish", "--model", str(weak), "--reports", reports) == 0
+    assert "champion v0002" in capsys.readouterr().out
+    assert run(project, "rollback", "v0001") == 0
+    assert json.loads((project["registry"] / "champion.json").read_text())["version"] == "v0001"
+
+
+def test_gate_no_publish_leaves_the_gate_metric_alone(project, capsys):
+    reports = project["tmp"] / "reports"
+    reports.mkdir()
+    metric = reports / "gate.json"
+    metric.write_text('{"decision": "promote", "from": "the last dvc repro"}\n')
+    before = metric.read_bytes(), metric.stat().st_mtime_ns
+    weak = save_random_model(main_params(project), project["tmp"] / "weak.h5", seed=11)
+    log_before = read_log(project["registry"])
+
+    assert run(project, "gate", "--no-publish", "--model", str(weak), "--reports", str(reports)) == 0
+
+    assert (metric.read_bytes(), metric.stat().st_mtime_ns) == before
+    preview = json.loads((reports / "gate-preview.json").read_text())
+    assert preview["decision"] == "reject" and preview["candidate"]["path"] == str(weak)
+    out = capsys.readouterr().out
+    assert f"report: {reports / 'gate-preview.json'} (nothing published or logged" in out
+    assert read_log(project["registry"]) == log_before

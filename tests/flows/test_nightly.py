@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -28,7 +29,8 @@ from flows.nightly import (
     report_markdown,
 )
 from flows.params import load_params
-from tasks.registry import list_versions, read_champion, read_log
+from tasks.errors import FanaoiError
+from tasks.registry import RegistryLockedError, list_versions, read_champion, read_log
 from tasks.snapshot import SnapshotError, data_snapshot_id
 from tasks.stages import stage_changes
 from tasks.validate import ValidationFailed
@@ -251,13 +253,67 @@ def test_validation_failure_fails_the_run_without_retries(
         (FileNotFoundError(2, "No such file", "data/GO"), False),
         (PermissionError(13, "Permission denied", "registry"), False),
         (ValidationFailed("data/GO/x.png: not an image"), False),
-        (SnapshotError("/p: `dvc push` failed: connection reset"), True),
-        (SnapshotError("/p: another dvc command holds the repository lock; wait"), True),
-        (SnapshotError("/p: `dvc push` found no DVC remote; add one"), False),
+        # The flag decides, whatever the message says.
+        (SnapshotError("/p: `dvc push` failed: timeout", transient=True), True),
+        (SnapshotError("/p: `dvc push` failed: timeout", transient=False), False),
+        (RegistryLockedError("another FanAOI run is publishing"), True),
+        (FanaoiError("disk full, connection reset, `dvc push` failed"), False),
     ],
 )
 def test_only_transient_failures_are_retried(error: Exception, transient: bool) -> None:
     assert is_transient(error) is transient
+
+
+def _remote_behind(project: Path, remote: Path) -> None:
+    config = project / ".dvc" / "config"
+    text = config.read_text(encoding="utf-8")
+    config.write_text(re.sub(r"url = .*", f"url = {remote}", text), encoding="utf-8")
+
+
+def test_an_unreachable_remote_is_retried_and_the_run_succeeds(
+    nightly_project: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.snapshot
+
+    project = copy_project(nightly_project["project"], tmp_path / "project")
+    blocker = tmp_path / "share"  # a regular file where the remote's parent folder should be
+    blocker.write_text("not a folder", encoding="utf-8")
+    _remote_behind(project, blocker / "remote")
+    failures: list[SnapshotError] = []
+    real_run_dvc = tasks.snapshot.run_dvc
+
+    def run_dvc_then_heal(repo_dir: Path | str, *args: str) -> str:
+        try:
+            return real_run_dvc(repo_dir, *args)
+        except SnapshotError as exc:  # a real DVC failure; the share comes back afterwards
+            failures.append(exc)
+            blocker.unlink()
+            raise
+
+    monkeypatch.setattr(tasks.snapshot, "run_dvc", run_dvc_then_heal)
+    state = nightly_retrain(params_path=str(project / "params.yaml"), return_state=True)
+
+    assert state.is_completed(), state.message
+    assert [(f.command, f.transient) for f in failures] == [("dvc push data.dvc", True)]
+    runs = task_runs(state, ("snapshot",))
+    assert runs["snapshot"].state.name == "Completed" and runs["snapshot"].run_count == 2
+    assert any(p.is_file() for p in (blocker / "remote").rglob("*"))
+
+
+def test_a_missing_remote_is_not_retried(
+    nightly_project: dict[str, Any], tmp_path: Path
+) -> None:
+    project = copy_project(nightly_project["project"], tmp_path / "project")
+    config = project / ".dvc" / "config"
+    config.write_text("[core]\n    analytics = false\n    check_update = false\n", encoding="utf-8")
+
+    state = nightly_retrain(params_path=str(project / "params.yaml"), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(SnapshotError, match="no DVC remote; add one") as failure:
+        state.result()
+    assert failure.value.transient is False
+    assert task_runs(state, ("snapshot",))["snapshot"].run_count == 1
 
 
 def test_report_says_unchanged_and_keeps_the_last_decision() -> None:
@@ -312,6 +368,27 @@ def test_prefect_yaml_declares_the_schedule_of_params_yaml() -> None:
     assert declared["concurrency_limit"] == {
         "limit": 1, "collision_strategy": nightly.collision_strategy,
     }
+
+
+def test_a_run_waits_for_an_ingest_holding_the_project_lock(
+    nightly_project: dict[str, Any], tmp_path: Path
+) -> None:
+    from tasks.project_lock import ProjectLocked
+    from tests.tasks.test_project_lock import hold_lock
+
+    project = copy_project(nightly_project["project"], tmp_path / "project")
+    update_params(project, {"lock": {"timeout": 0.5}})
+    holder = hold_lock(project, 60)  # an ingest in another process, still copying
+    try:
+        state = nightly_retrain(params_path=str(project / "params.yaml"), return_state=True)
+    finally:
+        holder.kill()
+        holder.wait()
+
+    assert state.is_failed()
+    with pytest.raises(ProjectLocked, match=rf"pid {holder.pid} on .*fanaoi ingest nightly-batch/"):
+        state.result()
+    assert "validate" not in task_runs(state)  # nothing ran on a data set being changed
 
 
 def test_dashboard_gives_escapes_per_defect_type_with_upper_bounds() -> None:

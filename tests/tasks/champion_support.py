@@ -102,6 +102,21 @@ def copy_registry(source: Path, target: Path) -> Path:
     return target
 
 
+def flip_weight_bytes(model_path: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes inside the largest weight array of an .h5, leaving its
+    structure (and the embedded model card) readable: the silent damage of a bad disk."""
+    import h5py
+
+    arrays: list = []
+    with h5py.File(model_path, "r") as handle:
+        handle.visititems(lambda _, item: arrays.append(item) if isinstance(item, h5py.Dataset) else None)
+        largest = max(arrays, key=lambda item: item.nbytes)
+        offset = largest.id.get_offset()
+    with model_path.open("r+b") as raw:
+        raw.seek(offset)
+        chunk = raw.read(count)
+        raw.seek(offset)
+        raw.write(bytes(b ^ 0xFF for b in chunk))
 def review_band_registry(data_dir: Path, base: Path, registry: Path, review_band: tuple[float, float]) -> Path:
     """A registry whose champion (the good model) was published with a review band."""
     from tasks.gate import run_gate

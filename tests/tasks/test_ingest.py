@@ -10,6 +10,7 @@ from PIL import Image
 
 from tasks import ingest
 from tasks.dataset import list_images, sha256_of
+from tasks.image_check import blocking_rules, inspect_image
 from tasks.ingest import (
     IngestError,
     ingest_batch,
@@ -19,6 +20,7 @@ from tasks.ingest import (
 )
 from tasks.params import DataParams, Params
 from tasks.snapshot import data_snapshot_id
+from tests.bad_files import HOSTILE_IMAGES
 from tests.conftest import make_image_folder
 from tests.dvc_support import make_dvc_repo, run, tree_digest
 
@@ -106,13 +108,13 @@ def test_a_copy_failing_half_way_leaves_data_unchanged(
     before = tree_digest(data)
     copies = []
 
-    def copy_then_fill_the_disk(source: Path, target: Path) -> None:
+    def copy_then_fill_the_disk(source: Path, target: Path, sha256: str) -> None:
         if len(copies) == 3:
             raise OSError(errno.ENOSPC, "No space left on device", str(target))
         copies.append(target)
         shutil.copyfile(source, target)
 
-    monkeypatch.setattr(ingest, "copy_durably", copy_then_fill_the_disk)
+    monkeypatch.setattr(ingest, "copy_checked", copy_then_fill_the_disk)
     with pytest.raises(OSError, match="No space left"):
         ingest_batch(batch, params_for(Path("data")), tmp_path)
 
@@ -174,6 +176,139 @@ def test_ingest_copies_under_hash_names_indexes_sources_and_snapshots(tmp_path: 
     written = json.loads(Path(result["report_path"]).read_text())
     assert written["counts"] == {"accepted": 6, "unreadable": 1}
     assert written["snapshot"] == result["snapshot"]
+
+
+def test_hostile_images_get_the_reason_of_the_shared_image_check(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=1, seed=1)
+    batch = tmp_path / "batch"
+    (batch / "GO").mkdir(parents=True)
+    paths = [write(batch / "GO" / name) for name, write in HOSTILE_IMAGES.items()]
+    params = params_for(data)
+
+    verdicts = verdicts_by_name(judge_batch(batch, data, params, "data"))
+
+    blocking = blocking_rules(params.validate)
+    for path in paths:
+        expected = inspect_image(path.read_bytes(), params.validate).rejection(blocking)
+        assert verdicts[path.name].reason == expected.reason, path.name
+        assert verdicts[path.name].verdict in ("invalid", "unreadable")
+
+
+@pytest.mark.parametrize("swap", ["symlink", "other bytes"])
+def test_a_file_swapped_between_its_check_and_its_copy_is_not_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=2, seed=1)
+    batch = make_image_folder(tmp_path / "batch", per_class=2, seed=2)
+    (tmp_path / ".dvc").mkdir()  # the copy fails before DVC is ever called
+    secret = tmp_path / "passwd"  # stands in for a system file the batch must not leak
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    victim = batch / "GO" / "go_001.png"
+    before = tree_digest(data)
+    real_add_to_data = ingest.add_to_data
+
+    def swap_then_add(*args: object) -> None:  # the race: after judge_batch, before the copy
+        victim.unlink()
+        if swap == "symlink":
+            victim.symlink_to(secret)
+        else:
+            shutil.copy(batch / "NG" / "ng_000.png", victim)
+        real_add_to_data(*args)
+
+    monkeypatch.setattr(ingest, "add_to_data", swap_then_add)
+    expected = "became a symlink after it was checked" if swap == "symlink" else "changed after it was checked"
+    with pytest.raises(IngestError, match=expected) as failure:
+        ingest_batch(batch, params_for(Path("data")), tmp_path)
+
+    assert str(failure.value).startswith(f"{victim}: ") and "nothing was added" in str(failure.value)
+    assert tree_digest(data) == before
+    stored = b"".join(p.read_bytes() for p in data.rglob("*") if p.is_file())
+    assert b"root:x:0:0" not in stored
+    assert not list(tmp_path.glob(".fanaoi-ingest-*"))
+    (report,) = (tmp_path / "reports" / "ingest").iterdir()
+    assert json.loads(report.read_text())["error"] == str(failure.value)
+
+
+RLIMIT_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from tasks.ingest import ingest_batch
+from tasks.params import DataParams, Params
+ingest_batch(Path(sys.argv[2]), Params(data=DataParams(dir="data")), Path(sys.argv[3]), push=False)
+"""
+
+
+def _ingest_with_file_size_limit(limit: int, batch: Path, project: Path) -> str:
+    """Run an ingest in a child process whose files cannot grow past ``limit`` bytes."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", RLIMIT_CHILD, str(limit), str(batch), str(project)],
+        cwd=root, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode != 0, result.stdout
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_full_disk_while_the_report_is_written_names_it_and_changes_nothing(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    data = make_image_folder(project / "data", per_class=2, seed=1)
+    (project / ".dvc").mkdir()
+    batch = make_image_folder(tmp_path / "batch", per_class=20, seed=2)
+    largest = max(p.stat().st_size for p in batch.rglob("*.png"))
+    before = tree_digest(data)
+
+    # Every image fits under the limit; the report of 40 verdicts does not.
+    error = _ingest_with_file_size_limit(largest + 1024, batch, project)
+
+    reports = project / "reports" / "ingest"
+    assert error.startswith("tasks.ingest.IngestError: " + str(reports))
+    assert "cannot write the ingest report (File too large); nothing was added" in error
+    assert tree_digest(data) == before
+    assert list(reports.iterdir()) == []  # no 0-byte or half report, no temp file
+    assert not list(project.glob(".fanaoi-ingest-*"))
+
+
+def test_a_full_disk_while_an_image_is_copied_names_it_and_changes_nothing(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    data = make_image_folder(project / "data", per_class=2, seed=1)
+    (project / ".dvc").mkdir()
+    batch = make_image_folder(tmp_path / "batch", per_class=1, seed=2)
+    big = batch / "GO" / "big.png"
+    Image.effect_noise((160, 160), 60).convert("RGB").save(big)
+    before = tree_digest(data)
+
+    error = _ingest_with_file_size_limit(big.stat().st_size // 2, batch, project)
+
+    assert error.startswith(f"tasks.ingest.IngestError: {big}: copying it to ")
+    assert "(File too large); nothing was added: free space on the disk of" in error
+    assert tree_digest(data) == before
+    (report,) = (project / "reports" / "ingest").iterdir()
+    assert json.loads(report.read_text())["error"] in error
+
+
+def test_a_full_disk_while_the_index_is_written_names_it_and_changes_nothing(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    data = make_image_folder(project / "data", per_class=2, seed=1)
+    entry = json.dumps({"file": "data/GO/old.png", "source": "/share/" + "x" * 200}) + "\n"
+    (data / ".sources.jsonl").write_text(entry * 300)  # ~70 KB: the index of a grown data set
+    (project / ".dvc").mkdir()
+    batch = make_image_folder(tmp_path / "batch", per_class=1, seed=2)
+    before = tree_digest(data)
+
+    # The report and the images fit under the limit; the rewritten index does not.
+    error = _ingest_with_file_size_limit(40_000, batch, project)
+
+    assert error.startswith(f"tasks.ingest.IngestError: {data / '.sources.jsonl'}: cannot write "
+                            f"the new source index")
+    assert "(File too large); nothing was added to the data set" in error
+    assert tree_digest(data) == before
+    assert not list(project.glob(".fanaoi-ingest-*"))
 
 
 @pytest.mark.integration

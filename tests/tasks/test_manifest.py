@@ -6,7 +6,7 @@ from PIL import Image
 
 from tasks.dataset import assign_split, sha256_of
 from tasks.manifest import build_manifest, inspect_file
-from tasks.params import DataParams
+from tasks.params import DataParams, ValidateParams
 from tests.bad_files import (
     good_image,
     write_bomb_png,
@@ -17,13 +17,13 @@ from tests.bad_files import (
 )
 from tests.conftest import make_image_folder
 
-MAX_PIXELS = 1_000_000
+LIMITS = ValidateParams(max_pixels=1_000_000)
 
 
 def test_inspect_good_image(tmp_path):
     path = tmp_path / "fan.png"
     good_image().save(path)
-    check = inspect_file(path, MAX_PIXELS)
+    check = inspect_file(path, LIMITS)
     assert check.decodable and check.error is None
     assert (check.width, check.height, check.mode, check.format) == (32, 32, "RGB", "PNG")
     assert check.bytes == path.stat().st_size
@@ -47,7 +47,7 @@ def test_inspect_bad_file_reports_why_and_leaves_it(tmp_path, name, write, reaso
     path = write(tmp_path / name)
     before = path.read_bytes()
     limit = Image.MAX_IMAGE_PIXELS
-    check = inspect_file(path, MAX_PIXELS)
+    check = inspect_file(path, LIMITS)
     assert not check.decodable
     assert reason in check.error
     assert check.sha256 is not None and check.bytes == len(before)
@@ -56,7 +56,7 @@ def test_inspect_bad_file_reports_why_and_leaves_it(tmp_path, name, write, reaso
 
 
 def test_inspect_unreadable_path(tmp_path):
-    check = inspect_file(tmp_path / "gone.png", MAX_PIXELS)
+    check = inspect_file(tmp_path / "gone.png", LIMITS)
     assert not check.decodable and "cannot read the file" in check.error
 
 
@@ -73,7 +73,7 @@ def test_manifest_rows_mirror_what_training_reads(tmp_path):
     os.symlink(data / "GO" / "go_001.png", data / "NG" / "inside.png")
     params = DataParams(dir=str(data))
 
-    manifest = build_manifest(data, params, MAX_PIXELS).set_index("path")
+    manifest = build_manifest(data, params, LIMITS).set_index("path")
 
     kinds = manifest["kind"].to_dict()
     assert {p for p, k in kinds.items() if k == "image"} == {
@@ -97,20 +97,20 @@ def test_cache_decodes_only_new_or_changed_files(tmp_path):
     params = DataParams(dir=str(data))
     cache = tmp_path / "cache"
 
-    first = build_manifest(data, params, MAX_PIXELS, cache)
-    again = build_manifest(data, params, MAX_PIXELS, cache)
+    first = build_manifest(data, params, LIMITS, cache)
+    again = build_manifest(data, params, LIMITS, cache)
     assert first.attrs["inspected"] == 20 and again.attrs["inspected"] == 0
     assert again.equals(first)
 
     make_image_folder(tmp_path / "more", per_class=2, seed=5)
     shutil.copy(tmp_path / "more" / "NG" / "ng_000.png", data / "NG" / "new.png")
     write_truncated_jpeg(data / "GO" / "go_003.png")  # same name, new bytes
-    grown = build_manifest(data, params, MAX_PIXELS, cache).set_index("path")
+    grown = build_manifest(data, params, LIMITS, cache).set_index("path")
     assert grown.attrs["inspected"] == 2
     assert "truncated" in grown.loc["GO/go_003.png", "error"]
     assert grown.loc["NG/new.png", "decodable"]
 
-    stricter = build_manifest(data, params, 500, cache)  # a new limit changes verdicts
+    stricter = build_manifest(data, params, ValidateParams(max_pixels=500), cache)  # a new limit changes verdicts
     assert stricter.attrs["inspected"] == 21
     assert not stricter["decodable"].any()
 
@@ -118,8 +118,8 @@ def test_cache_decodes_only_new_or_changed_files(tmp_path):
 def test_damaged_cache_is_rebuilt(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=2)
     cache = tmp_path / "cache"
-    build_manifest(data, DataParams(dir=str(data)), MAX_PIXELS, cache)
+    build_manifest(data, DataParams(dir=str(data)), LIMITS, cache)
     (cached,) = cache.iterdir()
     cached.write_text("{not json")
-    manifest = build_manifest(data, DataParams(dir=str(data)), MAX_PIXELS, cache)
+    manifest = build_manifest(data, DataParams(dir=str(data)), LIMITS, cache)
     assert manifest.attrs["inspected"] == 4 and manifest["decodable"].all()

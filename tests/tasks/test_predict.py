@@ -5,9 +5,11 @@ import pytest
 
 from tasks.dataset import list_images, select
 from tasks.errors import FanaoiError
-from tasks.params import DataParams
+from tasks.image_check import blocking_rules, inspect_image
+from tasks.params import DataParams, ValidateParams
 from tasks.predict import expand_paths, load_champion, predict_files
 from tasks.registry import RegistryError
+from tests.bad_files import HOSTILE_IMAGES
 from tests.tasks.champion_support import one_version_registry, review_band_registry
 
 EXTENSIONS = (".png", ".jpg")
@@ -84,11 +86,23 @@ def test_unreadable_files_get_their_own_error(champion, validation_images, tmp_p
     results = predict_files(champion, files, batch_size=4)
     assert [r["error"] is None for r in results] == [False, True, False, False, False]
     assert results[1]["label"] == validation_images[0].class_name
-    assert "Unknown image file format" in results[0]["error"]
+    assert "not an image" in results[0]["error"]
     assert "No such file" in results[3]["error"]
     assert all(r["label"] is None and r["probability"] is None for r in results if r["error"])
 
 
+@pytest.mark.slow
+def test_images_the_check_refuses_get_its_reason_never_a_label(champion, validation_images, tmp_path):
+    hostile = [write(tmp_path / name) for name, write in HOSTILE_IMAGES.items()]
+    good = validation_images[0].path
+    limits = ValidateParams()
+
+    results = predict_files(champion, [*hostile, good], batch_size=4, limits=limits)
+
+    for path, row in zip(hostile, results, strict=False):
+        expected = inspect_image(path.read_bytes(), limits).rejection(blocking_rules(limits))
+        assert (row["label"], row["probability"], row["error"]) == (None, None, expected.reason)
+    assert results[-1]["label"] == validation_images[0].class_name and results[-1]["error"] is None
 def expected_label(probability, threshold, band):
     if band[0] <= probability < band[1]:
         return "REVIEW"

@@ -1,13 +1,16 @@
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from tasks.dataset import sha256_of
 from tasks.gate import run_gate
 from tasks.model import load_model
 from tasks.registry import (
@@ -29,6 +32,7 @@ from tasks.registry import (
 )
 from tests.tasks.champion_support import (
     copy_registry,
+    flip_weight_bytes,
     gate_params,
     good_model,
     one_version_registry,
@@ -111,7 +115,8 @@ def test_first_publish_writes_champion_card_version_and_log(data_dir, base):
     assert card["threshold"] == 0.5 and card["metrics"]["validation"]["accuracy"] >= 0.8
     assert card["params"]["gate"]["min_accuracy"] == 0.8
     assert card["git_revision"] is None or len(card["git_revision"]) == 40
-    assert read_champion(registry).card == card  # the card embedded in champion.h5
+    assert read_champion(registry).card == card  # the card embedded in champion.h5, verified
+    assert card["model_sha256"] == sha256_of(registry / "versions/v0001/model.h5")
     assert (registry / CHAMPION_MODEL).read_bytes() == (registry / "versions/v0001/model.h5").read_bytes()
     [entry] = read_log(registry)
     assert entry["action"] == "promote" and entry["version"] == "v0001" and entry["previous"] is None
@@ -204,3 +209,100 @@ def test_publishing_a_rejected_candidate_needs_force(data_dir, tmp_path):
     with pytest.raises(PublishError, match=r"gate rejected it \(accuracy 0.5 >= floor 0.8: FAIL\).*--force"):
         publish(tmp_path / "candidate.h5", rejected, params)
     assert not (tmp_path / "registry").exists()
+
+
+@pytest.mark.slow
+def test_flipped_weight_bits_are_caught_on_load_and_rollback_repairs_them(data_dir, base, tmp_path):
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    flip_weight_bytes(registry / CHAMPION_MODEL)
+
+    champion = read_champion(registry)
+    assert champion.version == "v0002"
+    assert champion.problem.startswith(f"{registry / CHAMPION_MODEL}: its sha256 ")
+    assert "is not that of v0002 as published" in champion.problem
+    assert champion.problem.endswith("restore it with `fanaoi rollback v0002`")
+    with pytest.raises(RegistryError, match="fanaoi rollback v0002"):
+        champion_card(registry)
+
+    rollback(gate_params(data_dir, registry).registry, "v0002", reason="weights damaged")
+    assert read_champion(registry).problem is None
+
+
+@pytest.mark.slow
+def test_a_damaged_version_is_not_rolled_back_to(data_dir, base, tmp_path):
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    before = (registry / CHAMPION_MODEL).read_bytes()
+    flip_weight_bytes(registry / "versions" / "v0001" / "model.h5")
+    with pytest.raises(RegistryError, match=r"v0001/model.h5: its sha256 .* roll back to another "
+                                            r"version \(v0002\)"):
+        rollback(gate_params(data_dir, registry).registry, "v0001")
+    assert (registry / CHAMPION_MODEL).read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content", ["[1, 2]", '"v0001"', "null", "{not json"])
+def test_a_champion_json_that_is_not_a_card_falls_back_to_the_embedded_one(
+    data_dir, base, tmp_path, caplog, content
+):
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    (registry / CHAMPION_CARD).write_text(content)
+
+    champion = read_champion(registry)
+
+    assert champion.version == "v0002" and champion.problem is None
+    assert "using the card inside the model" in caplog.text
+    assert champion_card(registry)["version"] == "v0002"
+    rollback(gate_params(data_dir, registry).registry, "v0001")  # and rollback repairs the file
+    assert json.loads((registry / CHAMPION_CARD).read_text())["version"] == "v0001"
+
+
+@pytest.mark.slow
+def test_leftovers_of_a_killed_publish_are_removed_by_the_next_command(data_dir, base, tmp_path):
+    registry = copy_registry(two_version_registry(data_dir, base), tmp_path / "registry")
+    staged = registry / "versions" / ".incoming-v0003"
+    staged.mkdir()
+    (staged / "model.h5").write_bytes(b"half a model")
+    (registry / ".champion.h5.k1ll3d.tmp").write_bytes(b"half a champion")
+    (registry / ".card-k1ll3d").mkdir()
+
+    rollback(gate_params(data_dir, registry).registry, "v0001")
+
+    assert not staged.exists() and not list(registry.glob(".*.tmp"))
+    assert not list(registry.glob(".card-*"))
+    assert list_versions(registry) == ["v0001", "v0002"]
+
+
+@pytest.mark.integration
+def test_the_smoke_test_process_dies_with_a_killed_publisher(data_dir, base):
+    import psutil
+
+    model = one_version_registry(data_dir, base) / "versions" / "v0001" / "model.h5"
+    image = next((data_dir / "GO").iterdir())
+    code = (f"from pathlib import Path; from tasks.registry import smoke_test; "
+            f"smoke_test(Path({str(model)!r}), [{{'path': {str(image)!r}, 'probability': 0.5}}])")
+    publisher = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
+    try:
+        children: list = []
+        deadline = time.monotonic() + 60
+        while not children and time.monotonic() < deadline:
+            children = psutil.Process(publisher.pid).children()
+            time.sleep(0.02)
+        assert children, "the smoke test never started"
+        publisher.kill()  # SIGKILL while the child is still importing TensorFlow
+        publisher.wait()
+
+        def ended(process) -> bool:
+            try:
+                return process.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        deadline = time.monotonic() + 3  # far less than the child needs to finish on its own
+        while not all(map(ended, children)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(map(ended, children)), "the smoke test process outlived its publisher"
+    finally:
+        publisher.kill()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()

@@ -1,6 +1,8 @@
+import contextlib
 import dataclasses
 import io
 import os
+import select as io_select
 import socket
 import threading
 import time
@@ -12,12 +14,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tasks.dataset import list_images, select
+from tasks.image_check import blocking_rules, inspect_image
 from tasks.params import ServeParams
 from tasks.predict import load_champion, predict_files
 from tasks.registry import RegistryError, rollback
-from tasks.serve import create_app
+from tasks.serve import TOKEN_ENV, create_app, exposure_warning
+from tests.bad_files import HOSTILE_IMAGES
 from tests.tasks.champion_support import (
     copy_registry,
+    flip_weight_bytes,
     gate_params,
     one_version_registry,
     review_band_registry,
@@ -84,7 +89,7 @@ def test_bad_uploads_get_a_4xx_with_a_message(trained_workspace, registry, valid
         "empty.png": (b"", 400, "empty upload"),
         "cut.png": (good[: len(good) // 2], 422, "truncated or corrupt image"),
         "bomb.png": (png_bytes((200, 200)), 422, "decompression bomb: 40,000 pixels, more than serve.max_pixels"),
-        "fan.gif": (gif.getvalue(), 415, "GIF image; the model takes PNG, JPEG, BMP"),
+        "fan.gif": (gif.getvalue(), 415, "format GIF is not one of PNG, JPEG, BMP"),
         "big.png": (good + b"\0" * 20_000, 413, "larger than serve.max_upload_bytes = 20,000"),
         "huge.png": (b"\0" * 200_000, 413, "request of"),
     }
@@ -95,6 +100,21 @@ def test_bad_uploads_get_a_4xx_with_a_message(trained_workspace, registry, valid
             assert message in answer.json()["detail"], name
         assert client.post("/predict").status_code == 422  # no file field at all
         assert upload(client, good).status_code == 200  # the service is still answering
+
+
+def test_hostile_images_get_a_4xx_with_the_reason_of_the_shared_check(
+    trained_workspace, registry, tmp_path
+):
+    params = serve_params(trained_workspace, registry)
+    limits = params.validate
+    with TestClient(create_app(params)) as client:
+        for name, write in HOSTILE_IMAGES.items():
+            data = write(tmp_path / name).read_bytes()
+            expected = inspect_image(data, limits).rejection(blocking_rules(limits))
+            answer = upload(client, data, name)
+            assert answer.status_code in (415, 422), (name, answer.text)
+            assert answer.json()["detail"] == f"{name}: {expected.reason}"
+        assert upload(client, png_bytes((32, 32))).status_code == 200
 
 
 def test_no_champion_means_no_service(trained_workspace, tmp_path):
@@ -148,13 +168,37 @@ def test_a_champion_that_cannot_be_loaded_leaves_the_old_one_answering(
         assert (restored["status"], restored["reload_error"], restored["model_version"]) == ("ok", None, "v0001")
 
 
-def test_a_real_http_request_on_localhost(trained_workspace, registry, validation_paths):
+def test_damaged_weights_or_a_bad_card_file_leave_the_service_answering(
+    trained_workspace, registry, validation_paths
+):
+    params = serve_params(trained_workspace, registry)
+    image = validation_paths[0].read_bytes()
+    with TestClient(create_app(params)) as client:
+        expected = upload(client, image).json()
+        damaged = registry / "damaged.h5"
+        damaged.write_bytes((registry / "champion.h5").read_bytes())
+        flip_weight_bytes(damaged)
+        os.replace(damaged, registry / "champion.h5")  # what a bad disk or copy leaves behind
+
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "stale"
+        assert "is not that of v0001 as published" in health.json()["reload_error"]
+        assert "fanaoi rollback v0001" in health.json()["reload_error"]
+        answer = upload(client, image)
+        assert answer.status_code == 200 and answer.json() == expected  # the last good model
+
+        (registry / "champion.json").write_text("[1, 2]")  # valid JSON, not a card
+        for route in ("/health", "/model"):
+            assert client.get(route).status_code == 200, route
+        assert upload(client, image).status_code == 200
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """``app`` under a real uvicorn server on a free localhost port; yields the port."""
     import uvicorn
 
-    expected = predict_files(load_champion(registry), validation_paths[:1], batch_size=8)[0]
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(serve_params(trained_workspace, registry)), log_level="warning",
-    ))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -165,6 +209,16 @@ def test_a_real_http_request_on_localhost(trained_workspace, registry, validatio
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.started
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()
+
+
+def test_a_real_http_request_on_localhost(trained_workspace, registry, validation_paths):
+    expected = predict_files(load_champion(registry), validation_paths[:1], batch_size=8)[0]
+    with running_server(create_app(serve_params(trained_workspace, registry))) as port:
         answer = httpx.post(
             f"http://127.0.0.1:{port}/predict", timeout=30,
             files={"file": ("fan.png", validation_paths[0].read_bytes(), "image/png")},
@@ -173,10 +227,107 @@ def test_a_real_http_request_on_localhost(trained_workspace, registry, validatio
         assert answer.json()["probability"] == pytest.approx(expected["probability"], abs=1e-6)
         assert httpx.post(f"http://127.0.0.1:{port}/predict", timeout=30,
                           files={"file": ("x.txt", b"not an image", "text/plain")}).status_code == 415
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        listener.close()
+
+
+def test_a_chunked_upload_gets_413_at_the_limit_not_after_reading_it_all(
+    trained_workspace, registry
+):
+    limit = 100_000
+    params = serve_params(trained_workspace, registry, max_upload_bytes=limit)
+    chunk = b"\0" * (1 << 20)
+    planned = 50  # 50 MB without a Content-Length, as in the probe of issue 15
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=xx\r\n\r\n"
+    )
+    part = b'--xx\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+    with running_server(create_app(params)) as port, socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(head + b"%x\r\n%s\r\n" % (len(part), part))
+        sent, reply = 0, b""
+        for _ in range(planned):
+            try:
+                client.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+            if io_select.select([client], [], [], 0.2)[0]:
+                break
+        client.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while b"}" not in reply and (data := client.recv(65536)):  # to the JSON's end
+                reply += data
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"stopped reading" in reply
+    assert sent < 10, f"{sent} MB sent before the answer"
+
+
+def test_requests_beyond_max_concurrency_get_503_and_health_stays_open(
+    trained_workspace, registry, validation_paths, monkeypatch
+):
+    import tasks.serve
+
+    params = serve_params(trained_workspace, registry, max_concurrency=2)
+    image = validation_paths[0].read_bytes()
+    inside, release = threading.Semaphore(0), threading.Event()
+    real_classify = tasks.serve.classify
+
+    def slow_classify(loaded, data):
+        inside.release()
+        release.wait(30)
+        return real_classify(loaded, data)
+
+    monkeypatch.setattr(tasks.serve, "classify", slow_classify)
+    with TestClient(create_app(params)) as client, ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(upload, client, image) for _ in range(2)]
+        assert inside.acquire(timeout=30) and inside.acquire(timeout=30)  # both are in
+        refused = upload(client, image)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "serve.max_concurrency" in refused.json()["detail"]
+        assert client.get("/health").status_code == 200
+        release.set()
+        assert [future.result().status_code for future in busy] == [200, 200]
+        assert upload(client, image).status_code == 200  # the slots are free again
+
+
+def test_a_token_guards_predict_and_model_but_not_health(
+    trained_workspace, registry, validation_paths, monkeypatch
+):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    params = serve_params(trained_workspace, registry, token="s3cret-line-7-token")
+    image = validation_paths[0].read_bytes()
+    with TestClient(create_app(params)) as client:
+        assert upload(client, image).status_code == 401
+        wrong = client.post("/predict", headers={"Authorization": "Bearer nope"},
+                            files={"file": ("fan.png", image, "image/png")})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert TOKEN_ENV in wrong.json()["detail"]
+        good = {"Authorization": "Bearer s3cret-line-7-token"}
+        assert client.post("/predict", headers=good,
+                           files={"file": ("fan.png", image, "image/png")}).status_code == 200
+        assert client.get("/model").status_code == 401
+        assert client.get("/model", headers=good).json()["version"] == "v0001"
+        assert client.get("/health").status_code == 200
+    monkeypatch.setenv(TOKEN_ENV, "from-the-environment-1234")
+    with TestClient(create_app(params)) as client:
+        assert client.get("/model", headers=good).status_code == 401  # the variable wins
+        assert client.get("/model", headers={"Authorization": "Bearer from-the-environment-1234"}
+                          ).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "expected"),
+    [
+        ("127.0.0.1", None, None),
+        ("localhost", None, None),
+        ("::1", None, None),
+        ("0.0.0.0", None, "WITHOUT a token"),
+        ("line-server.local", None, "WITHOUT a token"),
+        ("0.0.0.0", "s3cret-line-7-token", "need the bearer token"),
+    ],
+)
+def test_binding_outside_loopback_is_warned_about(host, token, expected):
+    warning = exposure_warning(host, token)
+    assert warning is None if expected is None else expected in warning
 
 
 def test_the_service_answers_review_inside_the_cards_review_band(

@@ -10,7 +10,7 @@ from tasks.snapshot import (
     commit_command,
     commit_snapshot,
     data_snapshot_id,
-    explain_dvc_failure,
+    dvc_failure,
     snapshot_data,
 )
 from tests.conftest import make_image_folder
@@ -35,22 +35,33 @@ def test_a_broken_pointer_file_names_the_file_and_the_fix(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("output", "expected"),
+    ("args", "output", "expected", "transient"),
     [
-        ("ERROR: failed to push data to the cloud - config file error: no remote specified",
-         r"no DVC remote; add one with `dvc remote add -d local"),
-        ("ERROR: unexpected error - [Errno 28] No space left on device",
-         r"disk full during `dvc add data`.*\.dvc/cache"),
-        ("ERROR: Unable to acquire lock. Most likely another DVC process is running",
-         r"another dvc command holds the repository lock"),
-        ("ERROR: output 'data' does not exist", r"`dvc add data` failed: output 'data' does not"),
+        (("push", "data.dvc"),
+         "ERROR: failed to push data to the cloud - config file error: no remote specified",
+         r"no DVC remote; add one with `dvc remote add -d local", False),
+        (("add", "--quiet", "data"), "ERROR: unexpected error - [Errno 28] No space left on device",
+         r"disk full during `dvc add data`.*\.dvc/cache", True),
+        (("add", "--quiet", "data"),
+         "ERROR: Unable to acquire lock. Most likely another DVC process is running",
+         r"another dvc command holds the repository lock", True),
+        (("add", "--quiet", "data"), "ERROR: output 'data' does not exist",
+         r"`dvc add data` failed: output 'data' does not", False),
+        (("push", "data.dvc"),
+         "ERROR: failed to push data to the cloud - [Errno 20] Not a directory: '/r/files'",
+         r"`dvc push data.dvc` failed: .*Not a directory.*reachable and writable", True),
     ],
 )
-def test_dvc_failures_become_one_line_with_the_fix(output: str, expected: str) -> None:
-    message = explain_dvc_failure(Path("/repo"), ("add", "--quiet", "data"), output)
+def test_dvc_failures_become_one_typed_line_with_the_fix(
+    args: tuple[str, ...], output: str, expected: str, transient: bool
+) -> None:
+    error = dvc_failure(Path("/repo"), args, output)
+    message = str(error)
     assert "\n" not in message
     assert message.startswith("/repo: ")
     assert re.search(expected, message)
+    assert error.transient is transient
+    assert error.command == "dvc " + " ".join(a for a in args if not a.startswith("-"))
 
 
 def test_commit_command_records_the_pointer_file() -> None:
@@ -94,3 +105,24 @@ def test_push_without_a_remote_names_the_fix_and_keeps_the_snapshot(tmp_path: Pa
     with pytest.raises(SnapshotError, match=r"no DVC remote; add one with `dvc remote add -d"):
         snapshot_data(repo)
     assert data_snapshot_id(repo) is not None  # dvc add succeeded before the push failed
+
+
+@pytest.mark.integration
+def test_an_unwritable_remote_is_a_transient_push_failure_that_heals(tmp_path: Path) -> None:
+    # The remote's parent is a regular file, so DVC cannot create the remote (chmod would
+    # not do: tests run as root). Removing the file is the operator bringing it back.
+    blocker = tmp_path / "share"
+    blocker.write_text("not a folder", encoding="utf-8")
+    repo = make_dvc_repo(tmp_path / "repo", blocker / "remote")
+    make_image_folder(repo / "data", per_class=2)
+
+    with pytest.raises(SnapshotError) as failure:
+        snapshot_data(repo)
+    assert failure.value.transient is True
+    assert failure.value.command == "dvc push data.dvc"
+    assert str(repo) in str(failure.value) and "dvc remote list" in str(failure.value)
+
+    blocker.unlink()
+    result = snapshot_data(repo)
+    assert result["pushed"] and result["md5"] == data_snapshot_id(repo)
+    assert sum(1 for p in (blocker / "remote").rglob("*") if p.is_file()) == 5  # 4 images + .dir

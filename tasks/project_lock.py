@@ -1,0 +1,77 @@
+"""One lock per project: what reads or changes data/, its snapshot, the stages or the registry.
+
+Ingest, the nightly flow, the pipeline stages started from the command line (what
+``dvc repro`` runs) and publish/rollback each hold it while they work, so a snapshot,
+its validation and the model trained on it always describe the same files. A second
+caller waits up to ``lock.timeout`` seconds, then fails naming the holder's PID and
+command. The OS lock (filelock: ``flock`` on Linux) is released by the kernel when its
+holder dies, so a killed run never blocks the next one.
+
+Entry points take it (the CLI commands and the flows), never the functions in
+``tasks``: a flow holds it for its whole run and the stages it calls run inside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from tasks.errors import FanaoiError
+
+LOCK_FILE = Path(".fanaoi") / "project.lock"
+HOLDER_SUFFIX = ".holder.json"  # beside the lock: who holds it (the lock file itself is the OS's)
+
+
+class ProjectLocked(FanaoiError):
+    """Another command held the project lock past the timeout; a later attempt may pass."""
+
+    transient = True
+
+
+def lock_path(project_dir: Path | str) -> Path:
+    return Path(project_dir) / LOCK_FILE
+
+
+@contextmanager
+def project_lock(project_dir: Path | str, what: str, timeout: float) -> Iterator[None]:
+    """Hold the project's lock while the block runs; wait up to ``timeout`` s for it.
+
+    ``what`` names this holder (e.g. ``fanaoi ingest batch/``) for whoever waits next.
+    """
+    path = lock_path(project_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder_file = path.with_name(path.name + HOLDER_SUFFIX)
+    lock = FileLock(path, timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ProjectLocked(
+            f"{path}: {_holder(holder_file)} holds the project lock; {what} waited "
+            f"{timeout:g} s (lock.timeout in params.yaml). Wait for it to finish, or stop that "
+            f"process if it hangs, then rerun"
+        ) from None
+    try:
+        holder_file.write_text(json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "command": what,
+            "argv": sys.argv, "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        }), encoding="utf-8")
+        yield
+    finally:
+        lock.release()
+
+
+def _holder(holder_file: Path) -> str:
+    try:
+        holder = json.loads(holder_file.read_text(encoding="utf-8"))
+        return (f"pid {holder['pid']} on {holder['host']} ({holder['command']}, "
+                f"since {holder['since']})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (holder unknown)"
