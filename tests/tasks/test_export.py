@@ -108,3 +108,27 @@ def test_the_cli_exports_the_champion(registry, trained_workspace, tmp_path, cap
     assert out.startswith("exported the champion as savedmodel: exports/saved_model (")
     assert "max abs difference from Keras" in out and "(tensorflow 2.21" in out
     assert (registry / "versions" / "v0001" / "exports" / "saved_model" / "saved_model.pb").is_file()
+
+
+@pytest.mark.slow
+def test_an_aoi_cnn_champion_exports_to_every_format_with_the_same_answers(trained_workspace, tmp_path):
+    """BatchNorm in inference mode and global pooling survive TFLite, ONNX and SavedModel."""
+    from tasks.gate import run_gate
+    from tasks.params import ModelParams
+    from tasks.registry import publish
+    from tests.tasks.champion_support import train_good_model
+
+    registry = tmp_path / "registry"
+    base = gate_params(trained_workspace["data_dir"], registry, min_accuracy=0.0, max_escape_rate=1.0)
+    params = dataclasses.replace(
+        base,
+        model=ModelParams(architecture="aoi_cnn", input_size=(32, 32), conv_filters=(8, 16), stem_stride=2),
+        train=dataclasses.replace(base.train, epochs=3),
+    )
+    candidate = train_good_model(params, tmp_path / "candidate.h5")
+    result = run_gate(params, candidate, tmp_path / "reports", record=False)
+    publish(candidate, result, params)
+    for fmt, name in FORMATS.items():
+        entry = export_version(params, fmt)
+        assert entry["max_abs_diff"] < 1e-4 and entry["checked_images"] > 0, fmt
+        assert (registry / "versions" / "v0001" / "exports" / name).exists()
