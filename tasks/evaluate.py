@@ -106,7 +106,7 @@ def classification_metrics(
     """
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(probabilities, dtype=np.float64)
-    predicted = (scores >= threshold).astype(np.int64)
+    predicted = verdicts(scores, threshold)
     tp = int(np.sum((predicted == 1) & (labels == 1)))
     tn = int(np.sum((predicted == 0) & (labels == 0)))
     fp = int(np.sum((predicted == 1) & (labels == 0)))
@@ -260,6 +260,18 @@ def escape_bounds(
     }
 
 
+def image_metrics(
+    images: Sequence[LabeledImage],
+    probabilities: Sequence[float] | np.ndarray,
+    threshold: float,
+    review_band: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """classification_metrics of scored images with the escape bounds, overall and per type."""
+    labels = labels_of(images)
+    return (classification_metrics(labels, probabilities, threshold, review_band)
+            | escape_bounds(labels, probabilities, threshold, defect_types_of(images)))
+
+
 def defect_type_lines(metrics: dict[str, Any]) -> list[str]:
     """One line per defect type, e.g. ``crack: 2 of 12 escaped, 0.1667 (95 % upper 0.4841)``;
     none when NG has no type subfolders (the one type, untyped, repeats the overall rate)."""
@@ -367,15 +379,13 @@ def run_evaluate(
         require_split(subset, split, params.data.dir)
         loss, accuracy = model.evaluate(make_dataset(subset, model_params, batch), verbose=0, return_dict=False)
         evaluated[split] = {"loss": float(loss), "accuracy": float(accuracy)}
-    scores = {split: predict_probabilities(model, select(images, split), model_params, batch)
-              for split in ("validation", "test")}
-    labels = {split: np.asarray(labels_of(select(images, split))) for split in ("validation", "test")}
+    held_out = {split: select(images, split) for split in ("validation", "test")}
+    scores = {split: predict_probabilities(model, subset, model_params, batch) for split, subset in held_out.items()}
+    labels = {split: np.asarray(labels_of(subset)) for split, subset in held_out.items()}
     chosen = choose_threshold(labels["validation"], scores["validation"],
                               params.gate.target_escape_rate, params.evaluate.threshold)
     threshold, review_band = chosen["threshold"], params.evaluate.review_band
-    scored = {split: classification_metrics(labels[split], scores[split], threshold, review_band)
-              | escape_bounds(labels[split], scores[split], threshold, defect_types_of(select(images, split)))
-              for split in ("validation", "test")}
+    scored = {split: image_metrics(subset, scores[split], threshold, review_band) for split, subset in held_out.items()}
     write_plots(reports_dir, labels["validation"], scores["validation"], threshold, params.data.classes)
     kept = read_model_metadata(model_path)["training"].get("best_epoch")
     comparison = compare_with_kept_epoch(

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.dataset import LabeledImage, defect_types_of, labels_of, list_images, require_split, select
+from tasks.dataset import LabeledImage, labels_of, list_images, require_split, select
 from tasks.errors import FanaoiError
-from tasks.evaluate import choose_threshold, classification_metrics, escape_bounds, predict_probabilities
+from tasks.evaluate import choose_threshold, image_metrics, predict_probabilities, verdicts
 from tasks.model import ModelFileError, load_model, model_params_from_file, read_model_metadata
 from tasks.params import GateParams, Params
 from tasks.registry import decision_entry, read_champion, record_decision, utc_now
@@ -151,7 +151,7 @@ def _score(
 
 
 def score_champion(
-    registry_dir: Path, images: Sequence[LabeledImage], labels: np.ndarray, params: Params
+    registry_dir: Path, images: Sequence[LabeledImage], params: Params
 ) -> dict[str, Any]:
     """The champion's numbers, or why it cannot be scored (status none | unusable | ok)."""
     champion = read_champion(registry_dir)
@@ -172,8 +172,7 @@ def score_champion(
     threshold = float(champion.card["threshold"])
     return {
         "status": "ok", "version": champion.version, "threshold": threshold,
-        "metrics": classification_metrics(labels, probabilities, threshold)
-        | escape_bounds(labels, probabilities, threshold, defect_types_of(images)),
+        "metrics": image_metrics(images, probabilities, threshold),
         "probabilities": probabilities,
     }
 
@@ -220,13 +219,12 @@ def run_gate(
     gate = params.gate
     chosen = choose_threshold(labels, probabilities, gate.target_escape_rate, params.evaluate.threshold)
     threshold, review_band = chosen["threshold"], params.evaluate.review_band
-    candidate = classification_metrics(labels, probabilities, threshold, review_band)
-    candidate |= escape_bounds(labels, probabilities, threshold, defect_types_of(images))
-    champion = score_champion(Path(params.registry.dir), images, labels, params)
+    candidate = image_metrics(images, probabilities, threshold, review_band)
+    champion = score_champion(Path(params.registry.dir), images, params)
     mcnemar = None
     if champion["status"] == "ok":
-        mcnemar = mcnemar_exact((probabilities >= threshold) == labels,
-                                (champion.pop("probabilities") >= champion["threshold"]) == labels)
+        mcnemar = mcnemar_exact(verdicts(probabilities, threshold) == labels,
+                                verdicts(champion.pop("probabilities"), champion["threshold"]) == labels)
     decision, rules = decide(candidate, champion.get("metrics"), gate, mcnemar)
     result = {
         "decision": decision,
