@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -37,3 +38,9 @@ def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
         Path(temp_name).unlink(missing_ok=True)
         raise
     fsync_path(target.parent)
+
+
+def cache_file(cache_dir: Path | str, data_dir: Path | str, kind: str) -> Path:
+    """One cache file of each kind per data folder, named by the folder's absolute path."""
+    tag = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{kind}-{tag}.json"

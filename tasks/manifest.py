@@ -30,6 +30,7 @@ import PIL
 from PIL import Image
 
 from tasks.dataset import assign_split, defect_type_of, is_candidate_file
+from tasks.durable import cache_file
 from tasks.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
 from tasks.params import DataParams, ValidateParams
 
@@ -142,7 +143,7 @@ def build_manifest(
     """
     data_dir = Path(data_dir)
     entries = list(_walk_data_folder(data_dir, data))
-    cache_path = _cache_path(Path(cache_dir), data_dir) if cache_dir is not None else None
+    cache_path = cache_file(cache_dir, data_dir, "manifest") if cache_dir is not None else None
     cached = _load_cache(cache_path, limits) if cache_path else {}
     # relative path -> [size, mtime_ns, *FileCheck fields]: lists keep the cache compact
     checks: dict[str, list] = {}
@@ -249,12 +250,6 @@ def _class_file(
 
 def _is_inside(path: str, root: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(root)
-
-
-def _cache_path(cache_dir: Path, data_dir: Path) -> Path:
-    """One cache file per data folder, named by its absolute path."""
-    tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
-    return cache_dir / f"manifest-{tag}.json"
 
 
 def _load_cache(path: Path, limits: ValidateParams) -> dict[str, list]:

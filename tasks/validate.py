@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.dataset import SPLITS, UNTYPED, DatasetError
+from tasks.durable import cache_file
 from tasks.errors import FanaoiError
 from tasks.image_check import format_reason, mode_reason, side_reason
 from tasks.manifest import (
@@ -31,6 +32,7 @@ from tasks.manifest import (
     UNEXPECTED_FOLDER,
     build_manifest,
 )
+from tasks.near_duplicates import nearest_train_images
 from tasks.params import Params, ValidateParams
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,6 @@ SUITE_FILES = "fanaoi_files"
 SUITE_CLASSES = "fanaoi_classes"
 _MAD_TO_SIGMA = 1.4826  # median absolute deviation of a normal distribution -> its sigma
 _MIN_BRIGHTNESS_SPREAD = 1.0  # grey levels: a class of identical images has MAD 0
-_LEAK_CHUNK = 64  # validation/test rows compared with all train rows at once
 _MESSAGE_PROBLEMS = 5  # problems named in the one-line error; the report has them all
 
 
@@ -61,7 +62,10 @@ def run_validate(
         )
     rules = params.validate
     manifest = build_manifest(data_dir, params.data, rules, rules.cache_dir)
-    files = add_rule_columns(manifest, rules)
+    leak_cache = (
+        cache_file(rules.cache_dir, data_dir, "near-duplicates") if rules.cache_dir is not None else None
+    )
+    files = add_rule_columns(manifest, rules, leak_cache)
     classes = class_table(files, params.data.classes)
     reports_dir = Path(reports_dir)
     outcomes = run_expectations(files, classes, rules, reports_dir / "data_docs")
@@ -77,8 +81,13 @@ def run_validate(
     return result
 
 
-def add_rule_columns(manifest: pd.DataFrame, rules: ValidateParams) -> pd.DataFrame:
-    """The manifest plus one column per derived check; null where a rule does not apply."""
+def add_rule_columns(
+    manifest: pd.DataFrame, rules: ValidateParams, leak_cache: Path | None = None,
+) -> pd.DataFrame:
+    """The manifest plus one column per derived check; null where a rule does not apply.
+
+    ``leak_cache`` keeps the near-duplicate answers between runs (tasks.near_duplicates).
+    """
     files = manifest.copy()
     image = files["kind"] == IMAGE
     usable = image & files["decodable"].fillna(False).astype(bool)
@@ -88,7 +97,9 @@ def add_rule_columns(manifest: pd.DataFrame, rules: ValidateParams) -> pd.DataFr
     classes_per_hash = files[usable].groupby("sha256")["class_name"].nunique()
     files["classes_with_same_bytes"] = files["sha256"].map(classes_per_hash).where(usable)
     files["brightness_z"] = _robust_z(files["brightness"].where(usable), files["class_name"])
-    distance, nearest = _nearest_train_image(files, usable)
+    distance, nearest = _nearest_train_image(
+        files, usable, rules.near_duplicate_distance, leak_cache,
+    )
     files["train_dhash_distance"] = distance
     files["nearest_train_image"] = nearest
     return files
@@ -101,30 +112,25 @@ def _robust_z(values: pd.Series, groups: pd.Series) -> pd.Series:
     return ((values - median) / spread.clip(lower=_MIN_BRIGHTNESS_SPREAD)).round(2)
 
 
-def _nearest_train_image(files: pd.DataFrame, usable: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """For each validation/test image: dHash bits to the closest train image, and its path."""
+def _nearest_train_image(
+    files: pd.DataFrame, usable: pd.Series, radius: int, cache_path: Path | None,
+) -> tuple[pd.Series, pd.Series]:
+    """For each validation/test image within ``radius`` dHash bits of a train image: the
+    bits to the closest one, and its path (null for the others)."""
     distance = pd.Series(np.nan, index=files.index)
     nearest = pd.Series(None, index=files.index, dtype=object)
     train = files[usable & (files["split"] == "train")]
     held_out = files[usable & files["split"].isin(["validation", "test"])]
     if train.empty or held_out.empty:
         return distance, nearest
-    train_bits = _hash_bits(train["dhash"])
-    held_bits = _hash_bits(held_out["dhash"])
-    closest = np.empty(len(held_bits), dtype=np.int64)
-    bits = np.empty(len(held_bits), dtype=np.int64)
-    for start in range(0, len(held_bits), _LEAK_CHUNK):
-        block = np.bitwise_count(held_bits[start:start + _LEAK_CHUNK, None] ^ train_bits[None, :]).sum(axis=2)
-        closest[start:start + _LEAK_CHUNK] = block.argmin(axis=1)
-        bits[start:start + _LEAK_CHUNK] = block.min(axis=1)
-    distance[held_out.index] = bits
-    nearest[held_out.index] = train["path"].to_numpy()[closest]
+    found = nearest_train_images(
+        dict(zip(train["path"], train["dhash"], strict=True)),
+        dict(zip(held_out["path"], held_out["dhash"], strict=True)),
+        radius, cache_path,
+    )
+    distance[held_out.index] = [np.nan if d is None else d for d in found.distance]
+    nearest[held_out.index] = found.nearest
     return distance, nearest
-
-
-def _hash_bits(hashes: pd.Series) -> np.ndarray:
-    """One row of 64-bit words per hash, so XOR and popcount run word by word."""
-    return np.frombuffer(bytes.fromhex("".join(hashes)), dtype=np.uint64).reshape(len(hashes), -1)
 
 
 def class_table(files: pd.DataFrame, class_names: tuple[str, ...]) -> pd.DataFrame:
