@@ -113,7 +113,9 @@ def _print_defect_types(metrics: dict) -> None:
 def _snapshot(args: argparse.Namespace, params: Params) -> int:
     from tasks.snapshot import commit_command, commit_message, commit_snapshot, snapshot_data
 
-    result = snapshot_data(Path("."), params.data.dir, push=not args.no_push)
+    result = snapshot_data(
+        Path("."), params.data.dir, push=not args.no_push, stamp_dir=params.validate.cache_dir,
+    )
     state = "new" if result["changed"] else "unchanged"
     pushed = "pushed to the DVC remote" if result["pushed"] else "not pushed (--no-push)"
     print(f"data snapshot {result['md5']} ({state}), {pushed}")

@@ -98,14 +98,15 @@ def validate_stage(params: Params) -> dict[str, Any] | State:
 
 
 @task(name="snapshot", cache_policy=NO_CACHE)
-def snapshot_stage(data_dir: str, push: bool) -> dict[str, Any]:
+def snapshot_stage(data_dir: str, push: bool, stamp_dir: str) -> dict[str, Any]:
     """``dvc add`` data/ and ``dvc push`` it: the snapshot id every model card cites."""
     from tasks.snapshot import snapshot_data
 
-    result = snapshot_data(Path.cwd(), data_dir, push=push)
+    result = snapshot_data(Path.cwd(), data_dir, push=push, stamp_dir=stamp_dir)
     get_run_logger().info(
-        "data snapshot %s (%s%s)", result["md5"], "new" if result["changed"] else "unchanged",
+        "data snapshot %s (%s%s%s)", result["md5"], "new" if result["changed"] else "unchanged",
         ", pushed" if result["pushed"] else "",
+        "; no file changed since it was taken, dvc add skipped" if result["skipped"] else "",
     )
     return result
 
@@ -207,7 +208,9 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
 
     try:
         run(validate_stage, params)
-        snapshot = snapshot_stage.with_options(**retrying)(params.data.dir, push)
+        snapshot = snapshot_stage.with_options(**retrying)(
+            params.data.dir, push, params.validate.cache_dir,
+        )
         run(train_stage, params)
         run(evaluate_stage, params)
         gate = run(gate_stage, params)

@@ -124,7 +124,7 @@ def ingest_batch(
                 raise
             report(f"added {len(accepted)} image(s) to {data_rel}/")
     try:
-        _snapshot(result, repo_dir, data_dir, push, commit)
+        _snapshot(result, repo_dir, data_dir, push, commit, stamp_dir=params.validate.cache_dir)
     except SnapshotError as exc:
         result["snapshot_error"] = str(exc)
         raise SnapshotError(
@@ -138,13 +138,13 @@ def ingest_batch(
 
 
 def _snapshot(result: dict[str, Any], repo_dir: Path, data_dir: Path, push: bool,
-              commit: bool) -> None:
+              commit: bool, *, stamp_dir: str) -> None:
     """``dvc add`` + ``dvc push`` even when nothing was accepted: a rerun heals a failed push."""
     data_rel = result["data_dir"]
     if not data_dir.is_dir():
         result["snapshot"] = None
         return
-    snapshot = snapshot_data(repo_dir, data_rel, push=push)
+    snapshot = snapshot_data(repo_dir, data_rel, push=push, stamp_dir=stamp_dir)
     result["snapshot"] = snapshot
     result["commit_command"] = commit_command(data_rel, snapshot["md5"])
     detail = f"ingest {Path(result['batch']).name}, {result['accepted']} image(s) added"

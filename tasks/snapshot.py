@@ -8,11 +8,20 @@ DVC is driven through its command line (``python -m dvc`` of this interpreter, s
 DVC next to FanAOI is used whatever PATH says). The CLI is DVC's supported interface, its
 ``Repo`` class is not; each call releases DVC's lock when its process ends; and the
 in-process API saved well under a second per call on a 2,000-image folder.
+
+Each of those commands costs seconds (a Python process importing DVC, then a walk that
+hashes or checks every file), every night, even when nothing changed. A stamp written
+after a successful ``dvc add`` (and ``dvc push``) records every file's (path, size,
+mtime, inode), the bytes of ``data.dvc`` and the remote settings; while all of them are
+unchanged the commands are skipped. It is the key DVC's own state database trusts
+to skip re-hashing a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -22,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.durable import atomic_write, cache_file
 from tasks.errors import FanaoiError
 
 DEFAULT_REMOTE_HINT = "dvc remote add -d local ~/.cache/fanaoi/dvc-remote"
@@ -63,8 +73,16 @@ def data_snapshot_id(repo_dir: Path | str, data_dir: str = "data") -> str | None
         ) from None
 
 
-def snapshot_data(repo_dir: Path | str, data_dir: str = "data", push: bool = True) -> dict:
-    """``dvc add`` the data folder, then ``dvc push`` it; returns md5, changed, pushed."""
+def snapshot_data(
+    repo_dir: Path | str, data_dir: str = "data", push: bool = True,
+    stamp_dir: Path | str | None = None,
+) -> dict:
+    """``dvc add`` the data folder, then ``dvc push`` it; returns md5, changed, pushed, skipped.
+
+    With ``stamp_dir`` (relative to ``repo_dir``), a folder whose files, pointer and remote settings are those of the
+    last snapshot (see the module docstring) skips ``dvc add`` (``skipped``), and skips
+    ``dvc push`` too when that snapshot was pushed.
+    """
     repo_dir = Path(repo_dir)
     require_dvc_repo(repo_dir)
     if not (repo_dir / data_dir).is_dir():
@@ -72,12 +90,77 @@ def snapshot_data(repo_dir: Path | str, data_dir: str = "data", push: bool = Tru
             f"{repo_dir / data_dir}: data folder not found; create it (one subfolder per class) "
             f"or restore the last snapshot with `dvc checkout {data_dir}.dvc`"
         )
+    stamp_path = (
+        cache_file(repo_dir / stamp_dir, repo_dir / data_dir, "snapshot") if stamp_dir is not None else None
+    )
+    stamp = _read_stamp(stamp_path)
+    files = _files_digest(repo_dir / data_dir) if stamp_path else None
     before = data_snapshot_id(repo_dir, data_dir)
-    run_dvc(repo_dir, "add", data_dir)
+    skipped = files is not None and stamp.get("state") == _state(repo_dir, data_dir, files)
+    if not skipped:
+        run_dvc(repo_dir, "add", data_dir)
+        # A file changed while dvc add ran may be in data/ but not in data.dvc: no stamp.
+        if files is not None and _files_digest(repo_dir / data_dir) != files:
+            files = None
+        _write_stamp(stamp_path, repo_dir, data_dir, files, pushed=False)
     after = data_snapshot_id(repo_dir, data_dir)
-    if push:
+    if push and not (skipped and stamp.get("pushed")):
         run_dvc(repo_dir, "push", pointer_file(repo_dir, data_dir).name)
-    return {"md5": after, "changed": after != before, "pushed": push}
+        _write_stamp(stamp_path, repo_dir, data_dir, files, pushed=True)
+    return {"md5": after, "changed": after != before, "pushed": push, "skipped": skipped}
+
+
+def _files_digest(folder: Path) -> str:
+    """A digest of every file's (path, size, mtime, inode) under ``folder``."""
+    digest = hashlib.sha256()
+    pending = [str(folder)]
+    while pending:
+        with os.scandir(pending.pop()) as listing:
+            for entry in sorted(listing, key=lambda e: e.name):
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                    continue
+                try:
+                    info = entry.stat()
+                except OSError:  # a broken link: dvc add decides what it means
+                    digest.update(f"{entry.path}\0broken\n".encode())
+                    continue
+                digest.update(
+                    f"{entry.path}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}\n".encode()
+                )
+    return digest.hexdigest()
+
+
+def _state(repo_dir: Path, data_dir: str, files: str) -> str:
+    """The files' digest with the pointer's bytes and the DVC config (where a push goes)."""
+    digest = hashlib.sha256(files.encode())
+    for extra in (pointer_file(repo_dir, data_dir), repo_dir / ".dvc" / "config",
+                  repo_dir / ".dvc" / "config.local"):
+        digest.update(f"\0{extra.name}\0".encode())
+        digest.update(extra.read_bytes() if extra.is_file() else b"(none)")
+    return digest.hexdigest()
+
+
+def _read_stamp(path: Path | None) -> dict:
+    try:
+        stamp = json.loads(path.read_text(encoding="utf-8")) if path else {}
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def _write_stamp(
+    path: Path | None, repo_dir: Path, data_dir: str, files: str | None, pushed: bool,
+) -> None:
+    """Record the snapshot just made (or pushed); with no trustworthy digest, forget it."""
+    if path is None:
+        return
+    if files is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = json.dumps({"state": _state(repo_dir, data_dir, files), "pushed": pushed}).encode()
+    atomic_write(path, lambda handle: handle.write(content))
 
 
 def commit_command(data_dir: str = "data", md5: str | None = None) -> str:

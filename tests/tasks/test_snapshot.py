@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import tasks.snapshot
 from tasks.snapshot import (
     SnapshotError,
     commit_command,
@@ -87,7 +88,7 @@ def test_snapshot_adds_pushes_and_reports_change(tmp_path: Path) -> None:
     assert first["md5"] == data_snapshot_id(repo) and first["md5"].endswith(".dir")
     assert sum(1 for p in remote.rglob("*") if p.is_file()) == 7  # 6 images + the .dir listing
 
-    assert snapshot_data(repo) == {"md5": first["md5"], "changed": False, "pushed": True}
+    assert snapshot_data(repo) == {"md5": first["md5"], "changed": False, "pushed": True, "skipped": False}
 
     assert commit_snapshot(repo, "Data snapshot") is True
     assert commit_snapshot(repo, "Data snapshot") is False  # nothing new to commit
@@ -126,3 +127,54 @@ def test_an_unwritable_remote_is_a_transient_push_failure_that_heals(tmp_path: P
     result = snapshot_data(repo)
     assert result["pushed"] and result["md5"] == data_snapshot_id(repo)
     assert sum(1 for p in (blocker / "remote").rglob("*") if p.is_file()) == 5  # 4 images + .dir
+
+
+def _rewrite(data: Path) -> None:
+    image = data / "GO" / "go_000.png"
+    content = bytearray(image.read_bytes())
+    content[-1] ^= 1  # same size, new bytes: caught by its mtime
+    image.write_bytes(bytes(content))
+
+
+def _add(data: Path) -> None:
+    (data / "NG" / "extra.png").write_bytes((data / "GO" / "go_001.png").read_bytes())
+
+
+def _remove(data: Path) -> None:
+    (data / "GO" / "go_002.png").unlink()
+
+
+@pytest.mark.integration
+def test_an_unchanged_folder_skips_dvc_and_any_change_defeats_the_shortcut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_dvc_repo(tmp_path / "repo", tmp_path / "remote")
+    make_image_folder(repo / "data", per_class=3)
+    calls: list[str] = []
+    real_run_dvc = tasks.snapshot.run_dvc
+
+    def counted(repo_dir: Path | str, *args: str) -> str:
+        calls.append(args[0])
+        return real_run_dvc(repo_dir, *args)
+
+    monkeypatch.setattr(tasks.snapshot, "run_dvc", counted)
+    first = snapshot_data(repo, stamp_dir=".fanaoi")
+    assert calls == ["add", "push"] and not first["skipped"]
+
+    calls.clear()
+    again = snapshot_data(repo, stamp_dir=".fanaoi")
+    assert calls == [] and again == {**first, "changed": False, "skipped": True}
+
+    md5 = first["md5"]
+    for change in (_rewrite, _add, _remove):
+        change(repo / "data")
+        calls.clear()
+        result = snapshot_data(repo, push=False, stamp_dir=".fanaoi")
+        assert calls == ["add"] and not result["skipped"], change.__name__
+        assert result["md5"] not in (md5, None) and result["md5"] == data_snapshot_id(repo)
+        md5 = result["md5"]
+
+    calls.clear()  # added but never pushed: the push still runs, the add does not
+    assert snapshot_data(repo, stamp_dir=".fanaoi")["skipped"] and calls == ["push"]
+    calls.clear()
+    assert snapshot_data(repo, stamp_dir=".fanaoi")["skipped"] and calls == []
