@@ -156,16 +156,34 @@ def require_split(images: Sequence[LabeledImage], split: str, data_dir: Path | s
         )
 
 
-def decode_image(contents: tf.Tensor, model: ModelParams) -> tf.Tensor:
-    """Bytes of a PNG/JPEG/BMP -> float32 tensor in [0, 1] at the model's input size.
+def decode_pixels(contents: tf.Tensor, model: ModelParams) -> tf.Tensor:
+    """Bytes of a PNG/JPEG/BMP -> uint8 tensor at the model's input size.
 
-    The one preprocessing function for training, evaluation and prediction.
+    Rounded to 8 bits after the resize, so the training cache holds a quarter of what
+    float32 would (100,000 RGB images at 128 px: 4.9 GB instead of 19.7 GB) and still
+    gives the model exactly the values inference gives it.
     """
     import tensorflow as tf
 
     image = tf.io.decode_image(contents, channels=model.channels, expand_animations=False)
     image = tf.image.resize(image, model.input_size, method="bilinear", antialias=True)
-    return tf.cast(image, tf.float32) / 255.0
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def scale_pixels(pixels: tf.Tensor) -> tf.Tensor:
+    """uint8 pixels -> float32 in [0, 1], the model's input."""
+    import tensorflow as tf
+
+    return tf.cast(pixels, tf.float32) / 255.0
+
+
+def decode_image(contents: tf.Tensor, model: ModelParams) -> tf.Tensor:
+    """Bytes of a PNG/JPEG/BMP -> float32 tensor in [0, 1] at the model's input size.
+
+    The one preprocessing function for training, evaluation and prediction (training
+    applies its two halves on either side of its cache).
+    """
+    return scale_pixels(decode_pixels(contents, model))
 
 
 def make_dataset(
@@ -176,10 +194,13 @@ def make_dataset(
     shuffle_seed: int | None = None,
     shuffle_buffer: int = 4096,
     augment: AugmentParams | None = None,
+    cache_max_mb: float | None = None,
 ) -> tf.data.Dataset:
     """tf.data pipeline: parallel read and decode, cache decoded tensors, batch, prefetch.
 
-    With ``shuffle_seed`` the order is reshuffled each epoch from that seed, and
+    The cache keeps uint8 pixels at the input size (``decode_pixels``); past
+    ``cache_max_mb`` (None: no limit) nothing is cached and every epoch decodes the files
+    again, trading time for memory. With ``shuffle_seed`` the order is reshuffled each epoch from that seed, and
     ``augment`` (training only) changes each image at random after the cache, from the
     same seed, so every epoch sees new variants and a rerun sees the same ones.
     """
@@ -189,10 +210,16 @@ def make_dataset(
     labels = [float(image.label) for image in images]
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     dataset = dataset.map(
-        lambda path, label: (decode_image(tf.io.read_file(path), model), label),
+        lambda path, label: (decode_pixels(tf.io.read_file(path), model), label),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
-    ).cache()
+    )
+    decoded_mb = len(paths) * model.input_size[0] * model.input_size[1] * model.channels / 1e6
+    if cache_max_mb is None or decoded_mb <= cache_max_mb:
+        dataset = dataset.cache()
+    else:
+        log.info("%d images decode to %.0f MB, above train.cache_max_mb %.0f: decoded again "
+                 "every epoch, not cached", len(paths), decoded_mb, cache_max_mb)
     if shuffle_seed is not None:
         dataset = dataset.shuffle(
             min(shuffle_buffer, max(len(paths), 1)), seed=shuffle_seed, reshuffle_each_iteration=True
@@ -201,7 +228,13 @@ def make_dataset(
         seeds = tf.data.Dataset.random(seed=shuffle_seed or 0, rerandomize_each_iteration=True).batch(2)
         square = model.input_size[0] == model.input_size[1]
         dataset = tf.data.Dataset.zip((dataset, seeds)).map(
-            lambda pair, seed: (augment_image(pair[0], seed, augment, square), pair[1]),
+            lambda pair, seed: (augment_image(scale_pixels(pair[0]), seed, augment, square), pair[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    else:
+        dataset = dataset.map(
+            lambda pixels, label: (scale_pixels(pixels), label),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )

@@ -158,7 +158,7 @@ def preprocessing_of(params: ModelParams) -> dict[str, Any]:
         "input_size": list(params.input_size),
         "color_mode": params.color_mode,
         "scale": "divide by 255",
-        "resize": "bilinear, antialias",
+        "resize": "bilinear, antialias, rounded to 8 bits",
     }
 
 

@@ -142,6 +142,7 @@ class TrainParams:
     class_weight: str = "none"
     augment: AugmentParams = field(default_factory=AugmentParams)
     shuffle_buffer: int = 4096
+    cache_max_mb: float = 4000.0
     checkpoint_dir: str = "models/checkpoints"
     jit_compile: bool = False
     init_from: str | None = None
@@ -160,6 +161,8 @@ class TrainParams:
             raise ParamsError(
                 f"train.class_weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}"
             )
+        if self.cache_max_mb < 0:
+            raise ParamsError(f"train.cache_max_mb must be >= 0 (0: never cache), got {self.cache_max_mb}")
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
             raise ParamsError("train.epochs and train.batch_size must be >= 1, train.learning_rate > 0")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:

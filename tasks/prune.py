@@ -155,8 +155,9 @@ def fine_tune(
     batch = params.train.batch_size
     history = model.fit(
         make_dataset(train_images, model_params, batch, shuffle_seed=params.train.seed,
-                     shuffle_buffer=params.train.shuffle_buffer),
-        validation_data=make_dataset(validation_images, model_params, batch),
+                     shuffle_buffer=params.train.shuffle_buffer, cache_max_mb=params.train.cache_max_mb),
+        validation_data=make_dataset(validation_images, model_params, batch,
+                                     cache_max_mb=params.train.cache_max_mb),
         epochs=epochs, shuffle=False, verbose=0,
     ).history
     rows = [{"epoch": index + 1, **{key: float(values[index]) for key, values in history.items()}}

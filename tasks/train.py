@@ -289,9 +289,11 @@ def train_model(
     train_data = make_dataset(
         train_images, model_params, train_params.batch_size,
         shuffle_seed=train_params.seed, shuffle_buffer=train_params.shuffle_buffer,
-        augment=train_params.augment,
+        augment=train_params.augment, cache_max_mb=train_params.cache_max_mb,
     )
-    validation_data = make_dataset(validation_images, model_params, train_params.batch_size)
+    validation_data = make_dataset(
+        validation_images, model_params, train_params.batch_size, cache_max_mb=train_params.cache_max_mb,
+    )
     rows: list[dict[str, float]] = []
     checkpoint = None
     if checkpoint_dir is not None:

@@ -170,3 +170,37 @@ def test_augmentation_changes_training_images_only_and_repeats_with_its_seed(tmp
         Image.open(image.path).convert("L").save(target)
     gray_images = list_images(gray, DataParams(dir=str(gray)))
     assert resolve_color_mode(gray_images, ModelParams(color_mode="auto")).color_mode == "grayscale"
+
+
+def test_uint8_cache_and_streaming_give_the_predictions_of_float_decoding(tmp_path):
+    import tensorflow as tf
+
+    from tasks.model import build_model
+
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    images = list_images(data, DataParams(dir=str(data)))
+    model_params = ModelParams(architecture="small_cnn", input_size=(40, 44), color_mode="rgb")
+    tf.keras.utils.set_random_seed(0)
+    model = build_model(model_params, 0.001)
+
+    def inputs(**options):
+        batches = make_dataset(images, model_params, batch_size=8, **options).as_numpy_iterator()
+        return np.concatenate([features for features, _ in batches])
+
+    cached, streamed = inputs(), inputs(cache_max_mb=0)
+    assert cached.dtype == np.float32 and cached.shape == (24, 40, 44, 3)
+    # The float path inference takes (predict, serve, export): decode_image per file.
+    one_by_one = np.stack([decode_image(tf.io.read_file(str(i.path)), model_params).numpy() for i in images])
+    assert np.array_equal(cached, one_by_one) and np.array_equal(streamed, one_by_one)
+    expected = model.predict(one_by_one, verbose=0)
+    assert np.array_equal(model.predict(cached, verbose=0), expected)
+    assert np.array_equal(model.predict(streamed, verbose=0), expected)
+
+    # Against float32 pixels never rounded to 8 bits: the rounding moves p(NG) by less than 1e-3.
+    def unrounded(path):
+        pixels = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+        return tf.image.resize(pixels, (40, 44), method="bilinear", antialias=True).numpy() / 255.0
+
+    exact = np.stack([unrounded(i.path) for i in images])
+    assert 0 < np.abs(exact - one_by_one).max() <= 0.5 / 255 + 1e-6
+    assert np.abs(model.predict(exact, verbose=0) - expected).max() < 1e-3
