@@ -24,7 +24,7 @@ from flows.params import load_params
 from tasks.errors import FanaoiError
 from tasks.params import NightlyParams, Params, ParamsError
 from tasks.project_lock import project_lock
-from tasks.stages import RunInProgress, exclusive_run, record_stage, stage_changes
+from tasks.stages import RunInProgress, exclusive_run, pipeline_changes, record_stage, stage_changes
 
 CANDIDATE = "models/candidate.h5"
 REPORTS = "reports"
@@ -33,6 +33,7 @@ REPORT_KEY = "nightly-retrain-report"
 METRICS_KEY = "nightly-retrain-metrics"
 DEFECT_TYPES_KEY = "nightly-retrain-defect-types"
 SKIPPED = "Skipped"
+PIPELINE_STAGES = ("validate", "train", "evaluate", "gate")  # as in dvc.yaml
 
 # Plain OS errors that do not heal by waiting: a missing file, a permission. Others (a
 # full disk, a dropped network share, a timeout) may pass on the next attempt.
@@ -74,10 +75,14 @@ def retry_options(nightly: NightlyParams) -> dict[str, Any]:
     }
 
 
-def _skip_if_current(stage: str) -> State | None:
-    """A "Skipped" state carrying the stage's last report when DVC says nothing changed."""
+def _skip_if_current(stage: str, known: dict[str, list[str]] | None = None) -> State | None:
+    """A "Skipped" state carrying the stage's last report when DVC says nothing changed.
+
+    ``known``: the changes of every stage asked at the start of the run, valid while no
+    stage has run since (see ``_run_pipeline``); otherwise DVC is asked now.
+    """
     logger = get_run_logger()
-    changes = stage_changes(Path.cwd(), stage)
+    changes = known[stage] if known is not None else stage_changes(Path.cwd(), stage)
     if changes:
         logger.info("%s runs: %s", stage, " | ".join(changes))
         return None
@@ -85,10 +90,16 @@ def _skip_if_current(stage: str) -> State | None:
     return Completed(name=SKIPPED, message="inputs unchanged since dvc.lock", data=None)
 
 
+@task(name="pipeline-status", cache_policy=NO_CACHE)
+def pipeline_status() -> dict[str, list[str]]:
+    """What changed for each stage since dvc.lock, asked of DVC once for the whole pipeline."""
+    return pipeline_changes(Path.cwd(), PIPELINE_STAGES)
+
+
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_stage(params: Params) -> dict[str, Any] | State:
+def validate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
     """Great Expectations on the manifest of data/; a blocking failure fails the run."""
-    if skipped := _skip_if_current("validate"):
+    if skipped := _skip_if_current("validate", known):
         return skipped
     from tasks.validate import run_validate
 
@@ -112,9 +123,9 @@ def snapshot_stage(data_dir: str, push: bool, stamp_dir: str) -> dict[str, Any]:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_stage(params: Params) -> dict[str, Any] | State:
+def train_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
     """Fit the candidate; every epoch is logged to this task run."""
-    if skipped := _skip_if_current("train"):
+    if skipped := _skip_if_current("train", known):
         return skipped
     from tasks.train import run_train
 
@@ -124,9 +135,9 @@ def train_stage(params: Params) -> dict[str, Any] | State:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_stage(params: Params) -> dict[str, Any] | State:
+def evaluate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
     """Score the candidate; compare evaluate() with the kept epoch."""
-    if skipped := _skip_if_current("evaluate"):
+    if skipped := _skip_if_current("evaluate", known):
         return skipped
     from tasks.evaluate import run_evaluate
 
@@ -136,9 +147,9 @@ def evaluate_stage(params: Params) -> dict[str, Any] | State:
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate_stage(params: Params) -> dict[str, Any] | State:
+def gate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
     """Candidate vs champion on the same validation split: promote or reject, with reasons."""
-    if skipped := _skip_if_current("gate"):
+    if skipped := _skip_if_current("gate", known):
         return skipped
     from tasks.gate import run_gate
 
@@ -200,13 +211,19 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
     retrying = retry_options(params.nightly)
     stages: dict[str, bool] = {}
 
-    def run(stage: Any, *args: Any) -> Any:
-        state = stage.with_options(**retrying)(*args, return_state=True)
+    known: dict[str, list[str]] = {}
+
+    def run(stage: Any, stage_params: Params) -> Any:
+        # Once a stage ran, its outputs are the next stage's deps: ask DVC again.
+        state = stage.with_options(**retrying)(
+            stage_params, None if any(stages.values()) else known, return_state=True,
+        )
         result = state.result()  # raises the task's own exception when it failed
         stages[stage.name] = state.name != SKIPPED
         return result
 
     try:
+        known = pipeline_status.with_options(**retrying)()
         run(validate_stage, params)
         snapshot = snapshot_stage.with_options(**retrying)(
             params.data.dir, push, params.validate.cache_dir,

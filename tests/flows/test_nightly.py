@@ -32,7 +32,7 @@ from flows.params import load_params
 from tasks.errors import FanaoiError
 from tasks.registry import RegistryLockedError, list_versions, read_champion, read_log
 from tasks.snapshot import SnapshotError, data_snapshot_id
-from tasks.stages import stage_changes
+from tasks.stages import pipeline_changes, stage_changes
 from tasks.validate import ValidationFailed
 from tests.dvc_support import run
 from tests.flows.conftest import update_params
@@ -73,7 +73,9 @@ def task_runs(state: Any, expected: Iterable[str] = ()) -> dict[str, Any]:
         return {task_run.name.rsplit("-", 1)[0]: task_run for task_run in runs}
 
     names = tuple(expected)
-    return settled(read, lambda runs: all(n in runs and runs[n].state.is_final() for n in names))
+    # A task run can be listed a moment before its first state arrives (state None).
+    return settled(read, lambda runs: all(n in runs and runs[n].state is not None and runs[n].state.is_final()
+                                          for n in names))
 
 
 def artifacts(state: Any) -> dict[str, Any]:
@@ -128,6 +130,7 @@ def test_first_run_trains_gates_and_publishes(nightly_project: dict[str, Any]) -
     assert champion.card["data_snapshot"] == data_snapshot_id(project)
     # The flow recorded every stage in dvc.lock: DVC sees nothing left to do.
     assert all(stage_changes(project, stage) == [] for stage in PIPELINE_STAGES)
+    assert pipeline_changes(project, PIPELINE_STAGES) == dict.fromkeys(PIPELINE_STAGES, [])
 
     epochs = [m for m in log_messages(state, "epoch 1/") if m.startswith("epoch 1/")]
     assert epochs, "per-epoch progress must reach the Prefect logger"
@@ -179,6 +182,9 @@ def test_two_runs_at_once_publish_once(nightly_project: dict[str, Any], tmp_path
     project = copy_project(nightly_project["project"], tmp_path / "project")
     # A gate rule change: the gate stage reruns (no training) and promotes the same model.
     update_params(project, {"gate": {"min_delta": -1.0}})
+    changes = pipeline_changes(project, PIPELINE_STAGES)
+    assert [stage for stage, found in changes.items() if found] == ["gate"]
+    assert "params.yaml" in changes["gate"][0] and changes["gate"] == stage_changes(project, "gate")
     params_path = str(project / "params.yaml")
     states: list[Any] = []
     start = threading.Barrier(2)
