@@ -123,3 +123,15 @@ def test_damaged_cache_is_rebuilt(tmp_path):
     cached.write_text("{not json")
     manifest = build_manifest(data, DataParams(dir=str(data)), LIMITS, cache)
     assert manifest.attrs["inspected"] == 4 and manifest["decodable"].all()
+
+
+def test_workers_inspect_as_one_process_does(tmp_path, monkeypatch):
+    import tasks.manifest
+
+    data = make_image_folder(tmp_path / "data", per_class=15)
+    write_truncated_jpeg(data / "GO" / "cut.jpg")
+    params = DataParams(dir=str(data))
+    alone = build_manifest(data, params, LIMITS)
+    monkeypatch.setattr(tasks.manifest, "_FILES_PER_WORKER", 10)  # 31 files: two workers
+    shared = build_manifest(data, params, LIMITS)
+    assert shared.attrs["inspected"] == 31 and shared.equals(alone)
