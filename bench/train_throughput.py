@@ -4,7 +4,9 @@ All three train the same model (params.yaml `model`, batch size from `train`) in
 on this machine, on the same image files:
 
 - seed:     ImageDataGenerator(rescale=1/255, validation_split=0.2) + flow_from_directory
-- pipeline: tasks.dataset.make_dataset (tf.data: parallel decode, cache, prefetch)
+- pipeline: tasks.dataset.make_dataset (tf.data: parallel decode, uint8 cache, prefetch)
+- streamed (``--stream``): the same pipeline past train.cache_max_mb: no cache, every
+  epoch decodes the files again
 - compute:  random tensors already in memory, same shapes and batch size
 
 Steady-state images/s exclude the first epoch (graph tracing, file cache warm-up).
@@ -14,7 +16,7 @@ Each measurement runs in a fresh process, interleaved over ``--rounds``, best ke
 settings are TensorFlow's environment variables, e.g.
 ``TF_NUM_INTRAOP_THREADS=2 TF_NUM_INTEROP_THREADS=1 python bench/train_throughput.py``.
 
-    python bench/train_throughput.py [--images 3200] [--epochs 4] [--rounds 2] [--data DIR] [--xla]
+    python bench/train_throughput.py [--images 3200] [--epochs 4] [--rounds 2] [--data DIR] [--xla] [--stream]
 """
 
 from __future__ import annotations
@@ -80,15 +82,22 @@ def seed_recipe_rate(params: Params, data_dir: Path, epochs: int, jit: bool = Fa
     return fit_rate(params, flow, flow.samples, epochs, jit), flow.samples
 
 
-def pipeline_rate(params: Params, data_dir: Path, epochs: int, jit: bool = False) -> tuple[float, int]:
+def pipeline_rate(
+    params: Params, data_dir: Path, epochs: int, jit: bool = False, cache_max_mb: float | None = None,
+) -> tuple[float, int]:
     import numpy as np
 
     images = list_images(data_dir, params.data)
     # The same share of files as the seed's 80 % training subset, picked by content hash.
     order = np.random.default_rng(0).permutation(len(images))
     share = [images[i] for i in order[: int(len(images) * 0.8)]]
-    data = make_dataset(share, params.model, params.train.batch_size, shuffle_seed=params.train.seed)
+    data = make_dataset(share, params.model, params.train.batch_size, shuffle_seed=params.train.seed,
+                        cache_max_mb=cache_max_mb)
     return fit_rate(params, data, len(share), epochs, jit), len(share)
+
+
+def streamed_rate(params: Params, data_dir: Path, epochs: int, jit: bool = False) -> tuple[float, int]:
+    return pipeline_rate(params, data_dir, epochs, jit, cache_max_mb=0)
 
 
 def compute_limit_rate(params: Params, data_dir: Path, epochs: int, jit: bool = False) -> tuple[float, int]:
@@ -105,7 +114,9 @@ def compute_limit_rate(params: Params, data_dir: Path, epochs: int, jit: bool = 
     return fit_rate(params, data, count, epochs, jit), count
 
 
-MEASUREMENTS = {"seed": seed_recipe_rate, "pipeline": pipeline_rate, "compute": compute_limit_rate}
+MEASUREMENTS = {
+    "seed": seed_recipe_rate, "pipeline": pipeline_rate, "compute": compute_limit_rate, "streamed": streamed_rate,
+}
 
 
 def measure_in_fresh_process(args: argparse.Namespace, data_dir: Path, what: str, jit: bool) -> tuple[float, int]:
@@ -124,6 +135,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="each measurement's best of this many")
     parser.add_argument("--xla", action="store_true", help="also measure jit_compile=True")
+    parser.add_argument("--stream", action="store_true", help="also measure the pipeline without its cache")
     parser.add_argument("--measure", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)
     parser.add_argument("--jit", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,6 +159,8 @@ def main() -> int:
         plans = [("seed", False), ("pipeline", False), ("compute", False)]
         if args.xla:
             plans += [("pipeline", True), ("compute", True)]
+        if args.stream:
+            plans += [("streamed", False)]
         best: dict[tuple[str, bool], float] = {}
         for _ in range(args.rounds):  # interleaved, so a noisy minute hits every measurement
             for plan in plans:
@@ -162,6 +176,9 @@ def main() -> int:
         print(f"pipeline / compute limit = {pipeline / compute:.2f}   (target >= 0.90)")
         print(f"pipeline / seed recipe   = {pipeline / seed:.2f}   (target >= 1.40)")
         print(f"compute limit / seed     = {compute / seed:.2f}   (the most any input pipeline can gain)")
+        if args.stream:
+            streamed = best["streamed", False]
+            print(f"streamed (no cache)               {streamed:8.0f} img/s ({streamed / pipeline:.2f} x cached)")
         if args.xla:
             xla_pipeline, xla_compute = best["pipeline", True], best["compute", True]
             print(f"XLA compute limit {xla_compute:8.0f} img/s ({xla_compute / compute:.2f} x plain)")
