@@ -11,7 +11,7 @@ training epoch, a local DVC remote) holding a demo set drawn once per size and s
 5. the leak check: the index against brute force on up to 3,000 held-out images (agreement
    and time; brute force over all of them extrapolated);
 6. ``fanaoi train`` (one epoch), ``fanaoi evaluate``, ``fanaoi gate``;
-7. ``dvc commit``, a Prefect server started, one settling ``fanaoi retrain``, then the
+7. ``dvc commit`` of the four stages, a Prefect server started, one settling ``fanaoi retrain``, then the
    no-change night ``--runs`` times (median) against that server.
 
 Every command runs in its own process, as cron or a person starts it; peak RSS is the
@@ -211,7 +211,7 @@ def bench_size(work: Path, count: int, size: int, seed: int, runs: int) -> dict[
     train_report = json.loads((project / "reports" / "train.json").read_text(encoding="utf-8"))
     results["train, 1 epoch"]["images_per_second"] = train_report["images_per_second"]
 
-    run(project, dvc, "commit", "--force", "--quiet")
+    run(project, dvc, "commit", "--force", "--quiet", "validate", "train", "evaluate", "gate")
     server, url = start_prefect_server(root, env)
     try:
         env["PREFECT_API_URL"] = url
