@@ -91,9 +91,10 @@ def _skip_if_current(stage: str, known: dict[str, list[str]] | None = None) -> S
 
 
 @task(name="pipeline-status", cache_policy=NO_CACHE)
-def pipeline_status() -> dict[str, list[str]]:
-    """What changed for each stage since dvc.lock, asked of DVC once for the whole pipeline."""
-    return pipeline_changes(Path.cwd(), PIPELINE_STAGES)
+def pipeline_status(stamp_dir: str) -> dict[str, list[str]]:
+    """What changed for each stage since dvc.lock, asked of DVC once for the whole pipeline
+    (not at all while the stamp in ``stamp_dir`` proves nothing changed)."""
+    return pipeline_changes(Path.cwd(), PIPELINE_STAGES, stamp_dir)
 
 
 @task(name="validate", cache_policy=NO_CACHE)
@@ -223,7 +224,7 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
         return result
 
     try:
-        known = pipeline_status.with_options(**retrying)()
+        known = pipeline_status.with_options(**retrying)(params.validate.cache_dir)
         run(validate_stage, params)
         snapshot = snapshot_stage.with_options(**retrying)(
             params.data.dir, push, params.validate.cache_dir,
