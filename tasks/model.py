@@ -10,13 +10,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from tasks.errors import FanaoiError
 from tasks.params import ModelParams
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
 
 MAPPING_ATTR = "fanaoi_class_mapping"
 PREPROCESSING_ATTR = "fanaoi_preprocessing"
@@ -115,6 +114,8 @@ def _aoi_layers(params: ModelParams) -> list[keras.layers.Layer]:
 
 def edge_kernels() -> np.ndarray:
     """3x3 Sobel x/y, Prewitt x/y and zero-mean Gabor kernels at 0/45/90/135 degrees, (3, 3, 8)."""
+    import numpy as np
+
     sobel_x = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
     prewitt_x = np.array([[-1, 0, 1], [-1, 0, 1], [-1, 0, 1]], dtype=np.float64)
     kernels = [sobel_x, sobel_x.T, prewitt_x, prewitt_x.T]
@@ -137,6 +138,8 @@ def place_edge_kernels(conv: keras.layers.Conv2D) -> int:
     of this layer has on average, so its activations start in the range of the random
     filters beside it.
     """
+    import numpy as np
+
     kernel, bias = conv.get_weights()
     height, width, channels, filters = kernel.shape
     if (height, width) != (3, 3):
