@@ -199,10 +199,12 @@ def make_dataset(
     """tf.data pipeline: parallel read and decode, cache decoded tensors, batch, prefetch.
 
     The cache keeps uint8 pixels at the input size (``decode_pixels``); past
-    ``cache_max_mb`` (None: no limit) nothing is cached and every epoch decodes the files
-    again, trading time for memory. With ``shuffle_seed`` the order is reshuffled each epoch from that seed, and
-    ``augment`` (training only) changes each image at random after the cache, from the
-    same seed, so every epoch sees new variants and a rerun sees the same ones.
+    ``cache_max_mb`` (None: no limit; 0 for a single pass) nothing is cached and every
+    epoch decodes the files again, trading time for memory.
+
+    With ``shuffle_seed`` the order is reshuffled each epoch from that seed, and ``augment``
+    (training only) changes each image at random after the cache, from the same seed, so
+    every epoch sees new variants and a rerun sees the same ones.
     """
     import tensorflow as tf
 
@@ -217,7 +219,7 @@ def make_dataset(
     decoded_mb = len(paths) * model.input_size[0] * model.input_size[1] * model.channels / 1e6
     if cache_max_mb is None or decoded_mb <= cache_max_mb:
         dataset = dataset.cache()
-    else:
+    elif cache_max_mb > 0:  # 0: a single pass, where a cache only costs memory
         log.info("%d images decode to %.0f MB, above train.cache_max_mb %.0f: decoded again "
                  "every epoch, not cached", len(paths), decoded_mb, cache_max_mb)
     if shuffle_seed is not None:
@@ -293,7 +295,7 @@ def decode_all(images: Sequence[LabeledImage], model: ModelParams) -> np.ndarray
     """The images preprocessed for the model, in order, as one float32 array."""
     import numpy as np
 
-    batches = make_dataset(images, model, batch_size=64).as_numpy_iterator()
+    batches = make_dataset(images, model, batch_size=64, cache_max_mb=0).as_numpy_iterator()
     return np.concatenate([decoded for decoded, _ in batches])
 
 

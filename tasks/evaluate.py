@@ -47,7 +47,7 @@ def predict_probabilities(
     """Sigmoid output (probability of the positive class) for each image, in order."""
     if not images:
         return np.zeros(0, dtype=np.float32)
-    dataset = make_dataset(images, model_params, batch_size).map(lambda x, _: x)
+    dataset = make_dataset(images, model_params, batch_size, cache_max_mb=0).map(lambda x, _: x)
     return model.predict(dataset, verbose=0).reshape(-1).astype(np.float32)
 
 
@@ -377,7 +377,8 @@ def run_evaluate(
     for split in ("train", "validation"):
         subset = select(images, split)
         require_split(subset, split, params.data.dir)
-        loss, accuracy = model.evaluate(make_dataset(subset, model_params, batch), verbose=0, return_dict=False)
+        single_pass = make_dataset(subset, model_params, batch, cache_max_mb=0)
+        loss, accuracy = model.evaluate(single_pass, verbose=0, return_dict=False)
         evaluated[split] = {"loss": float(loss), "accuracy": float(accuracy)}
     held_out = {split: select(images, split) for split in ("validation", "test")}
     scores = {split: predict_probabilities(model, subset, model_params, batch) for split, subset in held_out.items()}
