@@ -113,6 +113,8 @@ def snapshot_data(
 def _files_digest(folder: Path) -> str:
     """A digest of every file's (path, size, mtime, inode) under ``folder``."""
     digest = hashlib.sha256()
+    # Paths relative to the folder: the flow passes an absolute one, the CLI "." + data.
+    prefix = len(str(folder)) + 1
     pending = [str(folder)]
     while pending:
         with os.scandir(pending.pop()) as listing:
@@ -123,10 +125,10 @@ def _files_digest(folder: Path) -> str:
                 try:
                     info = entry.stat()
                 except OSError:  # a broken link: dvc add decides what it means
-                    digest.update(f"{entry.path}\0broken\n".encode())
+                    digest.update(f"{entry.path[prefix:]}\0broken\n".encode())
                     continue
                 digest.update(
-                    f"{entry.path}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}\n".encode()
+                    f"{entry.path[prefix:]}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}\n".encode()
                 )
     return digest.hexdigest()
 

@@ -155,16 +155,18 @@ def _add_path(digest: Any, path: Path, name: str) -> None:
     if not path.is_dir():
         digest.update(f"{name}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}\n".encode())
         return
+    prefix = len(str(path))  # names relative to the repo, not the caller's spelling of it
     for folder, dirs, names in os.walk(path):
         dirs.sort()
         for entry in sorted(names):
             full = os.path.join(folder, entry)
+            relative = name + full[prefix:]
             try:
                 info = os.stat(full)
             except OSError:
-                digest.update(f"{full}\0broken\n".encode())
+                digest.update(f"{relative}\0broken\n".encode())
                 continue
-            digest.update(f"{full}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}\n".encode())
+            digest.update(f"{relative}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}\n".encode())
 
 
 def _describe(entry: dict[str, Any] | str) -> str:

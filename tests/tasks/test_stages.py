@@ -42,6 +42,8 @@ def test_the_stamp_answers_while_nothing_changed_and_any_change_asks_dvc(
     monkeypatch.setattr(tasks.stages, "_ask_dvc", counted)
     assert pipeline_changes(repo, ["copy"], ".fanaoi") == {"copy": []} and len(asked) == 1
     assert pipeline_changes(repo, ["copy"], ".fanaoi") == {"copy": []} and len(asked) == 1
+    monkeypatch.chdir(repo)
+    assert pipeline_changes(Path("."), ["copy"], ".fanaoi") == {"copy": []} and len(asked) == 1
 
     (repo / "inputs" / "3.txt").write_text("new\n", encoding="utf-8")
     changes = pipeline_changes(repo, ["copy"], ".fanaoi")
