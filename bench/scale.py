@@ -239,7 +239,7 @@ def print_table(all_results: dict[str, dict]) -> None:
     header = "| stage | " + " | ".join(f"{int(s):,}: wall s / CPU s / MB" for s in sizes)
     growth = len(sizes) > 1
     if growth:
-        header += f" | growth {int(sizes[0]) // 1000}k->{int(sizes[-1]) // 1000}k"
+        header += f" | growth {int(sizes[0]) // 1000}k->{int(sizes[-1]) // 1000}k (CPU, else wall)"
     if "100000" in all_results:
         header += " | target at 100k"
     print("\n" + header + " |")
@@ -250,10 +250,13 @@ def print_table(all_results: dict[str, dict]) -> None:
             entry = all_results[size].get(stage, {})
             cpu = f" / {entry['cpu']:.1f}" if "cpu" in entry else " / -"
             rss = f" / {entry['rss_mb']:,.0f}" if "rss_mb" in entry else ""
-            cells.append(f"{entry['seconds']:.1f}{cpu}{rss}" if "seconds" in entry else "-")
+            digits = 1 if entry.get("seconds", 0) >= 1 else 3
+            cells.append(f"{entry['seconds']:.{digits}f}{cpu}{rss}" if "seconds" in entry else "-")
         row = f"| {stage} | " + " | ".join(cells)
         if growth:
-            first, last = (all_results[s].get(stage, {}).get("seconds") for s in (sizes[0], sizes[-1]))
+            ends = [all_results[s].get(stage, {}) for s in (sizes[0], sizes[-1])]
+            key = "cpu" if all("cpu" in end for end in ends) else "seconds"
+            first, last = (end.get(key) for end in ends)
             row += f" | {last / first:.1f}x" if first and last else " | -"
         if "100000" in all_results:
             target = TARGETS_100K.get(stage)
