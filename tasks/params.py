@@ -142,7 +142,7 @@ class TrainParams:
     class_weight: str = "none"
     augment: AugmentParams = field(default_factory=AugmentParams)
     shuffle_buffer: int = 4096
-    cache_max_mb: float = 4000.0
+    cache_max_mb: float = 3000.0
     checkpoint_dir: str = "models/checkpoints"
     jit_compile: bool = False
     init_from: str | None = None
