@@ -79,9 +79,9 @@ def snapshot_data(
 ) -> dict:
     """``dvc add`` the data folder, then ``dvc push`` it; returns md5, changed, pushed, skipped.
 
-    With ``stamp_dir`` (relative to ``repo_dir``), a folder whose files, pointer and remote settings are those of the
-    last snapshot (see the module docstring) skips ``dvc add`` (``skipped``), and skips
-    ``dvc push`` too when that snapshot was pushed.
+    With ``stamp_dir`` (relative to ``repo_dir``), a folder whose files, pointer and
+    remote settings are those of the last snapshot (see the module docstring) skips
+    ``dvc add`` (``skipped``), and skips ``dvc push`` too when that snapshot was pushed.
     """
     repo_dir = Path(repo_dir)
     require_dvc_repo(repo_dir)
