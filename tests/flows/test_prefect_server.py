@@ -34,7 +34,7 @@ STOP_TIMEOUT = 20
 # Task run states reach the server as events; it records them a moment after the run ends.
 SETTLE_TIMEOUT = 30
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-NIGHTLY_TASKS = ("validate", "snapshot", "train", "evaluate", "gate", "publish", "report")
+NIGHTLY_TASKS = ("pipeline-status", "validate", "snapshot", "train", "evaluate", "gate", "publish", "report")
 
 
 def free_port() -> int:
