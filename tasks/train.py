@@ -226,29 +226,24 @@ def best_epoch_keeper(
             self.best = best_epoch(rows) if rows else None
             if self.best is not None and _kept_epoch(self.best_file) != self.best["epoch"]:
                 self.best = None  # the kept weights are not that epoch's: search again
-            self.average = None
             self.trained_weights = None
-            if average_momentum is not None and rows and self.average_file is not None and self.average_file.exists():
-                with np.load(self.average_file) as saved:
-                    if int(saved["epoch"]) == rows[-1]["epoch"]:
-                        self.average = [saved[f"w{i}"] for i in range(len(saved.files) - 1)]
+            self.average = None
+            if average_momentum is not None:
+                resumed = None
+                if rows and self.average_file is not None and self.average_file.exists():
+                    with np.load(self.average_file) as saved:
+                        if int(saved["epoch"]) == rows[-1]["epoch"]:
+                            resumed = [saved[f"w{i}"] for i in range(len(saved.files) - 1)]
+                self.average = _WeightAverage(self.model, average_momentum, resumed)
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            if average_momentum is None:
-                return
-            weights = self.model.get_weights()
-            if self.average is None:
-                self.average = weights
-                return
-            self.average = [
-                average_momentum * mean + (1 - average_momentum) * value
-                for mean, value in zip(self.average, weights, strict=True)
-            ]
+            if self.average is not None:
+                self.average.update()
 
         def _use_average(self) -> None:
             if self.average is not None and self.trained_weights is None:
                 self.trained_weights = self.model.get_weights()
-                self.model.set_weights(self.average)
+                self.model.set_weights(self.average.values())
 
         def _use_trained(self) -> None:
             if self.trained_weights is not None:
@@ -264,7 +259,7 @@ def best_epoch_keeper(
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             row = rows[-1]
             if self.average is not None and self.average_file is not None:
-                arrays = {f"w{i}": value for i, value in enumerate(self.average)}
+                arrays = {f"w{i}": value for i, value in enumerate(self.average.values())}
                 atomic_write(self.average_file, lambda handle: np.savez(handle, epoch=row["epoch"], **arrays))
             if self.best is None or row["val_loss"] < self.best["val_loss"]:
                 self.best = row
@@ -287,6 +282,42 @@ def best_epoch_keeper(
                 self.model.set_weights(self.best_weights)
 
     return BestEpoch()
+
+
+class _WeightAverage:
+    """Exponential moving average of every weight of a model, batch-norm statistics included.
+
+    The means live in TensorFlow variables and one compiled call updates them all, so a
+    training step pays well under a millisecond for it. The first update copies the weights
+    (from ``resumed`` instead when a killed run carries on).
+    """
+
+    def __init__(self, model: keras.Model, momentum: float, resumed: list[Any] | None) -> None:
+        import tensorflow as tf
+
+        initial = resumed if resumed is not None else model.get_weights()
+        self.means = [tf.Variable(value, trainable=False) for value in initial]
+        self.started = resumed is not None
+        weights = [weight.value for weight in model.weights]
+
+        @tf.function
+        def blend() -> None:
+            for mean, weight in zip(self.means, weights, strict=True):
+                mean.assign(momentum * mean + (1 - momentum) * tf.cast(weight, mean.dtype))
+
+        self._blend = blend
+        self._weights = weights
+
+    def update(self) -> None:
+        if self.started:
+            self._blend()
+            return
+        for mean, weight in zip(self.means, self._weights, strict=True):
+            mean.assign(weight)
+        self.started = True
+
+    def values(self) -> list[Any]:
+        return [mean.numpy() for mean in self.means]
 
 
 def _kept_epoch(best_file: Path | None) -> int | None:
