@@ -250,6 +250,22 @@ def test_the_weight_average_is_what_validation_sees_and_what_is_kept(tmp_path):
     assert dense.get_weights()[0][0, 0] == 6.0  # epoch 1's average: the lowest validation loss
 
 
+@pytest.mark.slow
+def test_an_averaged_run_saves_the_weights_its_kept_epoch_was_validated_with(tmp_path):
+    from tasks.evaluate import run_evaluate
+    from tasks.train import best_epoch, read_history
+
+    data = make_image_folder(tmp_path / "data", per_class=24, seed=5)
+    params = tiny_params(data, epochs=3, average_momentum=0.8)
+    model_path, reports = tmp_path / "models" / "candidate.h5", tmp_path / "reports"
+    summary = run_train(params, model_path, reports)
+    kept = best_epoch(read_history(reports / "history.csv"))
+    assert summary["kept_epoch"] == int(kept["epoch"])
+    comparison = run_evaluate(params, model_path, reports)["kept_epoch_vs_evaluate"]
+    assert comparison["evaluate_validation_loss"] == pytest.approx(kept["val_loss"], abs=1e-4)
+    assert comparison["evaluate_validation_accuracy"] == pytest.approx(kept["val_accuracy"], abs=1e-6)
+
+
 def test_learning_rate_follows_a_cosine_from_the_base_rate():
     from tasks.params import TrainParams
     from tasks.train import learning_rate_at
