@@ -139,6 +139,7 @@ class TrainParams:
     learning_rate: float = 0.001
     lr_schedule: str = "constant"
     early_stopping_patience: int | None = None
+    average_momentum: float | None = None
     class_weight: str = "none"
     augment: AugmentParams = field(default_factory=AugmentParams)
     shuffle_buffer: int = 4096
@@ -168,6 +169,10 @@ class TrainParams:
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ParamsError(
                 f"train.early_stopping_patience must be null (off) or >= 1, got {self.early_stopping_patience}"
+            )
+        if self.average_momentum is not None and not 0 < self.average_momentum < 1:
+            raise ParamsError(
+                f"train.average_momentum must be null (off) or between 0 and 1, got {self.average_momentum}"
             )
 
 

@@ -28,6 +28,7 @@ from tasks.dataset import (
     select,
     sha256_of,
 )
+from tasks.durable import atomic_write
 from tasks.errors import FanaoiError
 from tasks.model import build_model, load_model, read_model_metadata, save_model
 from tasks.params import ModelParams, Params, TrainParams
@@ -198,33 +199,77 @@ def _epoch_recorder(
 
 
 def best_epoch_keeper(
-    patience: int | None, rows: list[dict[str, float]], checkpoint: _Checkpoint | None
+    patience: int | None,
+    rows: list[dict[str, float]],
+    checkpoint: _Checkpoint | None,
+    average_momentum: float | None = None,
 ) -> keras.callbacks.Callback:
     """Keep the weights of the epoch with the lowest validation loss; stop after ``patience``
     epochs without improvement; put the kept weights back when training ends.
 
+    With ``average_momentum`` the model that is validated, kept and saved is an exponential
+    moving average of the weights after every step (Polyak averaging; batch-norm statistics
+    included), which evens out where the last steps of an epoch happened to land.
+
     The kept weights go to the checkpoint folder too, so a resumed run still ends with the
-    best epoch's weights even when that epoch ran before the kill.
+    best epoch's weights even when that epoch ran before the kill; so does the average.
     """
     import keras
+    import numpy as np
 
     class BestEpoch(keras.callbacks.Callback):
         def on_train_begin(self, logs: dict | None = None) -> None:
-            self.best_file = None if checkpoint is None else checkpoint.folder / "best.weights.h5"
+            folder = None if checkpoint is None else checkpoint.folder
+            self.best_file = None if folder is None else folder / "best.weights.h5"
+            self.average_file = None if folder is None else folder / "average.npz"
             self.best_weights = None
             self.best = best_epoch(rows) if rows else None
             if self.best is not None and _kept_epoch(self.best_file) != self.best["epoch"]:
                 self.best = None  # the kept weights are not that epoch's: search again
+            self.trained_weights = None
+            self.average = None
+            if average_momentum is not None:
+                resumed = None
+                if rows and self.average_file is not None and self.average_file.exists():
+                    with np.load(self.average_file) as saved:
+                        if int(saved["epoch"]) == rows[-1]["epoch"]:
+                            resumed = [saved[f"w{i}"] for i in range(len(saved.files) - 1)]
+                self.average = _WeightAverage(self.model, average_momentum, resumed)
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if self.average is not None:
+                self.average.update()
+
+        def _use_average(self) -> None:
+            if self.average is not None and self.trained_weights is None:
+                self.trained_weights = self.model.get_weights()
+                self.model.set_weights(self.average.values())
+
+        def _use_trained(self) -> None:
+            if self.trained_weights is not None:
+                self.model.set_weights(self.trained_weights)
+                self.trained_weights = None
+
+        def on_test_begin(self, logs: dict | None = None) -> None:
+            self._use_average()
+
+        def on_test_end(self, logs: dict | None = None) -> None:
+            self._use_trained()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             row = rows[-1]
+            if self.average is not None and self.average_file is not None:
+                arrays = {f"w{i}": value for i, value in enumerate(self.average.values())}
+                atomic_write(self.average_file, lambda handle: np.savez(handle, epoch=row["epoch"], **arrays))
             if self.best is None or row["val_loss"] < self.best["val_loss"]:
                 self.best = row
+                self._use_average()
                 if self.best_file is not None:
                     self.model.save_weights(self.best_file)
                     self.best_file.with_suffix(".json").write_text(json.dumps({"epoch": row["epoch"]}))
                 else:
                     self.best_weights = self.model.get_weights()
+                self._use_trained()
             elif patience is not None and row["epoch"] - self.best["epoch"] >= patience:
                 self.model.stop_training = True
 
@@ -237,6 +282,42 @@ def best_epoch_keeper(
                 self.model.set_weights(self.best_weights)
 
     return BestEpoch()
+
+
+class _WeightAverage:
+    """Exponential moving average of every weight of a model, batch-norm statistics included.
+
+    The means live in TensorFlow variables and one compiled call updates them all, so a
+    training step pays well under a millisecond for it. The first update copies the weights
+    (from ``resumed`` instead when a killed run carries on).
+    """
+
+    def __init__(self, model: keras.Model, momentum: float, resumed: list[Any] | None) -> None:
+        import tensorflow as tf
+
+        initial = resumed if resumed is not None else model.get_weights()
+        self.means = [tf.Variable(value, trainable=False) for value in initial]
+        self.started = resumed is not None
+        weights = [weight.value for weight in model.weights]
+
+        @tf.function
+        def blend() -> None:
+            for mean, weight in zip(self.means, weights, strict=True):
+                mean.assign(momentum * mean + (1 - momentum) * tf.cast(weight, mean.dtype))
+
+        self._blend = blend
+        self._weights = weights
+
+    def update(self) -> None:
+        if self.started:
+            self._blend()
+            return
+        for mean, weight in zip(self.means, self._weights, strict=True):
+            mean.assign(weight)
+        self.started = True
+
+    def values(self) -> list[Any]:
+        return [mean.numpy() for mean in self.means]
 
 
 def _kept_epoch(best_file: Path | None) -> int | None:
@@ -306,7 +387,7 @@ def train_model(
     # keeper restores the best weights before BackupAndRestore deletes the checkpoint folder.
     callbacks: list[keras.callbacks.Callback] = [
         _epoch_recorder(train_params.epochs, len(train_images), rows, report, checkpoint),
-        best_epoch_keeper(train_params.early_stopping_patience, rows, checkpoint),
+        best_epoch_keeper(train_params.early_stopping_patience, rows, checkpoint, train_params.average_momentum),
     ]
     if checkpoint_dir is not None:
         callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir)))

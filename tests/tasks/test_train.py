@@ -211,6 +211,61 @@ def test_the_lowest_validation_loss_epoch_is_kept_and_patience_stops_training():
     assert model.get_layer("dense").get_weights()[0][0, 0] == 2.0  # epoch 2's weights
 
 
+def test_the_weight_average_is_what_validation_sees_and_what_is_kept(tmp_path):
+    import keras
+    import numpy as np
+
+    from tasks.train import _Checkpoint, best_epoch_keeper
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, name="dense")])
+    dense = model.get_layer("dense")
+    rows: list[dict[str, float]] = []
+    checkpoint = _Checkpoint(tmp_path / "checkpoint", "run")
+    keeper = best_epoch_keeper(None, rows, checkpoint, average_momentum=0.5)
+    keeper.set_model(model)
+    model.stop_training = False
+    keeper.on_train_begin()
+    for step, value in enumerate([4.0, 8.0]):  # the average: 4, then 0.5 * 4 + 0.5 * 8
+        dense.set_weights([np.full((1, 1), value), np.zeros(1)])
+        keeper.on_train_batch_end(step)
+    keeper.on_test_begin()
+    assert dense.get_weights()[0][0, 0] == 6.0  # validation scores the average
+    keeper.on_test_end()
+    assert dense.get_weights()[0][0, 0] == 8.0  # training goes on from its own weights
+    rows.append({"epoch": 1, "val_loss": 0.2})
+    keeper.on_epoch_end(0)
+    assert dense.get_weights()[0][0, 0] == 8.0
+
+    dense.set_weights([np.full((1, 1), 100.0), np.zeros(1)])  # a kill; the resumed run:
+    resumed = best_epoch_keeper(None, rows, checkpoint, average_momentum=0.5)
+    resumed.set_model(model)
+    resumed.on_train_begin()
+    resumed.on_train_batch_end(0)
+    resumed.on_test_begin()
+    assert dense.get_weights()[0][0, 0] == 53.0  # the saved average 6 carried on, not restarted
+    resumed.on_test_end()
+    rows.append({"epoch": 2, "val_loss": 0.3})
+    resumed.on_epoch_end(1)
+    resumed.on_train_end()
+    assert dense.get_weights()[0][0, 0] == 6.0  # epoch 1's average: the lowest validation loss
+
+
+@pytest.mark.slow
+def test_an_averaged_run_saves_the_weights_its_kept_epoch_was_validated_with(tmp_path):
+    from tasks.evaluate import run_evaluate
+    from tasks.train import best_epoch, read_history
+
+    data = make_image_folder(tmp_path / "data", per_class=24, seed=5)
+    params = tiny_params(data, epochs=3, average_momentum=0.8)
+    model_path, reports = tmp_path / "models" / "candidate.h5", tmp_path / "reports"
+    summary = run_train(params, model_path, reports)
+    kept = best_epoch(read_history(reports / "history.csv"))
+    assert summary["kept_epoch"] == int(kept["epoch"])
+    comparison = run_evaluate(params, model_path, reports)["kept_epoch_vs_evaluate"]
+    assert comparison["evaluate_validation_loss"] == pytest.approx(kept["val_loss"], abs=1e-4)
+    assert comparison["evaluate_validation_accuracy"] == pytest.approx(kept["val_accuracy"], abs=1e-6)
+
+
 def test_learning_rate_follows_a_cosine_from_the_base_rate():
     from tasks.params import TrainParams
     from tasks.train import learning_rate_at
