@@ -340,7 +340,8 @@ def _serve_model(args: argparse.Namespace, params: Params) -> int:
     host = args.host or params.serve.host
     port = args.port if args.port is not None else params.serve.port
     print(f"serving the champion of {params.registry.dir} on http://{host}:{port} "
-          f"(POST /predict, GET /health, GET /model, docs at /docs)")
+          f"(POST /predict, GET /health, GET /model, docs at /docs, "
+          f"{params.serve.reports_dir}/ at /reports/)")
     run_server(params, host, port)
     return 0
 
@@ -425,6 +426,81 @@ def _serve(args: argparse.Namespace, params: Params) -> int:
           f"run it now with `prefect deployment run nightly-retrain/{deployment.name}`")
     serve(deployment)
     return 0
+
+
+@command("status")
+def _status(args: argparse.Namespace, params: Params) -> int:
+    import json
+
+    from flows.status import configured_api_url, nightly_runs
+    from tasks.status import now_utc, project_status
+
+    project = Path(args.params).resolve().parent
+    now = now_utc()
+    state = project_status(project, params.data.dir, project / params.registry.dir, now)
+    state["prefect"] = nightly_runs(configured_api_url(), params.status.api_timeout, now)
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    for label, text in _status_lines(state):
+        print(f"{label:12}{text}")
+    return 0
+
+
+def _status_lines(state: dict) -> list[tuple[str, str]]:
+    """One screen: champion, last and next nightly run, data, agreement."""
+    champion, prefect, data = state["champion"], state["prefect"], state["data"]
+    lines = [("champion", _champion_line(champion))]
+    if prefect["error"]:
+        lines.append(("nightly", prefect["error"]))
+    else:
+        last, upcoming = prefect["last_run"], prefect["next_run"]
+        lines.append(("last night", _run_line(last) if last else "no finished nightly-retrain run on the server"))
+        lines.append(("next night", f"{upcoming['start']} (in {_duration(upcoming['starts_in_seconds'])})"
+                      if upcoming else "none scheduled (is `fanaoi serve` or a deployment with its cron running?)"))
+    lines.append(("data", f"snapshot {data['snapshot'] or 'none'}; last trained on "
+                          f"{data['trained_snapshot'] or 'nothing yet'}"))
+    pending = data["pending_batches"]
+    if pending is None:
+        lines.append(("new batches", "unknown: the trained snapshot's listing is not in the DVC cache (`dvc fetch`)"))
+    else:
+        lines.append(("new batches", "none since the last training" if not pending else "; ".join(
+            f"{Path(row['batch']).name} ({row['images']} images, {row['ingested_at']})" for row in pending
+        ) + " (not trained on yet)"))
+    for check in state["agreement"]:
+        lines.append(("agree" if check["ok"] else "DISAGREE", f"{check['check']}: {check['detail']}"))
+    return lines
+
+
+def _champion_line(champion: dict | None) -> str:
+    if champion is None:
+        return "none yet (the first promoted candidate becomes v0001)"
+    if champion["problem"]:
+        return f"{champion['version'] or '?'} UNUSABLE: {champion['problem']}"
+    metrics = "  ".join(f"{name} {value:.4f}" for name, value in champion["metrics"].items())
+    threshold = champion["threshold"]
+    return (f"{champion['version']}  published {champion['published']} ({_duration(champion['age_seconds'])} "
+            f"ago, {champion['action']})  {metrics}  threshold "
+            f"{'-' if threshold is None else f'{threshold:.4f}'}")
+
+
+def _run_line(run: dict) -> str:
+    took = f"took {_duration(run['duration_seconds'])}" if run["duration_seconds"] is not None else "running"
+    decision = f"decision {run['decision']}" if run["decision"] else "no report"
+    message = f"  ({printable(run['message'])})" if run["message"] and run["state"] != "COMPLETED" else ""
+    return f"{run['state']}  started {run['start']}  {took}  {decision}{message}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")]
+    shown = [f"{value} {unit}" for value, unit in parts if value][:2]
+    return " ".join(shown) or "0 s"
 
 
 def _add_prune_parser(sub: argparse._SubParsersAction) -> None:
@@ -535,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retrain.add_argument("--no-push", action="store_true", help="snapshot locally, skip dvc push")
     sub.add_parser("serve", help="serve the nightly deployment on its cron (params: nightly)")
+    status = sub.add_parser(
+        "status", help="champion, last and next nightly run, new data, and whether they agree"
+    )
+    status.add_argument("--json", action="store_true", help="the same as JSON")
     return parser
 
 

@@ -20,6 +20,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, State
 from prefect.tasks import exponential_backoff
 
+from flows.names import (
+    DEFECT_TYPES_KEY,
+    DEPLOYMENT_NAME,
+    METRICS_KEY,
+    NIGHTLY_FLOW,
+    REPORT_KEY,
+    report_description,
+)
 from flows.params import load_params
 from tasks.errors import FanaoiError
 from tasks.params import NightlyParams, Params, ParamsError
@@ -29,9 +37,6 @@ from tasks.stages import RunInProgress, exclusive_run, record_stage, stage_chang
 CANDIDATE = "models/candidate.h5"
 REPORTS = "reports"
 RUN_LOCK = ".fanaoi/nightly.lock"
-REPORT_KEY = "nightly-retrain-report"
-METRICS_KEY = "nightly-retrain-metrics"
-DEFECT_TYPES_KEY = "nightly-retrain-defect-types"
 SKIPPED = "Skipped"
 
 # Plain OS errors that do not heal by waiting: a missing file, a permission. Others (a
@@ -165,7 +170,7 @@ def _read_report(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-@flow(name="nightly-retrain")
+@flow(name=NIGHTLY_FLOW)
 def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict[str, Any] | State:
     """Retrain when data, params or code changed; publish only a candidate that beats the champion.
 
@@ -255,6 +260,7 @@ def summarize(
         "champion_path": str(registry / CHAMPION_MODEL) if champion else None,
         "candidate_path": str(Path(CANDIDATE).resolve()),
         "reports_path": str(Path(REPORTS).resolve()),
+        "reports_url": f"{params.serve.base_url()}/reports",
         "validation": evaluation.get("validation", {}),
         "metrics": metric_rows(gate),
         "defect_types": defect_type_rows(gate),
@@ -335,7 +341,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"- champion: {summary['champion_version'] or 'none'}",
-        *explain_lines(summary["champion_version"]),
+        *explain_lines(summary["champion_version"], summary["reports_url"]),
         f"- data snapshot (data.dvc md5): `{summary['data_snapshot']}`"
         + (" (new)" if summary["data_changed"] else ""),
         "- stages: " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()),
@@ -358,17 +364,20 @@ def threshold_lines(summary: dict[str, Any]) -> list[str]:
     return [f"- NG threshold {summary['threshold']:.4f}: {summary['threshold_source']}"]
 
 
-def explain_lines(version: str | None) -> list[str]:
+def explain_lines(version: str | None, reports_url: str) -> list[str]:
     """A link to the champion's explain report, or the command that writes it.
 
+    The link is the page as `fanaoi serve-model` serves it (``reports_url``): a file://
+    path opens only on the machine that wrote it, not in an operator's browser elsewhere.
     The flow does not draw the report itself: on the demo set it takes seconds after
     every promotion for a page few runs need, so the operator runs `fanaoi explain`.
     """
     if version is None:
         return []
-    report = Path(REPORTS) / "explain" / version / "index.html"
+    page = f"explain/{version}/index.html"
+    report = Path(REPORTS) / page
     if report.is_file():
-        return [f"- look inside {version}: [{report}]({report.resolve().as_uri()})"]
+        return [f"- look inside {version}: [{report}]({reports_url}/{page}) (served by `fanaoi serve-model`)"]
     return [f"- look inside {version}: `fanaoi explain {version}` writes {report}"]
 
 
@@ -403,7 +412,7 @@ def report_run(summary: dict[str, Any]) -> None:
     """Markdown and table artifacts under stable keys: the dashboard keeps their history."""
     create_markdown_artifact(
         report_markdown(summary), key=REPORT_KEY,
-        description=f"nightly retrain: {summary['decision']}",
+        description=report_description(summary["decision"]),
     )
     if summary["metrics"]:
         create_table_artifact(
@@ -423,11 +432,8 @@ def report_failure(message: str, stages: dict[str, bool]) -> None:
     create_markdown_artifact(
         f"# Nightly retrain: FAILED\n\n{message}\n\n- stages before the failure: {done or 'none'}\n"
         f"- the champion is unchanged\n",
-        key=REPORT_KEY, description="nightly retrain: failed",
+        key=REPORT_KEY, description=report_description("failed"),
     )
-
-
-DEPLOYMENT_NAME = "nightly"
 
 
 def local_timezone() -> str:

@@ -7,6 +7,7 @@ objects down; nothing in ``tasks`` opens the file itself.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
@@ -326,6 +327,15 @@ class ServeParams:
     max_pixels: int = 50_000_000
     max_concurrency: int = 4
     token: str | None = None
+    reports_dir: str = "reports"  # served read-only under /reports/
+    public_url: str | None = None  # how other machines reach the service; None: http://host:port
+
+    def base_url(self) -> str:
+        """The URL dashboard links start with: ``public_url``, or built from host and port."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -334,6 +344,8 @@ class ServeParams:
             raise ParamsError(
                 "serve.max_upload_bytes, serve.max_pixels and serve.max_concurrency must be at least 1"
             )
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise ParamsError(f"serve.public_url must be null or an http(s) URL, got {self.public_url!r}")
         if self.token is not None and len(self.token) < 16:
             raise ParamsError("serve.token must be null or at least 16 characters (a random secret)")
 
@@ -357,6 +369,15 @@ class ExplainParams:
 
 
 @dataclass(frozen=True)
+class StatusParams:
+    api_timeout: float = 0.5  # seconds per Prefect API request; a down server must not stall the answer
+
+    def __post_init__(self) -> None:
+        if self.api_timeout <= 0:
+            raise ParamsError(f"status.api_timeout must be > 0 seconds, got {self.api_timeout}")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     demo: DemoParams = field(default_factory=DemoParams)
@@ -372,6 +393,7 @@ class Params:
     serve: ServeParams = field(default_factory=ServeParams)
     explain: ExplainParams = field(default_factory=ExplainParams)
     lock: LockParams = field(default_factory=LockParams)
+    status: StatusParams = field(default_factory=StatusParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:
