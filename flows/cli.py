@@ -410,17 +410,18 @@ def _serve(args: argparse.Namespace, params: Params) -> int:
 
     use_offline_defaults()
     from prefect import serve
-    from prefect.settings import get_current_settings
 
     from flows.nightly import nightly_deployment
 
     # Prefect's temporary local API has no scheduler: served there, the cron never fires.
-    if not get_current_settings().api.url:
-        raise FanaoiError(
-            "no Prefect server to schedule the nightly runs: start one (`prefect server start`) "
-            "and set PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)"
-        )
+    _require_prefect_server("scheduling the nightly runs")
 
+    from flows.alerts import alerts_configured, install_alerts
+
+    if alerts_configured(params.alerts):
+        print(f"alerts: {', '.join(install_alerts(params.alerts))}")
+    else:
+        print("alerts: none (set alerts.webhook_url or alerts.block to be told when a night fails)")
     deployment = nightly_deployment(params, Path(args.params))
     print(f"serving nightly-retrain/{deployment.name} on cron {params.nightly.cron!r}; "
           f"run it now with `prefect deployment run nightly-retrain/{deployment.name}`")
@@ -501,6 +502,33 @@ def _duration(seconds: float | None) -> str:
     parts = [(days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")]
     shown = [f"{value} {unit}" for value, unit in parts if value][:2]
     return " ".join(shown) or "0 s"
+
+
+@command("alerts")
+def _alerts(args: argparse.Namespace, params: Params) -> int:
+    from flows.prefect_env import use_offline_defaults
+
+    use_offline_defaults()
+    from flows.alerts import install_alerts, webhook_url
+
+    _require_prefect_server("the alert automations")
+    names = install_alerts(params.alerts)
+    target = params.alerts.block or f"webhook {webhook_url(params.alerts)}"
+    print(f"installed on the Prefect server, sending through {target}:")
+    for name in names:
+        print(f"  {name}")
+    return 0
+
+
+def _require_prefect_server(what: str) -> None:
+    """Automations and schedules live on a server; Prefect's temporary local API forgets them."""
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise FanaoiError(
+            f"no Prefect server for {what}: start one (`prefect server start` or `fanaoi server`) "
+            "and set PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)"
+        )
 
 
 def _add_prune_parser(sub: argparse._SubParsersAction) -> None:
@@ -615,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="champion, last and next nightly run, new data, and whether they agree"
     )
     status.add_argument("--json", action="store_true", help="the same as JSON")
+    sub.add_parser(
+        "alerts", help="install the alert automations on the Prefect server (params: alerts)"
+    )
     return parser
 
 

@@ -185,10 +185,12 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
         )
     params = load_params(params_file)
     project = params_file.parent
+    limit = params.nightly.timeout_seconds
     try:
         # A second nightly run is refused at once; an ingest or a stage command running
         # now is waited for (the project lock), so the run sees one consistent data set.
         with (
+            run_timeout(limit),
             exclusive_run(project / RUN_LOCK, "nightly_retrain run"),
             project_lock(project, "nightly_retrain run", params.lock.timeout),
             contextlib.chdir(project),
@@ -197,6 +199,30 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
     except RunInProgress as exc:
         get_run_logger().warning(str(exc))
         return Cancelled(message=str(exc))
+    except NightlyTimeout:
+        message = (
+            f"the run took longer than nightly.timeout_seconds = {limit:g} s and was stopped; "
+            f"the champion is unchanged. Its task states show the stage that was running"
+        )
+        report_failure(message, {})
+        raise NightlyTimeout(message) from None
+
+
+class NightlyTimeout(TimeoutError):
+    """The run passed ``nightly.timeout_seconds``: Prefect ends it in the state TimedOut."""
+
+
+def run_timeout(seconds: float | None) -> contextlib.AbstractContextManager[None]:
+    """Stop the run after ``seconds``, by every route (CLI, ``fanaoi serve``, a worker).
+
+    The limit lives in params.yaml, which the flow reads only once it runs, so it cannot
+    be the decorator's ``timeout_seconds``. Prefect's own timeout scope raises
+    :class:`NightlyTimeout` here, and the flow engine turns any TimeoutError leaving the
+    flow into the state TimedOut, exactly as for a decorator timeout.
+    """
+    from prefect.utilities.timeout import timeout
+
+    return timeout(seconds, timeout_exc_type=NightlyTimeout)
 
 
 def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
@@ -221,6 +247,8 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
         report_failure(str(exc), stages)
         raise
     summary = summarize(params, stages, snapshot, card)
+    if summary["decision"] == "reject":
+        alert_on_reject_streak(params, summary)
     if not any(stages.values()):
         logger.info(
             "nothing changed since the last run (data snapshot %s, params and code unchanged): "
@@ -228,6 +256,20 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
         )
     report_run(summary)
     return summary
+
+
+def alert_on_reject_streak(params: Params, summary: dict[str, Any]) -> None:
+    """Emit the reject-streak event once the gate has rejected ``alerts.reject_streak`` nights running."""
+    from flows.alerts import emit_reject_streak
+    from tasks.registry import read_log, reject_streak
+
+    wanted = params.alerts.reject_streak
+    streak = reject_streak(read_log(params.registry.dir))
+    if wanted and streak >= wanted:
+        get_run_logger().warning("the gate has rejected %d nights in a row (alerts.reject_streak = %d)",
+                                 streak, wanted)
+        failed = [reason for reason in summary["reasons"] if reason.endswith("FAIL")]
+        emit_reject_streak(str(Path.cwd()), streak, summary["champion_version"], failed or summary["reasons"])
 
 
 TABLE_METRICS = (

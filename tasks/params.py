@@ -296,8 +296,11 @@ class NightlyParams:
     collision_strategy: str = "CANCEL_NEW"
     retries: int = 3
     retry_delay_seconds: float = 10.0
+    timeout_seconds: float | None = None
 
     def __post_init__(self) -> None:
+        if self.timeout_seconds is not None and self.timeout_seconds <= 0:
+            raise ParamsError(f"nightly.timeout_seconds must be null or > 0, got {self.timeout_seconds}")
         if self.collision_strategy not in COLLISION_STRATEGIES:
             raise ParamsError(
                 f"nightly.collision_strategy must be one of {', '.join(COLLISION_STRATEGIES)}, "
@@ -369,6 +372,22 @@ class ExplainParams:
 
 
 @dataclass(frozen=True)
+class AlertParams:
+    webhook_url: str | None = None  # the environment's FANAOI_ALERT_WEBHOOK_URL wins
+    block: str | None = None  # a saved Prefect notification block, "<block-type>/<name>"
+    reject_streak: int = 3  # rejections in a row that alert; 0 = never
+
+    def __post_init__(self) -> None:
+        if self.reject_streak < 0:
+            raise ParamsError(f"alerts.reject_streak must be >= 0 (0 = off), got {self.reject_streak}")
+        if self.block is not None and "/" not in self.block:
+            raise ParamsError(
+                f"alerts.block must name a saved block as <block-type>/<name>, e.g. slack-webhook/aoi-line; "
+                f"got {self.block!r}"
+            )
+
+
+@dataclass(frozen=True)
 class StatusParams:
     api_timeout: float = 0.5  # seconds per Prefect API request; a down server must not stall the answer
 
@@ -394,6 +413,7 @@ class Params:
     explain: ExplainParams = field(default_factory=ExplainParams)
     lock: LockParams = field(default_factory=LockParams)
     status: StatusParams = field(default_factory=StatusParams)
+    alerts: AlertParams = field(default_factory=AlertParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import make_image_folder
 from tests.dvc_support import BIN, tool_env
-from tests.flows.test_prefect_server import free_port
+from tests.prefect_support import free_port
 
 pytestmark = pytest.mark.integration
 
