@@ -4,7 +4,7 @@ Two automations on the Prefect server, both sending through one notification blo
 
 - a nightly-retrain run ends Failed, Crashed or TimedOut (state events the server emits);
 - the gate rejected the candidate ``alerts.reject_streak`` nights in a row (the event
-  :data:`REJECT_STREAK_EVENT`, which the nightly flow emits).
+  ``fanaoi.nightly.reject-streak``, which the nightly flow emits).
 
 The block is a custom webhook posting JSON to ``alerts.webhook_url`` (or the environment
 variable :data:`WEBHOOK_ENV`), or any notification block already saved on the server
@@ -19,13 +19,13 @@ import os
 from typing import Any
 from uuid import UUID
 
+from flows.events import REJECT_STREAK
 from flows.names import NIGHTLY_FLOW
 from tasks.errors import FanaoiError
 from tasks.params import AlertParams
 
 WEBHOOK_ENV = "FANAOI_ALERT_WEBHOOK_URL"
 WEBHOOK_BLOCK = "fanaoi-alerts"
-REJECT_STREAK_EVENT = "fanaoi.nightly.reject-streak"
 FAILED_AUTOMATION = "fanaoi: nightly run failed"
 REJECTS_AUTOMATION = "fanaoi: candidate rejected night after night"
 FAILED_EVENTS = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut")
@@ -40,7 +40,7 @@ which stage failed. `fanaoi status` on the project machine shows the state of th
 """
 REJECTS_SUBJECT = "FanAOI: candidate rejected {{ event.payload.consecutive_rejects }} nights in a row"
 REJECTS_BODY = """\
-The gate of {{ event.resource['prefect.resource.name'] }} rejected the new candidate \
+The gate of project {{ event.resource['prefect.resource.name'] }} rejected the new candidate \
 {{ event.payload.consecutive_rejects }} nights in a row; the champion {{ event.payload.champion }} stays.
 Last reasons: {{ event.payload.reasons }}
 `fanaoi history` lists every decision; the nightly-retrain-report artifact has the numbers.
@@ -110,7 +110,7 @@ def automations(alerts: AlertParams, block_id: UUID) -> list[Any]:
         found.append(Automation(
             name=REJECTS_AUTOMATION,
             description=f"The gate rejected {alerts.reject_streak} nights in a row (alerts.reject_streak)",
-            trigger=EventTrigger(expect={REJECT_STREAK_EVENT}, posture=Posture.Reactive, threshold=1),
+            trigger=EventTrigger(expect={REJECT_STREAK}, posture=Posture.Reactive, threshold=1),
             actions=[SendNotification(block_document_id=block_id, subject=REJECTS_SUBJECT, body=REJECTS_BODY)],
         ))
     return found
@@ -133,14 +133,3 @@ def install_alerts(alerts: AlertParams) -> list[str]:
     for automation in wanted:
         automation.create()
     return [automation.name for automation in wanted]
-
-
-def emit_reject_streak(project: str, streak: int, champion: str | None, reasons: list[str]) -> None:
-    """Tell the server the gate has rejected ``streak`` nights in a row."""
-    from prefect.events import emit_event
-
-    emit_event(
-        event=REJECT_STREAK_EVENT,
-        resource={"prefect.resource.id": f"fanaoi.project.{project}", "prefect.resource.name": project},
-        payload={"consecutive_rejects": streak, "champion": champion, "reasons": reasons},
-    )

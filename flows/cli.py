@@ -142,6 +142,7 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
             Path(args.batch_dir), params, Path("."), push=not args.no_push, commit=args.commit,
             report=log.info,
         )
+        _announce_batch(params, result)
     fine = (ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED)
     for row in result["files"]:
         if row["verdict"] == ACCEPTED and not args.quiet:
@@ -159,6 +160,21 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
             print(f"record it in git: {result['commit_command']}")
     # 2: something was rejected (the accepted files were still added); 1: nothing was done.
     return 2 if result["rejected"] else 0
+
+
+def _announce_batch(params: Params, result: dict) -> None:
+    """Tell the Prefect server, when there is one, that new images arrived (its trigger retrains)."""
+    from flows.status import configured_api_url
+
+    if not result["accepted"] or not configured_api_url():
+        return  # importing Prefect only to learn there is no server costs seconds
+    from flows.prefect_env import use_offline_defaults
+
+    use_offline_defaults()
+    from flows.events import emit_batch_ingested
+
+    if emit_batch_ingested(params.nightly.project, result):
+        print(f"event fanaoi.batch.ingested sent to {configured_api_url()}")
 
 
 def _print_decision(result: dict) -> None:
@@ -638,7 +654,13 @@ def build_parser() -> argparse.ArgumentParser:
         "retrain", help="run the nightly flow once (demo data first if data/ is empty)"
     )
     retrain.add_argument("--no-push", action="store_true", help="snapshot locally, skip dvc push")
-    sub.add_parser("serve", help="serve the nightly deployment on its cron (params: nightly)")
+    _add_operations_parsers(sub)
+    return parser
+
+
+def _add_operations_parsers(sub: argparse._SubParsersAction) -> None:
+    """Commands of the operator: the deployment, alerts, the line's state."""
+    sub.add_parser("serve", help="serve the nightly deployment on its cron and on ingests (params: nightly)")
     status = sub.add_parser(
         "status", help="champion, last and next nightly run, new data, and whether they agree"
     )
@@ -646,7 +668,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "alerts", help="install the alert automations on the Prefect server (params: alerts)"
     )
-    return parser
 
 
 # Commands that read or change data/, its snapshot, the stage outputs or the registry hold

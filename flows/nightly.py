@@ -260,7 +260,7 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
 
 def alert_on_reject_streak(params: Params, summary: dict[str, Any]) -> None:
     """Emit the reject-streak event once the gate has rejected ``alerts.reject_streak`` nights running."""
-    from flows.alerts import emit_reject_streak
+    from flows.events import emit_reject_streak
     from tasks.registry import read_log, reject_streak
 
     wanted = params.alerts.reject_streak
@@ -269,7 +269,7 @@ def alert_on_reject_streak(params: Params, summary: dict[str, Any]) -> None:
         get_run_logger().warning("the gate has rejected %d nights in a row (alerts.reject_streak = %d)",
                                  streak, wanted)
         failed = [reason for reason in summary["reasons"] if reason.endswith("FAIL")]
-        emit_reject_streak(str(Path.cwd()), streak, summary["champion_version"], failed or summary["reasons"])
+        emit_reject_streak(params.nightly.project, streak, summary["champion_version"], failed or summary["reasons"])
 
 
 TABLE_METRICS = (
@@ -485,8 +485,35 @@ def local_timezone() -> str:
     return tzlocal.get_localzone_name()
 
 
+def ingest_triggers(nightly: NightlyParams) -> list[Any]:
+    """Run once batches stop arriving: ``nightly.ingest_quiet_seconds`` after the last one.
+
+    A proactive trigger whose ``after`` and ``expect`` are the same event is Prefect's
+    debounce: each batch restarts the window, and the run starts when a window passes
+    with no batch, so five batches in a row start one run, after the last. ``for_each``
+    matters: without it the server keeps an open window even with no batch, and a quiet
+    trigger would start a run every window.
+    """
+    from datetime import timedelta
+
+    from prefect.events import DeploymentEventTrigger
+    from prefect.events.schemas.automations import Posture
+
+    from flows.events import BATCH_INGESTED, project_resource
+
+    if nightly.ingest_quiet_seconds is None:
+        return []
+    return [DeploymentEventTrigger(
+        name=f"{nightly.project}: batches ingested, then quiet",
+        after={BATCH_INGESTED}, expect={BATCH_INGESTED},
+        match={"prefect.resource.id": project_resource(nightly.project)["prefect.resource.id"]},
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive, threshold=1, within=timedelta(seconds=nightly.ingest_quiet_seconds),
+    )]
+
+
 def nightly_deployment(params: Params, params_file: Path) -> Any:
-    """The nightly_retrain deployment: cron from params, one run at a time."""
+    """The nightly_retrain deployment: cron from params, a run after ingests, one run at a time."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.schedules import Cron
 
@@ -494,6 +521,7 @@ def nightly_deployment(params: Params, params_file: Path) -> Any:
     return nightly_retrain.to_deployment(
         name=DEPLOYMENT_NAME,
         schedules=[Cron(nightly.cron, timezone=nightly.timezone or local_timezone())],
+        triggers=ingest_triggers(nightly),
         concurrency_limit=ConcurrencyLimitConfig(
             limit=1, collision_strategy=nightly.collision_strategy
         ),

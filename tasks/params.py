@@ -297,8 +297,17 @@ class NightlyParams:
     retries: int = 3
     retry_delay_seconds: float = 10.0
     timeout_seconds: float | None = None
+    project: str = "fanaoi"
+    ingest_quiet_seconds: float | None = 900.0
 
     def __post_init__(self) -> None:
+        if not self.project or not all(c.isalnum() or c in "-_." for c in self.project):
+            raise ParamsError(f"nightly.project must be letters, digits, '-', '_' or '.', got {self.project!r}")
+        if self.ingest_quiet_seconds is not None and self.ingest_quiet_seconds < 10:
+            raise ParamsError(
+                f"nightly.ingest_quiet_seconds must be null (no run on ingest) or >= 10 (Prefect's "
+                f"shortest window for a trigger on quiet), got {self.ingest_quiet_seconds}"
+            )
         if self.timeout_seconds is not None and self.timeout_seconds <= 0:
             raise ParamsError(f"nightly.timeout_seconds must be null or > 0, got {self.timeout_seconds}")
         if self.collision_strategy not in COLLISION_STRATEGIES:
