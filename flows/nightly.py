@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,7 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
             project_lock(project, "nightly_retrain run", params.lock.timeout),
             contextlib.chdir(project),
         ):
-            return _run_pipeline(params, push)
+            return _run_pipeline(params, push, None if limit is None else time.monotonic() + limit)
     except RunInProgress as exc:
         get_run_logger().warning(str(exc))
         return Cancelled(message=str(exc))
@@ -218,19 +219,27 @@ def run_timeout(seconds: float | None) -> contextlib.AbstractContextManager[None
     The limit lives in params.yaml, which the flow reads only once it runs, so it cannot
     be the decorator's ``timeout_seconds``. Prefect's own timeout scope raises
     :class:`NightlyTimeout` here, and the flow engine turns any TimeoutError leaving the
-    flow into the state TimedOut, exactly as for a decorator timeout.
+    flow into the state TimedOut, exactly as for a decorator timeout. That interruption
+    can land in code that swallows it (it arrives as a signal): :func:`check_deadline`
+    between the stages is the backstop.
     """
     from prefect.utilities.timeout import timeout
 
     return timeout(seconds, timeout_exc_type=NightlyTimeout)
 
 
-def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
+def check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise NightlyTimeout("nightly.timeout_seconds passed")
+
+
+def _run_pipeline(params: Params, push: bool, deadline: float | None) -> dict[str, Any]:
     logger = get_run_logger()
     retrying = retry_options(params.nightly)
     stages: dict[str, bool] = {}
 
     def run(stage: Any, *args: Any) -> Any:
+        check_deadline(deadline)
         state = stage.with_options(**retrying)(*args, return_state=True)
         result = state.result()  # raises the task's own exception when it failed
         stages[stage.name] = state.name != SKIPPED
@@ -242,6 +251,7 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
         run(train_stage, params)
         run(evaluate_stage, params)
         gate = run(gate_stage, params)
+        check_deadline(deadline)
         card = publish_stage.with_options(**retrying)(params, gate) if stages["gate"] else None
     except FanaoiError as exc:
         report_failure(str(exc), stages)
