@@ -536,6 +536,33 @@ def _alerts(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+DATABASE_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+
+
+@command("server")
+def _server(args: argparse.Namespace, params: Params) -> int:
+    """`prefect server start` on PostgreSQL; the process becomes the server (signals reach it)."""
+    import os
+    import socket
+
+    url = os.environ.get(DATABASE_ENV, "")
+    if not url.startswith("postgresql+asyncpg://"):
+        raise FanaoiError(
+            f"{DATABASE_ENV} must name the PostgreSQL database, e.g. "
+            f"postgresql+asyncpg://prefect:PASSWORD@127.0.0.1:5432/prefect (README, Operating FanAOI, has "
+            f"the initdb/pg_ctl recipe); got {url.split('@')[-1] if url else 'nothing'}. Without a "
+            f"database, `prefect server start` keeps its state in SQLite on this machine"
+        )
+    server = params.server
+    host = socket.gethostname() if server.host in ("0.0.0.0", "::") else server.host
+    os.environ.setdefault("PREFECT_UI_API_URL", f"http://{host}:{server.port}/api")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    print(f"Prefect server on PostgreSQL at {url.split('@')[-1]}: API and dashboard at http://{host}:{server.port}; "
+          f"elsewhere set PREFECT_API_URL=http://{host}:{server.port}/api", flush=True)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    os.execv(prefect, [prefect, "server", "start", "--host", server.host, "--port", str(server.port)])
+
+
 def _require_prefect_server(what: str) -> None:
     """Automations and schedules live on a server; Prefect's temporary local API forgets them."""
     from prefect.settings import get_current_settings
@@ -667,6 +694,9 @@ def _add_operations_parsers(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="the same as JSON")
     sub.add_parser(
         "alerts", help="install the alert automations on the Prefect server (params: alerts)"
+    )
+    sub.add_parser(
+        "server", help=f"start the Prefect server on PostgreSQL ({DATABASE_ENV}; params: server)"
     )
 
 

@@ -397,6 +397,16 @@ class AlertParams:
 
 
 @dataclass(frozen=True)
+class ServerParams:
+    host: str = "127.0.0.1"  # 0.0.0.0 lets workers and browsers on other machines in
+    port: int = 4200
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port <= 65535:
+            raise ParamsError(f"server.port must be between 1 and 65535, got {self.port}")
+
+
+@dataclass(frozen=True)
 class StatusParams:
     api_timeout: float = 0.5  # seconds per Prefect API request; a down server must not stall the answer
 
@@ -423,6 +433,7 @@ class Params:
     lock: LockParams = field(default_factory=LockParams)
     status: StatusParams = field(default_factory=StatusParams)
     alerts: AlertParams = field(default_factory=AlertParams)
+    server: ServerParams = field(default_factory=ServerParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:
