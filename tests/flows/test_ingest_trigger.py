@@ -96,10 +96,11 @@ def test_batches_in_a_row_start_one_run_after_the_quiet_period(
         snapshots.append(data_snapshot_id(project))
     assert serve.poll() is None
 
-    events = api(prefect_server, "POST", "/events/filter", {"filter": {
+    # The server stores events a moment after it receives them (later on a busy machine).
+    events = wait_for(lambda: api(prefect_server, "POST", "/events/filter", {"filter": {
         "event": {"name": [BATCH_INGESTED]},
         "resource": {"id": [f"fanaoi.project.trigger-test-{os.getpid()}"]},
-    }})["events"]
+    }})["events"], lambda found: len(found) == len(snapshots), 60, "the three events")
     assert sorted(event["payload"]["snapshot"] for event in events) == sorted(snapshots)
     assert {event["payload"]["accepted"] for event in events} == {4}
     occurred = sorted(datetime.fromisoformat(event["occurred"]) for event in events)
