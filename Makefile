@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export GX_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv retrain test lint lock bench clean
+.PHONY: venv retrain test lint lock bench server clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ retrain: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# The production Prefect server on PostgreSQL (README: Operating FanAOI).
+server: venv
+	$(BIN)/fanaoi server
 
 lint: venv
 	$(BIN)/ruff check .

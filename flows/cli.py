@@ -144,6 +144,7 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
             Path(args.batch_dir), params, Path("."), push=not args.no_push, commit=args.commit,
             report=log.info,
         )
+        _announce_batch(params, result)
     fine = (ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED)
     for row in result["files"]:
         if row["verdict"] == ACCEPTED and not args.quiet:
@@ -161,6 +162,21 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
             print(f"record it in git: {result['commit_command']}")
     # 2: something was rejected (the accepted files were still added); 1: nothing was done.
     return 2 if result["rejected"] else 0
+
+
+def _announce_batch(params: Params, result: dict) -> None:
+    """Tell the Prefect server, when there is one, that new images arrived (its trigger retrains)."""
+    from flows.status import configured_api_url
+
+    if not result["accepted"] or not configured_api_url():
+        return  # importing Prefect only to learn there is no server costs seconds
+    from flows.prefect_env import use_offline_defaults
+
+    use_offline_defaults()
+    from flows.events import emit_batch_ingested
+
+    if emit_batch_ingested(params.nightly.project, result):
+        print(f"event fanaoi.batch.ingested sent to {configured_api_url()}")
 
 
 def _print_decision(result: dict) -> None:
@@ -342,7 +358,8 @@ def _serve_model(args: argparse.Namespace, params: Params) -> int:
     host = args.host or params.serve.host
     port = args.port if args.port is not None else params.serve.port
     print(f"serving the champion of {params.registry.dir} on http://{host}:{port} "
-          f"(POST /predict, GET /health, GET /model, docs at /docs)")
+          f"(POST /predict, GET /health, GET /model, docs at /docs, "
+          f"{params.serve.reports_dir}/ at /reports/)")
     run_server(params, host, port)
     return 0
 
@@ -411,22 +428,152 @@ def _serve(args: argparse.Namespace, params: Params) -> int:
 
     use_offline_defaults()
     from prefect import serve
-    from prefect.settings import get_current_settings
 
     from flows.nightly import nightly_deployment
 
     # Prefect's temporary local API has no scheduler: served there, the cron never fires.
-    if not get_current_settings().api.url:
-        raise FanaoiError(
-            "no Prefect server to schedule the nightly runs: start one (`prefect server start`) "
-            "and set PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)"
-        )
+    _require_prefect_server("scheduling the nightly runs")
 
+    from flows.alerts import alerts_configured, install_alerts
+
+    if alerts_configured(params.alerts):
+        print(f"alerts: {', '.join(install_alerts(params.alerts))}")
+    else:
+        print("alerts: none (set alerts.webhook_url or alerts.block to be told when a night fails)")
     deployment = nightly_deployment(params, Path(args.params))
     print(f"serving nightly-retrain/{deployment.name} on cron {params.nightly.cron!r}; "
           f"run it now with `prefect deployment run nightly-retrain/{deployment.name}`")
     serve(deployment)
     return 0
+
+
+@command("status")
+def _status(args: argparse.Namespace, params: Params) -> int:
+    import json
+
+    from flows.status import configured_api_url, nightly_runs
+    from tasks.status import now_utc, project_status
+
+    project = Path(args.params).resolve().parent
+    now = now_utc()
+    state = project_status(project, params.data.dir, project / params.registry.dir, now)
+    state["prefect"] = nightly_runs(configured_api_url(), params.status.api_timeout, now)
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    for label, text in _status_lines(state):
+        print(f"{label:12}{text}")
+    return 0
+
+
+def _status_lines(state: dict) -> list[tuple[str, str]]:
+    """One screen: champion, last and next nightly run, data, agreement."""
+    champion, prefect, data = state["champion"], state["prefect"], state["data"]
+    lines = [("champion", _champion_line(champion))]
+    if prefect["error"]:
+        lines.append(("nightly", prefect["error"]))
+    else:
+        last, upcoming = prefect["last_run"], prefect["next_run"]
+        lines.append(("last night", _run_line(last) if last else "no finished nightly-retrain run on the server"))
+        lines.append(("next night", f"{upcoming['start']} (in {_duration(upcoming['starts_in_seconds'])})"
+                      if upcoming else "none scheduled (is `fanaoi serve` or a deployment with its cron running?)"))
+    lines.append(("data", f"snapshot {data['snapshot'] or 'none'}; last trained on "
+                          f"{data['trained_snapshot'] or 'nothing yet'}"))
+    pending = data["pending_batches"]
+    if pending is None:
+        lines.append(("new batches", "unknown: the trained snapshot's listing is not in the DVC cache (`dvc fetch`)"))
+    else:
+        lines.append(("new batches", "none since the last training" if not pending else "; ".join(
+            f"{Path(row['batch']).name} ({row['images']} images, {row['ingested_at']})" for row in pending
+        ) + " (not trained on yet)"))
+    for check in state["agreement"]:
+        lines.append(("agree" if check["ok"] else "DISAGREE", f"{check['check']}: {check['detail']}"))
+    return lines
+
+
+def _champion_line(champion: dict | None) -> str:
+    if champion is None:
+        return "none yet (the first promoted candidate becomes v0001)"
+    if champion["problem"]:
+        return f"{champion['version'] or '?'} UNUSABLE: {champion['problem']}"
+    metrics = "  ".join(f"{name} {value:.4f}" for name, value in champion["metrics"].items())
+    threshold = champion["threshold"]
+    return (f"{champion['version']}  published {champion['published']} ({_duration(champion['age_seconds'])} "
+            f"ago, {champion['action']})  {metrics}  threshold "
+            f"{'-' if threshold is None else f'{threshold:.4f}'}")
+
+
+def _run_line(run: dict) -> str:
+    took = f"took {_duration(run['duration_seconds'])}" if run["duration_seconds"] is not None else "running"
+    decision = f"decision {run['decision']}" if run["decision"] else "no report"
+    message = f"  ({printable(run['message'])})" if run["message"] and run["state"] != "COMPLETED" else ""
+    return f"{run['state']}  started {run['start']}  {took}  {decision}{message}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")]
+    shown = [f"{value} {unit}" for value, unit in parts if value][:2]
+    return " ".join(shown) or "0 s"
+
+
+@command("alerts")
+def _alerts(args: argparse.Namespace, params: Params) -> int:
+    from flows.prefect_env import use_offline_defaults
+
+    use_offline_defaults()
+    from flows.alerts import install_alerts, webhook_url
+
+    _require_prefect_server("the alert automations")
+    names = install_alerts(params.alerts)
+    target = params.alerts.block or f"webhook {webhook_url(params.alerts)}"
+    print(f"installed on the Prefect server, sending through {target}:")
+    for name in names:
+        print(f"  {name}")
+    return 0
+
+
+DATABASE_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+
+
+@command("server")
+def _server(args: argparse.Namespace, params: Params) -> int:
+    """`prefect server start` on PostgreSQL; the process becomes the server (signals reach it)."""
+    import os
+    import socket
+
+    url = os.environ.get(DATABASE_ENV, "")
+    if not url.startswith("postgresql+asyncpg://"):
+        raise FanaoiError(
+            f"{DATABASE_ENV} must name the PostgreSQL database, e.g. "
+            f"postgresql+asyncpg://prefect:PASSWORD@127.0.0.1:5432/prefect (README, Operating FanAOI, has "
+            f"the initdb/pg_ctl recipe); got {url.split('@')[-1] if url else 'nothing'}. Without a "
+            f"database, `prefect server start` keeps its state in SQLite on this machine"
+        )
+    server = params.server
+    host = socket.gethostname() if server.host in ("0.0.0.0", "::") else server.host
+    os.environ.setdefault("PREFECT_UI_API_URL", f"http://{host}:{server.port}/api")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    print(f"Prefect server on PostgreSQL at {url.split('@')[-1]}: API and dashboard at http://{host}:{server.port}; "
+          f"elsewhere set PREFECT_API_URL=http://{host}:{server.port}/api", flush=True)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    os.execv(prefect, [prefect, "server", "start", "--host", server.host, "--port", str(server.port)])
+
+
+def _require_prefect_server(what: str) -> None:
+    """Automations and schedules live on a server; Prefect's temporary local API forgets them."""
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise FanaoiError(
+            f"no Prefect server for {what}: start one (`prefect server start` or `fanaoi server`) "
+            "and set PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)"
+        )
 
 
 def _add_prune_parser(sub: argparse._SubParsersAction) -> None:
@@ -536,8 +683,23 @@ def build_parser() -> argparse.ArgumentParser:
         "retrain", help="run the nightly flow once (demo data first if data/ is empty)"
     )
     retrain.add_argument("--no-push", action="store_true", help="snapshot locally, skip dvc push")
-    sub.add_parser("serve", help="serve the nightly deployment on its cron (params: nightly)")
+    _add_operations_parsers(sub)
     return parser
+
+
+def _add_operations_parsers(sub: argparse._SubParsersAction) -> None:
+    """Commands of the operator: the deployment, alerts, the line's state."""
+    sub.add_parser("serve", help="serve the nightly deployment on its cron and on ingests (params: nightly)")
+    status = sub.add_parser(
+        "status", help="champion, last and next nightly run, new data, and whether they agree"
+    )
+    status.add_argument("--json", action="store_true", help="the same as JSON")
+    sub.add_parser(
+        "alerts", help="install the alert automations on the Prefect server (params: alerts)"
+    )
+    sub.add_parser(
+        "server", help=f"start the Prefect server on PostgreSQL ({DATABASE_ENV}; params: server)"
+    )
 
 
 # Commands that read or change data/, its snapshot, the stage outputs or the registry hold

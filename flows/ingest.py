@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.events import emit_batch_ingested
 from flows.nightly import retry_options
 from flows.params import load_params
 from tasks.errors import printable
@@ -72,6 +73,7 @@ def ingest_batch_flow(
         result = ingest_task.with_options(**retry_options(params.nightly))(
             batch, params, push, commit
         )
+    emit_batch_ingested(params.nightly.project, result)
     create_markdown_artifact(
         verdict_markdown(result), key=REPORT_KEY,
         description=f"ingest: {result['accepted']} accepted, {result['rejected']} rejected",

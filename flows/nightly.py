@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, State
 from prefect.tasks import exponential_backoff
 
+from flows.names import (
+    DEFECT_TYPES_KEY,
+    DEPLOYMENT_NAME,
+    METRICS_KEY,
+    NIGHTLY_FLOW,
+    REPORT_KEY,
+    report_description,
+)
 from flows.params import load_params
 from tasks.errors import FanaoiError
 from tasks.params import NightlyParams, Params, ParamsError
@@ -29,9 +38,6 @@ from tasks.stages import RunInProgress, exclusive_run, pipeline_changes, record_
 CANDIDATE = "models/candidate.h5"
 REPORTS = "reports"
 RUN_LOCK = ".fanaoi/nightly.lock"
-REPORT_KEY = "nightly-retrain-report"
-METRICS_KEY = "nightly-retrain-metrics"
-DEFECT_TYPES_KEY = "nightly-retrain-defect-types"
 SKIPPED = "Skipped"
 PIPELINE_STAGES = ("validate", "train", "evaluate", "gate")  # as in dvc.yaml
 
@@ -178,7 +184,7 @@ def _read_report(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-@flow(name="nightly-retrain")
+@flow(name=NIGHTLY_FLOW)
 def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict[str, Any] | State:
     """Retrain when data, params or code changed; publish only a candidate that beats the champion.
 
@@ -193,21 +199,54 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
         )
     params = load_params(params_file)
     project = params_file.parent
+    limit = params.nightly.timeout_seconds
     try:
         # A second nightly run is refused at once; an ingest or a stage command running
         # now is waited for (the project lock), so the run sees one consistent data set.
         with (
+            run_timeout(limit),
             exclusive_run(project / RUN_LOCK, "nightly_retrain run"),
             project_lock(project, "nightly_retrain run", params.lock.timeout),
             contextlib.chdir(project),
         ):
-            return _run_pipeline(params, push)
+            return _run_pipeline(params, push, None if limit is None else time.monotonic() + limit)
     except RunInProgress as exc:
         get_run_logger().warning(str(exc))
         return Cancelled(message=str(exc))
+    except NightlyTimeout:
+        message = (
+            f"the run took longer than nightly.timeout_seconds = {limit:g} s and was stopped; "
+            f"the champion is unchanged. Its task states show the stage that was running"
+        )
+        report_failure(message, {})
+        raise NightlyTimeout(message) from None
 
 
-def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
+class NightlyTimeout(TimeoutError):
+    """The run passed ``nightly.timeout_seconds``: Prefect ends it in the state TimedOut."""
+
+
+def run_timeout(seconds: float | None) -> contextlib.AbstractContextManager[None]:
+    """Stop the run after ``seconds``, by every route (CLI, ``fanaoi serve``, a worker).
+
+    The limit lives in params.yaml, which the flow reads only once it runs, so it cannot
+    be the decorator's ``timeout_seconds``. Prefect's own timeout scope raises
+    :class:`NightlyTimeout` here, and the flow engine turns any TimeoutError leaving the
+    flow into the state TimedOut, exactly as for a decorator timeout. That interruption
+    can land in code that swallows it (it arrives as a signal): :func:`check_deadline`
+    between the stages is the backstop.
+    """
+    from prefect.utilities.timeout import timeout
+
+    return timeout(seconds, timeout_exc_type=NightlyTimeout)
+
+
+def check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise NightlyTimeout("nightly.timeout_seconds passed")
+
+
+def _run_pipeline(params: Params, push: bool, deadline: float | None) -> dict[str, Any]:
     logger = get_run_logger()
     retrying = retry_options(params.nightly)
     stages: dict[str, bool] = {}
@@ -215,6 +254,7 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
     known: dict[str, list[str]] = {}
 
     def run(stage: Any, stage_params: Params) -> Any:
+        check_deadline(deadline)
         # Once a stage ran, its outputs are the next stage's deps: ask DVC again.
         state = stage.with_options(**retrying)(
             stage_params, None if any(stages.values()) else known, return_state=True,
@@ -232,11 +272,14 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
         run(train_stage, params)
         run(evaluate_stage, params)
         gate = run(gate_stage, params)
+        check_deadline(deadline)
         card = publish_stage.with_options(**retrying)(params, gate) if stages["gate"] else None
     except FanaoiError as exc:
         report_failure(str(exc), stages)
         raise
     summary = summarize(params, stages, snapshot, card)
+    if summary["decision"] == "reject":
+        alert_on_reject_streak(params, summary)
     if not any(stages.values()):
         logger.info(
             "nothing changed since the last run (data snapshot %s, params and code unchanged): "
@@ -244,6 +287,20 @@ def _run_pipeline(params: Params, push: bool) -> dict[str, Any]:
         )
     report_run(summary)
     return summary
+
+
+def alert_on_reject_streak(params: Params, summary: dict[str, Any]) -> None:
+    """Emit the reject-streak event once the gate has rejected ``alerts.reject_streak`` nights running."""
+    from flows.events import emit_reject_streak
+    from tasks.registry import read_log, reject_streak
+
+    wanted = params.alerts.reject_streak
+    streak = reject_streak(read_log(params.registry.dir))
+    if wanted and streak >= wanted:
+        get_run_logger().warning("the gate has rejected %d nights in a row (alerts.reject_streak = %d)",
+                                 streak, wanted)
+        failed = [reason for reason in summary["reasons"] if reason.endswith("FAIL")]
+        emit_reject_streak(params.nightly.project, streak, summary["champion_version"], failed or summary["reasons"])
 
 
 TABLE_METRICS = (
@@ -276,6 +333,7 @@ def summarize(
         "champion_path": str(registry / CHAMPION_MODEL) if champion else None,
         "candidate_path": str(Path(CANDIDATE).resolve()),
         "reports_path": str(Path(REPORTS).resolve()),
+        "reports_url": f"{params.serve.base_url()}/reports",
         "validation": evaluation.get("validation", {}),
         "metrics": metric_rows(gate),
         "defect_types": defect_type_rows(gate),
@@ -356,7 +414,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"- champion: {summary['champion_version'] or 'none'}",
-        *explain_lines(summary["champion_version"]),
+        *explain_lines(summary["champion_version"], summary["reports_url"]),
         f"- data snapshot (data.dvc md5): `{summary['data_snapshot']}`"
         + (" (new)" if summary["data_changed"] else ""),
         "- stages: " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()),
@@ -379,17 +437,20 @@ def threshold_lines(summary: dict[str, Any]) -> list[str]:
     return [f"- NG threshold {summary['threshold']:.4f}: {summary['threshold_source']}"]
 
 
-def explain_lines(version: str | None) -> list[str]:
+def explain_lines(version: str | None, reports_url: str) -> list[str]:
     """A link to the champion's explain report, or the command that writes it.
 
+    The link is the page as `fanaoi serve-model` serves it (``reports_url``): a file://
+    path opens only on the machine that wrote it, not in an operator's browser elsewhere.
     The flow does not draw the report itself: on the demo set it takes seconds after
     every promotion for a page few runs need, so the operator runs `fanaoi explain`.
     """
     if version is None:
         return []
-    report = Path(REPORTS) / "explain" / version / "index.html"
+    page = f"explain/{version}/index.html"
+    report = Path(REPORTS) / page
     if report.is_file():
-        return [f"- look inside {version}: [{report}]({report.resolve().as_uri()})"]
+        return [f"- look inside {version}: [{report}]({reports_url}/{page}) (served by `fanaoi serve-model`)"]
     return [f"- look inside {version}: `fanaoi explain {version}` writes {report}"]
 
 
@@ -424,7 +485,7 @@ def report_run(summary: dict[str, Any]) -> None:
     """Markdown and table artifacts under stable keys: the dashboard keeps their history."""
     create_markdown_artifact(
         report_markdown(summary), key=REPORT_KEY,
-        description=f"nightly retrain: {summary['decision']}",
+        description=report_description(summary["decision"]),
     )
     if summary["metrics"]:
         create_table_artifact(
@@ -444,11 +505,8 @@ def report_failure(message: str, stages: dict[str, bool]) -> None:
     create_markdown_artifact(
         f"# Nightly retrain: FAILED\n\n{message}\n\n- stages before the failure: {done or 'none'}\n"
         f"- the champion is unchanged\n",
-        key=REPORT_KEY, description="nightly retrain: failed",
+        key=REPORT_KEY, description=report_description("failed"),
     )
-
-
-DEPLOYMENT_NAME = "nightly"
 
 
 def local_timezone() -> str:
@@ -458,8 +516,35 @@ def local_timezone() -> str:
     return tzlocal.get_localzone_name()
 
 
+def ingest_triggers(nightly: NightlyParams) -> list[Any]:
+    """Run once batches stop arriving: ``nightly.ingest_quiet_seconds`` after the last one.
+
+    A proactive trigger whose ``after`` and ``expect`` are the same event is Prefect's
+    debounce: each batch restarts the window, and the run starts when a window passes
+    with no batch, so five batches in a row start one run, after the last. ``for_each``
+    matters: without it the server keeps an open window even with no batch, and a quiet
+    trigger would start a run every window.
+    """
+    from datetime import timedelta
+
+    from prefect.events import DeploymentEventTrigger
+    from prefect.events.schemas.automations import Posture
+
+    from flows.events import BATCH_INGESTED, project_resource
+
+    if nightly.ingest_quiet_seconds is None:
+        return []
+    return [DeploymentEventTrigger(
+        name=f"{nightly.project}: batches ingested, then quiet",
+        after={BATCH_INGESTED}, expect={BATCH_INGESTED},
+        match={"prefect.resource.id": project_resource(nightly.project)["prefect.resource.id"]},
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive, threshold=1, within=timedelta(seconds=nightly.ingest_quiet_seconds),
+    )]
+
+
 def nightly_deployment(params: Params, params_file: Path) -> Any:
-    """The nightly_retrain deployment: cron from params, one run at a time."""
+    """The nightly_retrain deployment: cron from params, a run after ingests, one run at a time."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.schedules import Cron
 
@@ -467,6 +552,7 @@ def nightly_deployment(params: Params, params_file: Path) -> Any:
     return nightly_retrain.to_deployment(
         name=DEPLOYMENT_NAME,
         schedules=[Cron(nightly.cron, timezone=nightly.timezone or local_timezone())],
+        triggers=ingest_triggers(nightly),
         concurrency_limit=ConcurrencyLimitConfig(
             limit=1, collision_strategy=nightly.collision_strategy
         ),

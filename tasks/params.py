@@ -7,6 +7,7 @@ objects down; nothing in ``tasks`` opens the file itself.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
@@ -303,8 +304,20 @@ class NightlyParams:
     collision_strategy: str = "CANCEL_NEW"
     retries: int = 3
     retry_delay_seconds: float = 10.0
+    timeout_seconds: float | None = None
+    project: str = "fanaoi"
+    ingest_quiet_seconds: float | None = 900.0
 
     def __post_init__(self) -> None:
+        if not self.project or not all(c.isalnum() or c in "-_." for c in self.project):
+            raise ParamsError(f"nightly.project must be letters, digits, '-', '_' or '.', got {self.project!r}")
+        if self.ingest_quiet_seconds is not None and self.ingest_quiet_seconds < 10:
+            raise ParamsError(
+                f"nightly.ingest_quiet_seconds must be null (no run on ingest) or >= 10 (Prefect's "
+                f"shortest window for a trigger on quiet), got {self.ingest_quiet_seconds}"
+            )
+        if self.timeout_seconds is not None and self.timeout_seconds <= 0:
+            raise ParamsError(f"nightly.timeout_seconds must be null or > 0, got {self.timeout_seconds}")
         if self.collision_strategy not in COLLISION_STRATEGIES:
             raise ParamsError(
                 f"nightly.collision_strategy must be one of {', '.join(COLLISION_STRATEGIES)}, "
@@ -334,6 +347,15 @@ class ServeParams:
     max_pixels: int = 50_000_000
     max_concurrency: int = 4
     token: str | None = None
+    reports_dir: str = "reports"  # served read-only under /reports/
+    public_url: str | None = None  # how other machines reach the service; None: http://host:port
+
+    def base_url(self) -> str:
+        """The URL dashboard links start with: ``public_url``, or built from host and port."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -342,6 +364,8 @@ class ServeParams:
             raise ParamsError(
                 "serve.max_upload_bytes, serve.max_pixels and serve.max_concurrency must be at least 1"
             )
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise ParamsError(f"serve.public_url must be null or an http(s) URL, got {self.public_url!r}")
         if self.token is not None and len(self.token) < 16:
             raise ParamsError("serve.token must be null or at least 16 characters (a random secret)")
 
@@ -365,6 +389,41 @@ class ExplainParams:
 
 
 @dataclass(frozen=True)
+class AlertParams:
+    webhook_url: str | None = None  # the environment's FANAOI_ALERT_WEBHOOK_URL wins
+    block: str | None = None  # a saved Prefect notification block, "<block-type>/<name>"
+    reject_streak: int = 3  # rejections in a row that alert; 0 = never
+
+    def __post_init__(self) -> None:
+        if self.reject_streak < 0:
+            raise ParamsError(f"alerts.reject_streak must be >= 0 (0 = off), got {self.reject_streak}")
+        if self.block is not None and "/" not in self.block:
+            raise ParamsError(
+                f"alerts.block must name a saved block as <block-type>/<name>, e.g. slack-webhook/aoi-line; "
+                f"got {self.block!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ServerParams:
+    host: str = "127.0.0.1"  # 0.0.0.0 lets workers and browsers on other machines in
+    port: int = 4200
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port <= 65535:
+            raise ParamsError(f"server.port must be between 1 and 65535, got {self.port}")
+
+
+@dataclass(frozen=True)
+class StatusParams:
+    api_timeout: float = 0.5  # seconds per Prefect API request; a down server must not stall the answer
+
+    def __post_init__(self) -> None:
+        if self.api_timeout <= 0:
+            raise ParamsError(f"status.api_timeout must be > 0 seconds, got {self.api_timeout}")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     demo: DemoParams = field(default_factory=DemoParams)
@@ -380,6 +439,9 @@ class Params:
     serve: ServeParams = field(default_factory=ServeParams)
     explain: ExplainParams = field(default_factory=ExplainParams)
     lock: LockParams = field(default_factory=LockParams)
+    status: StatusParams = field(default_factory=StatusParams)
+    alerts: AlertParams = field(default_factory=AlertParams)
+    server: ServerParams = field(default_factory=ServerParams)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "params.yaml") -> Params:

@@ -321,6 +321,16 @@ def read_log(registry_dir: Path | str) -> list[dict[str, Any]]:
     return entries
 
 
+def reject_streak(entries: Sequence[dict[str, Any]]) -> int:
+    """Gate rejections since the last decision that was not one (a promotion, a rollback)."""
+    count = 0
+    for entry in reversed(entries):
+        if entry.get("action") != "reject":
+            break
+        count += 1
+    return count
+
+
 def parse_time(text: str) -> datetime:
     """ISO 8601 date or date-time; without a zone it is local time."""
     try:

@@ -1,4 +1,5 @@
-"""Serve the champion over HTTP (FastAPI): POST /predict, GET /health, GET /model.
+"""Serve the champion over HTTP (FastAPI): POST /predict, GET /health, GET /model, and the
+pages of ``reports/`` read-only under GET /reports/.
 
 Uploads pass the pipeline's one image check (tasks.image_check) and are decoded and
 thresholded exactly as ``fanaoi predict`` does (tasks.predict's Predictor and
@@ -27,6 +28,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -348,8 +350,22 @@ def create_app(params: Params) -> FastAPI:
         """The model card of the champion in use."""
         return holder.current().card
 
+    app.mount("/reports", ReportFiles(directory=serve.reports_dir, html=True, check_dir=False), name="reports")
     app.add_middleware(ServiceGuard, serve=serve, token=service_token(serve))
     return app
+
+
+class ReportFiles(StaticFiles):
+    """``reports/`` read-only (GET and HEAD; anything else 405).
+
+    Starlette resolves each path, symlinks included, and serves nothing outside the
+    folder, so ``../`` in any spelling is a 404. A reports folder not written yet is a 404
+    too, not an error: the service may start before the first nightly run.
+    """
+
+    async def check_config(self) -> None:
+        if self.directory is not None and os.path.isdir(self.directory):
+            await super().check_config()
 
 
 def run_server(params: Params, host: str, port: int) -> None:

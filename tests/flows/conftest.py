@@ -19,6 +19,7 @@ use_offline_defaults()  # before Prefect is imported: no telemetry, patient serv
 
 from tests.conftest import make_image_folder  # noqa: E402
 from tests.dvc_support import make_pipeline_repo, run  # noqa: E402
+from tests.prefect_support import PrefectServer  # noqa: E402
 
 # Floors low enough that the tiny model is promoted on the first run, so the registry
 # outcome is known in advance; short retry delays keep failing tests fast.
@@ -43,6 +44,21 @@ def make_flow_project(root: Path) -> Path:
     make_image_folder(project / "data", per_class=30, seed=7)
     run(project, "git", "commit", "--quiet", "-am", "flow params")
     return project
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One real `prefect server start` for the session, started on first use.
+
+    Its start costs tens of seconds on 2 busy cores, so a test builds its project before
+    calling :meth:`PrefectServer.wait_until_healthy`. Tests tell their runs apart by the
+    project (``runs_of``), never by counting everything on the server.
+    """
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

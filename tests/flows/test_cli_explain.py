@@ -56,11 +56,12 @@ def test_nightly_report_links_the_explain_page_when_it_exists(tmp_path, monkeypa
         "stages": {"gate": "ran"}, "data_snapshot": "abc.dir", "data_changed": False,
         "published_version": "v0002", "champion_version": "v0002",
         "champion_path": "/r/champion.h5", "candidate_path": "/m/candidate.h5",
-        "metrics": [], "kept_epoch_vs_evaluate": {},
+        "metrics": [], "kept_epoch_vs_evaluate": {}, "reports_url": "http://line-7:8000/reports",
     }
     assert "`fanaoi explain v0002` writes reports/explain/v0002/index.html" in report_markdown(summary)
     page = tmp_path / "reports" / "explain" / "v0002" / "index.html"
     page.parent.mkdir(parents=True)
     page.write_text("<html></html>")
-    assert f"[reports/explain/v0002/index.html]({page.as_uri()})" in report_markdown(summary)
+    link = "[reports/explain/v0002/index.html](http://line-7:8000/reports/explain/v0002/index.html)"
+    assert link in report_markdown(summary)
     assert "look inside" not in report_markdown({**summary, "champion_version": None})

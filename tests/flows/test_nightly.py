@@ -22,6 +22,7 @@ from flows.nightly import (
     REPORT_KEY,
     SKIPPED,
     defect_type_rows,
+    ingest_triggers,
     is_transient,
     metric_rows,
     nightly_deployment,
@@ -328,7 +329,7 @@ def test_report_says_unchanged_and_keeps_the_last_decision() -> None:
         "stages": dict.fromkeys(PIPELINE_STAGES, "skipped"), "data_snapshot": "abc.dir",
         "data_changed": False, "published_version": None, "champion_version": "v0003",
         "champion_path": "/r/champion.h5", "candidate_path": "/m/candidate.h5",
-        "metrics": [], "kept_epoch_vs_evaluate": {},
+        "metrics": [], "kept_epoch_vs_evaluate": {}, "reports_url": "http://127.0.0.1:8000/reports",
     }
     text = report_markdown(summary)
     assert "# Nightly retrain: UNCHANGED" in text
@@ -363,6 +364,10 @@ def test_deployment_takes_cron_and_one_run_at_a_time_from_params(tmp_path: Path)
     assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
     assert deployment.concurrency_limit == 1
     assert deployment.parameters == {"params_path": str(params_file)}
+    (trigger,) = deployment.triggers
+    assert trigger.expect == trigger.after == {"fanaoi.batch.ingested"}
+    assert trigger.match.model_dump() == {"prefect.resource.id": "fanaoi.project.fanaoi"}
+    assert (trigger.posture.value, trigger.within.total_seconds()) == ("Proactive", 900)
 
 
 def test_prefect_yaml_declares_the_schedule_of_params_yaml() -> None:
@@ -374,6 +379,12 @@ def test_prefect_yaml_declares_the_schedule_of_params_yaml() -> None:
     assert declared["concurrency_limit"] == {
         "limit": 1, "collision_strategy": nightly.collision_strategy,
     }
+    (trigger,) = ingest_triggers(nightly)
+    (written,) = declared["triggers"]
+    assert set(written["after"]) == trigger.after and set(written["expect"]) == trigger.expect
+    assert set(written["for_each"]) == trigger.for_each == {"prefect.resource.id"}
+    assert written["match"] == trigger.match.model_dump()
+    assert (written["posture"], written["within"]) == (trigger.posture.value, trigger.within.total_seconds())
 
 
 def test_a_run_waits_for_an_ingest_holding_the_project_lock(
@@ -420,6 +431,7 @@ def test_dashboard_gives_escapes_per_defect_type_with_upper_bounds() -> None:
         "data_snapshot": "abc.dir", "data_changed": False, "published_version": None,
         "champion_version": None, "champion_path": None, "candidate_path": "/m/candidate.h5",
         "metrics": [], "defect_types": rows, "kept_epoch_vs_evaluate": {},
+        "reports_url": "http://127.0.0.1:8000/reports",
     }
     text = report_markdown(summary)
     assert "## Escapes per defect type (validation)" in text

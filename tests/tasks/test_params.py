@@ -46,3 +46,23 @@ def test_nested_augment_section_and_review_band_are_checked():
         Params.from_dict({"evaluate": {"review_band": [0.8, 0.2]}})
     with pytest.raises(ParamsError, match=r"model.color_mode must be one of rgb, grayscale, auto"):
         Params.from_dict({"model": {"color_mode": "sepia"}})
+
+
+@pytest.mark.parametrize(("section", "values", "message"), [
+    ("nightly", {"ingest_quiet_seconds": 5}, r"nightly.ingest_quiet_seconds must be null .* or >= 10"),
+    ("nightly", {"timeout_seconds": 0}, r"nightly.timeout_seconds must be null or > 0"),
+    ("nightly", {"project": "line 7"}, r"nightly.project must be letters"),
+    ("alerts", {"reject_streak": -1}, r"alerts.reject_streak must be >= 0"),
+    ("alerts", {"block": "aoi-line"}, r"alerts.block must name a saved block as <block-type>/<name>"),
+    ("serve", {"public_url": "line-7:8000"}, r"serve.public_url must be null or an http\(s\) URL"),
+    ("status", {"api_timeout": 0}, r"status.api_timeout must be > 0"),
+    ("server", {"port": 0}, r"server.port must be between 1 and 65535"),
+])
+def test_operations_settings_are_checked(section, values, message):
+    with pytest.raises(ParamsError, match=message):
+        Params.from_dict({section: values})
+
+
+def test_dashboard_links_use_the_public_url_or_host_and_port():
+    assert Params.from_dict({"serve": {"public_url": "http://line-7:8000/"}}).serve.base_url() == "http://line-7:8000"
+    assert Params.from_dict({"serve": {"port": 8080}}).serve.base_url() == "http://127.0.0.1:8080"

@@ -27,6 +27,7 @@ from tasks.registry import (
     read_champion,
     read_log,
     registry_lock,
+    reject_streak,
     rollback,
     version_name,
 )
@@ -306,3 +307,11 @@ def test_the_smoke_test_process_dies_with_a_killed_publisher(data_dir, base):
         for child in children:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+
+
+def test_reject_streak_counts_rejections_since_the_last_other_decision():
+    actions = ["promote", "reject", "rollback", "reject", "reject"]
+    assert reject_streak([{"action": action} for action in actions]) == 2
+    assert reject_streak([{"action": "reject"}] * 3) == 3
+    assert reject_streak([{"action": "reject"}, {"action": "promote"}]) == 0
+    assert reject_streak([]) == 0

@@ -340,3 +340,45 @@ def test_the_service_answers_review_inside_the_cards_review_band(
             body = upload(client, path.read_bytes()).json()
             assert body["review_band"] == [0.0, 1.0]
             assert body["label"] == ("REVIEW" if body["probability"] < 1.0 else "NG")
+
+
+def raw_get(port, path):
+    """GET ``path`` exactly as written: an HTTP client library would normalise ``../`` away."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_reports_are_served_read_only_and_nothing_outside_them(
+    trained_workspace, registry, tmp_path
+):
+    reports = tmp_path / "reports"
+    (reports / "explain" / "v0001").mkdir(parents=True)
+    (reports / "explain" / "v0001" / "index.html").write_text("<h1>v0001 explained</h1>")
+    (reports / "gate.json").write_text('{"decision": "promote"}')
+    (tmp_path / "secret.txt").write_text("not a report")
+    (reports / "escape").symlink_to(tmp_path / "secret.txt")
+    params = serve_params(trained_workspace, registry, reports_dir=str(reports))
+    with running_server(create_app(params)) as port:
+        assert raw_get(port, "/reports/explain/v0001/index.html") == (200, b"<h1>v0001 explained</h1>")
+        assert raw_get(port, "/reports/explain/v0001/")[0] == 200  # html=True: the folder's index
+        assert raw_get(port, "/reports/gate.json") == (200, b'{"decision": "promote"}')
+        for path in ("/reports/../secret.txt", "/reports/%2e%2e/secret.txt", "/reports/..%2fsecret.txt",
+                     "/reports/explain/../../secret.txt", "/reports//../secret.txt", "/reports/escape",
+                     f"/reports/{tmp_path}/secret.txt", "/reports/missing.html"):
+            status, body = raw_get(port, path)
+            assert status == 404 and b"not a report" not in body, path
+        put = httpx.put(f"http://127.0.0.1:{port}/reports/gate.json", content=b"{}", timeout=30)
+        assert put.status_code == 405
+        assert (reports / "gate.json").read_text() == '{"decision": "promote"}'
+
+
+def test_no_reports_folder_yet_is_a_404_and_the_service_runs(trained_workspace, registry, tmp_path):
+    params = serve_params(trained_workspace, registry, reports_dir=str(tmp_path / "not-yet"))
+    with TestClient(create_app(params)) as client:
+        assert client.get("/reports/gate.json").status_code == 404
+        assert client.get("/health").json()["status"] == "ok"

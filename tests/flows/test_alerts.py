@@ -1,0 +1,122 @@
+"""Alerts end to end: a real Prefect server runs the automations, a local receiver gets the POSTs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows.alerts import FAILED_AUTOMATION, REJECTS_AUTOMATION, WEBHOOK_ENV
+from tasks.registry import read_champion, read_log
+from tests.dvc_support import BIN
+from tests.flows.conftest import make_flow_project, update_params
+from tests.prefect_support import RUN_TIMEOUT, PrefectServer, api, runs_of
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# The server's trigger and action services work on events in the background.
+DELIVERY_TIMEOUT = 60
+
+
+class Receiver:
+    """A webhook receiver on a free localhost port: keeps each POST's JSON body and arrival time."""
+
+    def __init__(self) -> None:
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server hook's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append((time.time(), self.path, json.loads(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/fanaoi"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str) -> tuple[float, dict[str, Any]]:
+        """The first POST whose subject contains ``text``."""
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while time.monotonic() < deadline:
+            for arrived, path, body in list(self.received):
+                if text in body.get("subject", "") and path == "/hooks/fanaoi":
+                    return arrived, body
+            time.sleep(0.2)
+        raise AssertionError(f"no alert with {text!r} within {DELIVERY_TIMEOUT}s; got {self.received}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    found = Receiver()
+    try:
+        yield found
+    finally:
+        found.close()
+
+
+def fanaoi(server: PrefectServer, project: Path, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "fanaoi"), "--params", str(project / "params.yaml"), *argv],
+        cwd=project, env=server.env(**env), capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
+    )
+
+
+def automation_names(server: PrefectServer) -> list[str]:
+    return sorted(a["name"] for a in api(server, "POST", "/automations/filter", {}) if a["name"].startswith("fanaoi"))
+
+
+def test_a_reject_streak_and_a_timed_out_night_each_send_an_alert(
+    prefect_server: PrefectServer, receiver: Receiver, tmp_path: Path
+) -> None:
+    project = make_flow_project(tmp_path)
+    # A floor no model can meet: every night is a rejection, and one is already a streak.
+    update_params(project, {"gate": {"min_accuracy": 1.01}, "alerts": {"reject_streak": 1}})
+    prefect_server.wait_until_healthy()
+
+    for _ in range(2):  # installing again replaces, never duplicates
+        installed = fanaoi(prefect_server, project, "alerts", **{WEBHOOK_ENV: receiver.url})
+        assert installed.returncode == 0, installed.stderr
+    assert automation_names(prefect_server) == sorted([FAILED_AUTOMATION, REJECTS_AUTOMATION])
+
+    rejected = fanaoi(prefect_server, project, "retrain", "--no-push")
+    assert rejected.returncode == 0, rejected.stderr[-4000:]
+    assert "decision: REJECT" in rejected.stdout and read_champion(project / "registry") is None
+    assert [entry["action"] for entry in read_log(project / "registry")] == ["reject"]
+    _, alert = receiver.wait_for("candidate rejected 1 nights in a row")
+    assert "accuracy" in alert["body"] and "FAIL" in alert["body"]
+
+    # The next night retrains (a changed recipe) but may take one second.
+    update_params(project, {"train": {"epochs": 2}, "nightly": {"timeout_seconds": 1}})
+    timed_out = fanaoi(prefect_server, project, "retrain", "--no-push")
+    assert timed_out.returncode == 1
+    assert "nightly.timeout_seconds = 1 s" in timed_out.stderr
+    last = runs_of(prefect_server, project)[-1]
+    assert (last["state_type"], last["state_name"]) == ("FAILED", "TimedOut")
+    arrived, alert = receiver.wait_for(f"FanAOI nightly run TimedOut: {last['name']}")
+    assert "nightly.timeout_seconds = 1 s" in alert["body"] and last["id"] in alert["body"]
+    assert arrived >= datetime.fromisoformat(last["end_time"]).timestamp()
+
+    # `fanaoi status` reads the same night back from the server.
+    status = json.loads(fanaoi(prefect_server, project, "status", "--json").stdout)
+    assert status["prefect"]["last_run"]["state_name"] == "TimedOut"
+    assert status["prefect"]["last_run"]["decision"] == "failed"
+
+    for automation in api(prefect_server, "POST", "/automations/filter", {}):
+        api(prefect_server, "DELETE", f"/automations/{automation['id']}")
