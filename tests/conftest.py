@@ -27,6 +27,17 @@ from tasks.params import (  # noqa: E402
 )
 
 TINY_SIZE = 32
+HEAVY_PACKAGES = ("tensorflow", "keras", "great_expectations", "prefect", "dvc")
+
+
+def heavy_packages_imported_by(statement: str) -> list[str]:
+    """The heavy packages a fresh interpreter has imported after running ``statement``."""
+    import subprocess
+    import sys
+
+    code = f"import sys; {statement}; print(','.join(m for m in {HEAVY_PACKAGES!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return [name for name in out.stdout.strip().split(",") if name]
 
 
 def draw_tiny_fan(rng: np.random.Generator, defective: bool, size: int = TINY_SIZE) -> Image.Image:
