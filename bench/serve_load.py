@@ -30,8 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.export_throughput import add_champion_arguments, champion_for_bench  # noqa: E402
-from bench.serve_throughput import free_port, start_service  # noqa: E402
-from tasks.dataset import list_images, select  # noqa: E402
+from bench.serve_throughput import free_port, start_service, validation_uploads  # noqa: E402
 
 CLIENT_COUNTS = (1, 4, 32)
 HOSTILE_CLIENTS = 32
@@ -87,8 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fanaoi-bench-serve-load-") as tmp:
         root = Path(tmp)
         params = champion_for_bench(root, args)
-        validation = select(list_images(params.data.dir, params.data), "validation")
-        images = [image.path.read_bytes() for image in validation[:200]]
+        images = validation_uploads(params)
         port = free_port()
         service = start_service(params, root, port)
         url = f"http://127.0.0.1:{port}/predict"

@@ -64,6 +64,12 @@ def start_service(params: Params, root: Path, port: int) -> subprocess.Popen:
     raise SystemExit(f"the service did not answer on port {port} within {STARTUP_SECONDS} s")
 
 
+def validation_uploads(params: Params, limit: int = 200) -> list[bytes]:
+    """The bytes of up to ``limit`` validation images: the request bodies both serve benchmarks send."""
+    validation = select(list_images(params.data.dir, params.data), "validation")
+    return [image.path.read_bytes() for image in validation[:limit]]
+
+
 def run_client(url: str, images: list[bytes], count: int) -> list[float]:
     """Seconds per request of ``count`` uploads over one keep-alive connection."""
     seconds = []
@@ -108,8 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fanaoi-bench-serve-") as tmp:
         root = Path(tmp)
         params = champion_for_bench(root, args)
-        validation = select(list_images(params.data.dir, params.data), "validation")
-        images = [image.path.read_bytes() for image in validation[:200]]
+        images = validation_uploads(params)
         print(f"{len(images)} validation images, {statistics.mean(map(len, images)) / 1024:.1f} KB "
               f"average PNG; {args.requests} requests per measurement")
         baseline = direct_rate(params, images, args.requests)
