@@ -287,9 +287,9 @@ def best_epoch_keeper(
 class _WeightAverage:
     """Exponential moving average of every weight of a model, batch-norm statistics included.
 
-    The means live in TensorFlow variables and one compiled call updates them all, so a
-    training step pays well under a millisecond for it. The first update copies the weights
-    (from ``resumed`` instead when a killed run carries on).
+    The means live in TensorFlow variables and one compiled call updates them all: on a
+    loaded 2-core machine 2.5 ms a step, where ``get_weights`` alone takes 8 ms. The first
+    update copies the weights (momentum 0), unless ``resumed`` carries on a killed run's.
     """
 
     def __init__(self, model: keras.Model, momentum: float, resumed: list[Any] | None) -> None:
@@ -297,23 +297,19 @@ class _WeightAverage:
 
         initial = resumed if resumed is not None else model.get_weights()
         self.means = [tf.Variable(value, trainable=False) for value in initial]
+        self.momentum = momentum
         self.started = resumed is not None
         weights = [weight.value for weight in model.weights]
 
         @tf.function
-        def blend() -> None:
+        def blend(momentum: float) -> None:
             for mean, weight in zip(self.means, weights, strict=True):
                 mean.assign(momentum * mean + (1 - momentum) * tf.cast(weight, mean.dtype))
 
         self._blend = blend
-        self._weights = weights
 
     def update(self) -> None:
-        if self.started:
-            self._blend()
-            return
-        for mean, weight in zip(self.means, self._weights, strict=True):
-            mean.assign(weight)
+        self._blend(self.momentum if self.started else 0.0)
         self.started = True
 
     def values(self) -> list[Any]:
