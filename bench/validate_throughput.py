@@ -1,7 +1,7 @@
 """Validation throughput: a cold run vs a warm one after the data set grew by 1 %.
 
 Both runs are the whole validate stage (tasks.validate.run_validate: manifest, GX suite,
-validation.json, Data Docs) on the same generated data set, in one process:
+validation.json and its page) on the same generated data set, in one process:
 
 - cold: empty manifest cache, every image read, hashed and decoded
 - warm: after adding 1 % new images; only those are decoded, the rest come from the

@@ -64,9 +64,8 @@ def _validate(args: argparse.Namespace, params: Params) -> int:
     if args.directory:
         data = dataclasses.replace(params.data, dir=args.directory)
         params = dataclasses.replace(params, data=data)
-    run_validate(params, args.reports, report=print)
-    print(f"report: {Path(args.reports) / 'validation.json'}, Data Docs: "
-          f"{Path(args.reports) / 'data_docs' / 'index.html'}")
+    result = run_validate(params, args.reports, report=print)
+    print(f"report: {Path(args.reports) / 'validation.json'}, page: {result['page']}")
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +33,14 @@ from tasks.manifest import (
 )
 from tasks.near_duplicates import nearest_train_images
 from tasks.params import Params, ValidateParams
+from tasks.validation_page import write_validation_page
 
 log = logging.getLogger(__name__)
 
 SUITE_FILES = "fanaoi_files"
 SUITE_CLASSES = "fanaoi_classes"
+# Not GX Data Docs: they load bootstrap and jQuery from CDNs, blank on an offline line.
+VALIDATION_PAGE = "validation.html"
 _MAD_TO_SIGMA = 1.4826  # median absolute deviation of a normal distribution -> its sigma
 _MIN_BRIGHTNESS_SPREAD = 1.0  # grey levels: a class of identical images has MAD 0
 _MESSAGE_PROBLEMS = 5  # problems named in the one-line error; the report has them all
@@ -53,7 +55,7 @@ def run_validate(
     reports_dir: Path | str = "reports",
     report: Callable[[str], None] = log.info,
 ) -> dict:
-    """Check the data folder; write validation.json and Data Docs; raise on a blocking failure."""
+    """Check the data folder; write validation.json and its page; raise on a blocking failure."""
     data_dir = Path(params.data.dir)
     if not data_dir.is_dir():
         raise DatasetError(
@@ -68,11 +70,12 @@ def run_validate(
     files = add_rule_columns(manifest, rules, leak_cache)
     classes = class_table(files, params.data.classes)
     reports_dir = Path(reports_dir)
-    outcomes = run_expectations(files, classes, rules, reports_dir / "data_docs")
+    outcomes = run_expectations(files, classes, rules)
     result = summarize(files, classes, outcomes, rules, data_dir)
-    result["data_docs"] = str(reports_dir / "data_docs" / "index.html")
+    result["page"] = str(reports_dir / VALIDATION_PAGE)
     reports_dir.mkdir(parents=True, exist_ok=True)
     (reports_dir / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_validation_page(result, reports_dir / VALIDATION_PAGE)
     for problem in result["failing_files"]:
         report(f"{problem['severity']}: {problem['path']}: {problem['reason']} [{problem['rule']}]")
     report(result["summary"])
@@ -186,10 +189,8 @@ def _expectations(gxe: Any, rules: ValidateParams) -> list[tuple[str, str, Any]]
     ]
 
 
-def run_expectations(
-    files: pd.DataFrame, classes: pd.DataFrame, rules: ValidateParams, docs_dir: Path
-) -> dict[str, dict]:
-    """Run both suites in an ephemeral GX context; build Data Docs; rule -> outcome.
+def run_expectations(files: pd.DataFrame, classes: pd.DataFrame, rules: ValidateParams) -> dict[str, dict]:
+    """Run both suites in an ephemeral GX context; rule -> outcome.
 
     An outcome is {"success": bool, "unexpected": [key, ...]}, the key being the path
     (files) or folder (classes) of each row that broke the rule.
@@ -201,7 +202,7 @@ def run_expectations(
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    context = gx.get_context(mode="ephemeral", project_config=_context_config(docs_dir))
+    context = gx.get_context(mode="ephemeral", project_config=_context_config())
     source = context.data_sources.add_pandas("manifest")
     suites = {name: context.suites.add(gx.ExpectationSuite(name=name))
               for name in (SUITE_FILES, SUITE_CLASSES)}
@@ -223,35 +224,20 @@ def run_expectations(
                 "success": bool(item.success),
                 "unexpected": [row[key] for row in rows],
             }
-    if docs_dir.exists():
-        shutil.rmtree(docs_dir)  # the site of the last run only, not every run ever made
-    context.build_data_docs(site_names=["fanaoi"])
     return outcomes
 
 
-def _context_config(docs_dir: Path) -> Any:
-    """In-memory stores, no progress bars, and one Data Docs site: ``docs_dir``."""
+def _context_config() -> Any:
+    """In-memory stores, no progress bars and no Data Docs site (the page is ours)."""
     from great_expectations.data_context.types.base import (
         DataContextConfig,
         InMemoryStoreBackendDefaults,
         ProgressBarsConfig,
     )
 
-    site = {
-        "class_name": "SiteBuilder",
-        "show_how_to_buttons": False,
-        "store_backend": {
-            "class_name": "TupleFilesystemStoreBackend",
-            "base_directory": str(docs_dir.resolve()),
-        },
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        # Validation pages show every expectation with its result; separate suite pages
-        # would double the rendering time of every run.
-        "site_section_builders": {"expectations": "False", "profiling": "False"},
-    }
     return DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(),
-        data_docs_sites={"fanaoi": site},
+        data_docs_sites={},
         progress_bars=ProgressBarsConfig(globally=False),
     )
 

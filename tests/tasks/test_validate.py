@@ -160,7 +160,7 @@ def test_validation_changes_no_file(bad_run):
     assert changed == set() and gone == set()
 
 
-def test_clean_data_set_passes_with_report_and_data_docs(tmp_path):
+def test_clean_data_set_passes_with_report_and_page(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=24, seed=4)
     params = Params(
         data=DataParams(dir=str(data)),
@@ -176,9 +176,10 @@ def test_clean_data_set_passes_with_report_and_data_docs(tmp_path):
     stored = json.loads((tmp_path / "reports" / "validation.json").read_text())
     assert stored == result
     assert lines == [result["summary"]] and "valid; 48 usable images (GO 24, NG 24)" in lines[0]
-    docs = tmp_path / "reports" / "data_docs"
-    assert "fanaoi_files" in (docs / "index.html").read_text()
-    assert list((docs / "validations").rglob("*.html"))
+    page = (tmp_path / "reports" / "validation.html").read_text()
+    assert result["page"] == str(tmp_path / "reports" / "validation.html")
+    assert all(f"<td>{rule}</td>" in page for rule in params.validate.severity)
+    assert "<h1>Validation: <span class=\"pass\">valid</span></h1>" in page
 
 
 def test_empty_class_blocks_and_writes_the_report_first(tmp_path):
