@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
+PLOTS_TEMPLATE := .dvc/plots.html
 
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -14,7 +15,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: venv retrain test lint lock bench server clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(PLOTS_TEMPLATE)
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "FanAOI needs Python 3.11 (set PYTHON=python3.11)"'
@@ -23,6 +24,10 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
+
+# `dvc plots show` draws with the vega libraries of the lock, inline: no CDN, works offline.
+$(PLOTS_TEMPLATE): $(STAMP)
+	$(BIN)/fanaoi plots-template
 
 retrain: venv
 	$(BIN)/fanaoi retrain

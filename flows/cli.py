@@ -380,6 +380,16 @@ def _explain(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+@command("plots-template")
+def _plots_template(args: argparse.Namespace, params: Params) -> int:
+    from tasks.plots import configured_plots_template, write_plots_template
+
+    dvc_dir = Path(args.params).resolve().parent / ".dvc"
+    template = write_plots_template(configured_plots_template(dvc_dir))
+    print(f"wrote {template}: `dvc plots show` and `dvc plots diff` now draw without network")
+    return 0
+
+
 @command("retrain")
 def _retrain(args: argparse.Namespace, params: Params) -> int:
     from flows.prefect_env import use_offline_defaults
@@ -677,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--image", metavar="PATH", help="image for the feature maps (default: first validation image)")
     explain.add_argument("--out", metavar="DIR", help="default: REPORTS/explain/<version or file name>")
     explain.add_argument("--reports", default="reports", help="reports folder (history.csv of --model)")
+    sub.add_parser(
+        "plots-template", help="write the offline page template of `dvc plots show` (.dvc/config: plots.html_template)"
+    )
 
     retrain = sub.add_parser(
         "retrain", help="run the nightly flow once (demo data first if data/ is empty)"
