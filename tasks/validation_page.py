@@ -37,8 +37,10 @@ td.n { text-align: right; }
 {% endfor %}
 </table>
 <table id="splits">
-<tr>{% for split in splits %}<th>{{ split }}</th>{% endfor %}</tr>
-<tr>{% for split in splits %}<td class="n">{{ r.splits[split] }}</td>{% endfor %}</tr>
+<tr><th>split</th><th>usable images</th></tr>
+{% for split in splits %}
+<tr><td>{{ split }}</td><td class="n">{{ r.splits[split] }}</td></tr>
+{% endfor %}
 </table>
 {% if r.defect_types %}
 <h2>Defect types</h2>

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,39 @@ def offline_dom(page: Path, profile: Path) -> str:
 def external_references(html: str) -> list[str]:
     """Every src or href of ``html`` that points at another host (a CDN, a font service)."""
     return re.findall(r"""(?:src|href)\s*=\s*["']?((?:https?:)?//[^"'\s>]+)""", html, flags=re.IGNORECASE)
+
+
+class _Tables(HTMLParser):
+    """The text of each cell of each <table>, row by row, keyed by the table's id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._rows: list[list[str]] | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self._rows = self.tables.setdefault(dict(attrs).get("id") or f"table{len(self.tables)}", [])
+        elif tag == "tr" and self._rows is not None:
+            self._rows.append([])
+        elif tag in ("td", "th") and self._rows:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._rows:
+            self._rows[-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "table":
+            self._rows = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def tables(dom: str) -> dict[str, list[list[str]]]:
+    """Every table of ``dom``: id (or table0, table1, ...) -> rows of cell texts."""
+    parser = _Tables()
+    parser.feed(dom)
+    return parser.tables
