@@ -71,7 +71,7 @@ class _Tables(HTMLParser):
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("td", "th") and self._cell is not None and self._rows:
-            self._rows[-1].append(" ".join("".join(self._cell).split()))
+            self._rows[-1].append(" ".join(" ".join(self._cell).split()))
             self._cell = None
         elif tag == "table":
             self._rows = None

@@ -16,6 +16,7 @@ from tasks.dataset import list_images, select
 from tasks.explain import feature_grid, filter_grid, grad_cam, normalise_kernel, overlay, run_explain
 from tasks.params import ExplainParams
 from tasks.predict import predict_files, predictor_from_file
+from tests.browser_support import external_references, offline_dom, requires_chromium, tables
 from tests.conftest import copy_with_defect_types
 
 
@@ -230,3 +231,21 @@ def test_page_gives_escapes_per_defect_type_with_upper_bounds(trained_workspace,
         assert (f"<tr><td>{kind}</td><td>{row['count']}</td><td>{row['escapes']}</td>"
                 f"<td>{row['escape_rate']:.4f}</td><td>{row['escape_rate_upper95']:.4f}</td></tr>") in page
     assert f"(95 % upper bound {summary['validation']['escape_rate_upper95']:.4f})" in page
+
+
+@requires_chromium
+@pytest.mark.integration
+def test_page_draws_its_charts_tables_and_pictures_offline(explained, tmp_path):
+    out = explained["out"]
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert external_references(page) == []
+    dom = offline_dom(out / "index.html", tmp_path / "profile")
+    charts = re.findall(r'<svg[^>]*aria-label="([^"]+)"', dom)
+    assert charts == ["ROC (validation)", "Accuracy per epoch", "Loss per epoch"]
+    confusion = explained["summary"]["validation"]["confusion"]
+    shown = list(tables(dom).values())
+    assert shown[1][0] == ["actual \\ predicted", "GO", "NG"]
+    assert shown[1][1] == ["GO", f"{confusion['tn']} correct", f"{confusion['fp']} overkill"]
+    pictures = re.findall(r'<img[^>]*src="([^"]+)"', dom)
+    assert len(pictures) == 1 + len(explained["summary"]["feature_maps"]) + len(explained["summary"]["heatmaps"])
+    assert all((out / picture).is_file() for picture in pictures)
