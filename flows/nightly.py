@@ -218,7 +218,7 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
             f"the run took longer than nightly.timeout_seconds = {limit:g} s and was stopped; "
             f"the champion is unchanged. Its task states show the stage that was running"
         )
-        report_failure(message, {})
+        report_failure(message, {}, [])
         raise NightlyTimeout(message) from None
 
 
@@ -275,7 +275,7 @@ def _run_pipeline(params: Params, push: bool, deadline: float | None) -> dict[st
         check_deadline(deadline)
         card = publish_stage.with_options(**retrying)(params, gate) if stages["gate"] else None
     except FanaoiError as exc:
-        report_failure(str(exc), stages)
+        report_failure(str(exc), stages, validation_lines(reports_base_url(params)))
         raise
     summary = summarize(params, stages, snapshot, card)
     if summary["decision"] == "reject":
@@ -333,7 +333,7 @@ def summarize(
         "champion_path": str(registry / CHAMPION_MODEL) if champion else None,
         "candidate_path": str(Path(CANDIDATE).resolve()),
         "reports_path": str(Path(REPORTS).resolve()),
-        "reports_url": f"{params.serve.base_url()}/reports",
+        "reports_url": reports_base_url(params),
         "validation": evaluation.get("validation", {}),
         "metrics": metric_rows(gate),
         "defect_types": defect_type_rows(gate),
@@ -415,6 +415,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "",
         f"- champion: {summary['champion_version'] or 'none'}",
         *explain_lines(summary["champion_version"], summary["reports_url"]),
+        *validation_lines(summary["reports_url"]),
         f"- data snapshot (data.dvc md5): `{summary['data_snapshot']}`"
         + (" (new)" if summary["data_changed"] else ""),
         "- stages: " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()),
@@ -435,6 +436,21 @@ def threshold_lines(summary: dict[str, Any]) -> list[str]:
     if summary.get("threshold") is None:
         return []
     return [f"- NG threshold {summary['threshold']:.4f}: {summary['threshold_source']}"]
+
+
+def reports_base_url(params: Params) -> str:
+    """Where browsers on other machines open ``reports/``: as `fanaoi serve-model` serves it."""
+    return f"{params.serve.base_url()}/reports"
+
+
+def validation_lines(reports_url: str) -> list[str]:
+    """A link to the validation page; the validate stage writes it even when it blocks the run."""
+    from tasks.validate import VALIDATION_PAGE
+
+    page = Path(REPORTS) / VALIDATION_PAGE
+    if not page.is_file():
+        return []
+    return [f"- validation report: [{page}]({reports_url}/{VALIDATION_PAGE}) (served by `fanaoi serve-model`)"]
 
 
 def explain_lines(version: str | None, reports_url: str) -> list[str]:
@@ -499,12 +515,12 @@ def report_run(summary: dict[str, Any]) -> None:
         )
 
 
-def report_failure(message: str, stages: dict[str, bool]) -> None:
+def report_failure(message: str, stages: dict[str, bool], links: list[str]) -> None:
     """A failed night gets a report too: the operator reads why at 7 am."""
     done = ", ".join(f"{name} {'ran' if ran else 'skipped'}" for name, ran in stages.items())
     create_markdown_artifact(
         f"# Nightly retrain: FAILED\n\n{message}\n\n- stages before the failure: {done or 'none'}\n"
-        f"- the champion is unchanged\n",
+        f"- the champion is unchanged\n" + "".join(f"{line}\n" for line in links),
         key=REPORT_KEY, description=report_description("failed"),
     )
 

@@ -249,6 +249,7 @@ def test_validation_failure_fails_the_run_without_retries(
     assert "train" not in runs
     report = artifacts(state)[REPORT_KEY].data
     assert "# Nightly retrain: FAILED" in report and "broken.png" in report
+    assert "(http://127.0.0.1:8000/reports/validation.html)" in report
     assert read_champion(project / "registry").version == "v0001"
 
 
@@ -336,6 +337,22 @@ def test_report_says_unchanged_and_keeps_the_last_decision() -> None:
     assert "Last decision: **reject**" in text
     assert "`abc.dir`" in text and "champion: v0003" in text
     assert "- accuracy 0.9 < 0.95" in text
+
+
+def test_report_links_the_validation_page_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the flow writes its report from the project folder
+    summary = {
+        "decision": "reject", "last_decision": "reject", "reasons": [],
+        "stages": dict.fromkeys(PIPELINE_STAGES, "ran"), "data_snapshot": "abc.dir",
+        "data_changed": True, "published_version": None, "champion_version": None,
+        "champion_path": None, "candidate_path": "/m/candidate.h5",
+        "metrics": [], "kept_epoch_vs_evaluate": {}, "reports_url": "http://line-7:8000/reports",
+    }
+    assert "validation report" not in report_markdown(summary)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "validation.html").write_text("<html></html>")
+    link = "- validation report: [reports/validation.html](http://line-7:8000/reports/validation.html)"
+    assert link in report_markdown(summary)
 
 
 def test_metric_rows_compare_candidate_with_champion() -> None:
