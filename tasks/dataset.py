@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
+from tasks.durable import sha256_of
 from tasks.errors import FanaoiError
 from tasks.params import AugmentParams, DataParams, ModelParams
 
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 # Pillow modes with one channel (gray with alpha counts: training drops the alpha).
 _SINGLE_CHANNEL_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
-_HASH_CHUNK = 1 << 20
 # The defect type of a positive-class image that sits directly in the class folder.
 UNTYPED = "untyped"
 
@@ -57,14 +57,6 @@ def defect_type_of(relative: PurePath | str, positive_class: str) -> str | None:
     if not parts or parts[0] != positive_class:
         return None
     return parts[1] if len(parts) > 2 else UNTYPED
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def assign_split(sha256: str, salt: str, fractions: Mapping[str, float]) -> str:

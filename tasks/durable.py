@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+_HASH_CHUNK = 1 << 20
 
 
 def fsync_path(path: Path | str) -> None:
@@ -19,25 +23,55 @@ def fsync_path(path: Path | str) -> None:
         os.close(descriptor)
 
 
-def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``target`` via a temp file in the same folder, fsync, then ``os.replace``.
+@contextmanager
+def atomic_replace(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temp path beside ``target`` for the block to write; then fsync, rename, fsync the folder.
 
     Readers see the old file or the new one, never a part; on any failure the temp file
-    is removed and the old file is untouched.
+    is removed and the old file is untouched. ``suffix`` keeps a format told by the name
+    (Keras saves ``.h5`` by the path's ending).
     """
-    descriptor, temp_name = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-    )
+    descriptor, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    os.close(descriptor)
+    temp = Path(temp_name)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, target)
+        yield temp
+        fsync_path(temp)
+        os.replace(temp, target)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     fsync_path(target.parent)
+
+
+def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``target`` whole or not at all (see ``atomic_replace``)."""
+    with atomic_replace(target) as temp, temp.open("wb") as handle:
+        write(handle)
+
+
+def replace_path(staged: Path, target: Path) -> None:
+    """Put a written file or folder at ``target`` (same file system), replacing what was there."""
+    if staged.is_file():
+        os.replace(staged, target)
+    else:
+        # A folder cannot be swapped in one step: move the old one aside first.
+        old = target.with_name(f".old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_path(target.parent)
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def cache_file(cache_dir: Path | str, data_dir: Path | str, kind: str) -> Path:

@@ -15,7 +15,6 @@ version is champion) lists every export with its size and the difference measure
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.dataset import decode_all, list_images, select
+from tasks.durable import replace_path
 from tasks.errors import FanaoiError
 from tasks.model import load_model, model_params_from_file
 from tasks.params import DataParams, ModelParams, Params
@@ -93,7 +93,7 @@ def export_version(params: Params, fmt: str, version: str | None = None) -> dict
             "time": utc_now(),
         }
         with registry_lock(registry_dir, params.registry.lock_timeout):
-            _install(written, exports / name)
+            replace_path(written, exports / name)
             _record_on_cards(registry_dir, version, fmt, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -161,20 +161,6 @@ def _size_of(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _install(staged: Path, target: Path) -> None:
-    """Put a checked export in place; an older export of the same format is replaced."""
-    if staged.is_file():
-        os.replace(staged, target)
-        return
-    # A folder cannot be swapped in one step: move the old one aside first.
-    old = target.with_name(f".old-{target.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staged, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _record_on_cards(registry_dir: Path, version: str, fmt: str, entry: dict[str, Any]) -> None:

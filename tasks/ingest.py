@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,11 +35,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.dataset import UNTYPED, defect_type_of, is_candidate_file, sha256_of
-from tasks.durable import atomic_write, fsync_path
+from tasks.dataset import UNTYPED, defect_type_of, is_candidate_file
+from tasks.durable import atomic_write, fsync_path, sha256_of
 from tasks.errors import FanaoiError
 from tasks.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
 from tasks.params import Params, ValidateParams
+from tasks.project_lock import held_lock
 from tasks.snapshot import (
     SnapshotError,
     commit_command,
@@ -408,19 +408,11 @@ def recover_interrupted(data_dir: Path, report: Callable[[str], None] = log.info
 @contextmanager
 def ingest_lock(data_dir: Path) -> Iterator[None]:
     """One ingest into a data folder at a time, across processes."""
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = data_dir.parent / LOCK_NAME
-    with lock_path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IngestError(
-                f"{lock_path}: another ingest into {data_dir} is running; wait for it to finish"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with held_lock(lock_path, f"ingest into {data_dir}", 0, lambda holder: IngestError(
+        f"{lock_path}: another ingest into {data_dir} is running ({holder}); wait for it to finish"
+    )):
+        yield
 
 
 def report_path(folder: Path, started: datetime, batch_dir: Path) -> Path:

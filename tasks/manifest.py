@@ -33,7 +33,7 @@ import PIL
 from PIL import Image
 
 from tasks.dataset import assign_split, defect_type_of, is_candidate_file
-from tasks.durable import cache_file
+from tasks.durable import atomic_write, cache_file
 from tasks.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
 from tasks.params import DataParams, ValidateParams
 
@@ -283,12 +283,10 @@ def _load_cache(path: Path, limits: ValidateParams) -> dict[str, list]:
 
 
 def _save_cache(path: Path, limits: ValidateParams, checks: dict[str, list]) -> None:
-    """Write to a temporary file and rename, so a killed run leaves the old cache whole."""
+    """Write whole or not at all, so a killed run leaves the old cache whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({"header": _cache_header(limits), "files": checks}),
-                         encoding="utf-8")
-    os.replace(temporary, path)
+    text = json.dumps({"header": _cache_header(limits), "files": checks}).encode("utf-8")
+    atomic_write(path, lambda handle: handle.write(text))
 
 
 def _cache_header(limits: ValidateParams) -> dict:

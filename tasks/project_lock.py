@@ -1,4 +1,6 @@
-"""One lock per project: what reads or changes data/, its snapshot, the stages or the registry.
+"""One lock per project, and the file lock it and the other locks are built on.
+
+The project lock guards what reads or changes data/, its snapshot, the stages or the registry.
 
 Ingest, the nightly flow, the pipeline stages started from the command line (what
 ``dvc repro`` runs) and publish/rollback each hold it while they work, so a snapshot,
@@ -17,7 +19,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,17 +49,29 @@ def project_lock(project_dir: Path | str, what: str, timeout: float) -> Iterator
     ``what`` names this holder (e.g. ``fanaoi ingest batch/``) for whoever waits next.
     """
     path = lock_path(project_dir)
+    with held_lock(path, what, timeout, lambda holder: ProjectLocked(
+        f"{path}: {holder} holds the project lock; {what} waited {timeout:g} s (lock.timeout "
+        f"in params.yaml). Wait for it to finish, or stop that process if it hangs, then rerun"
+    )):
+        yield
+
+
+@contextmanager
+def held_lock(
+    path: Path, what: str, timeout: float, refusal: Callable[[str], FanaoiError]
+) -> Iterator[None]:
+    """Hold the OS lock at ``path`` while the block runs, across processes and threads.
+
+    Waits up to ``timeout`` s (0: one attempt), then raises ``refusal(holder)``, where
+    ``holder`` names the PID, host and ``what`` of the process that has it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     holder_file = path.with_name(path.name + HOLDER_SUFFIX)
     lock = FileLock(path, timeout=timeout)
     try:
         lock.acquire()
     except Timeout:
-        raise ProjectLocked(
-            f"{path}: {_holder(holder_file)} holds the project lock; {what} waited "
-            f"{timeout:g} s (lock.timeout in params.yaml). Wait for it to finish, or stop that "
-            f"process if it hangs, then rerun"
-        ) from None
+        raise refusal(_holder(holder_file)) from None
     try:
         holder_file.write_text(json.dumps({
             "pid": os.getpid(), "host": socket.gethostname(), "command": what,

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,8 +31,8 @@ from tasks.dataset import (
     make_dataset,
     require_split,
     select,
-    sha256_of,
 )
+from tasks.durable import atomic_replace, sha256_of
 from tasks.errors import FanaoiError
 from tasks.evaluate import classification_metrics, predict_probabilities
 from tasks.model import load_model, model_params_from_file, read_model_metadata, save_model
@@ -216,14 +214,8 @@ def _save_atomic(
 ) -> None:
     """Write to a temp .h5 beside ``out_path``, then rename: the old candidate stays whole until then."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.stem}.", suffix=".h5")
-    os.close(descriptor)
-    try:
-        save_model(model, temp_name, mapping, model_params, training=training)
-        os.replace(temp_name, out_path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_replace(out_path, suffix=".h5") as temp:
+        save_model(model, temp, mapping, model_params, training=training)
 
 
 def run_prune(

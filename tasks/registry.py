@@ -18,28 +18,25 @@ champion: if a crash falls between replacing ``champion.h5`` and ``champion.json
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.dataset import sha256_of
-from tasks.durable import atomic_write, fsync_path
+from tasks.durable import atomic_write, fsync_path, sha256_of
 from tasks.errors import FanaoiError
 from tasks.model import ModelFileError, read_model_metadata
 from tasks.params import Params, RegistryParams
+from tasks.project_lock import held_lock
 from tasks.snapshot import data_snapshot_id
 
 log = logging.getLogger(__name__)
@@ -91,47 +88,18 @@ def utc_now() -> str:
 # --- locking -------------------------------------------------------------------------
 
 
-def _lock_holder(lock_path: Path) -> str:
-    try:
-        holder = json.loads(lock_path.read_text(encoding="utf-8"))
-        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-    except (OSError, ValueError, KeyError):
-        return "pid unknown"
-
-
 @contextlib.contextmanager
 def registry_lock(registry_dir: Path | str, timeout: float = 60.0) -> Iterator[None]:
-    """Hold the registry's lock file (fcntl.flock): one publisher at a time, across processes.
+    """Hold the registry's lock file: one publisher at a time, across processes.
 
     The OS releases the lock when its holder dies, so a killed run never blocks the next.
     """
     registry_dir = Path(registry_dir)
-    registry_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = registry_dir / LOCK_FILE
-    with lock_path.open("a+", encoding="utf-8") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise RegistryLockedError(
-                        f"another FanAOI run ({_lock_holder(lock_path)}) is publishing to "
-                        f"{registry_dir}; wait for it to finish, stop it, or raise "
-                        f"registry.lock_timeout (now {timeout:g} s) in params.yaml"
-                    ) from None
-                time.sleep(0.1)
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(json.dumps({
-                "pid": os.getpid(), "host": socket.gethostname(), "started": utc_now(),
-            }))
-            handle.flush()
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with held_lock(registry_dir / LOCK_FILE, "registry update", timeout, lambda holder: RegistryLockedError(
+        f"another FanAOI run ({holder}) is publishing to {registry_dir}; wait for it to finish, "
+        f"stop it, or raise registry.lock_timeout (now {timeout:g} s) in params.yaml"
+    )):
+        yield
 
 
 # --- atomic files ----------------------------------------------------------------------

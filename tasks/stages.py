@@ -14,7 +14,6 @@ holds, the answer is still "nothing changed" and DVC is not asked (not even impo
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import FanaoiError
+from tasks.project_lock import held_lock
 
 
 class StageStateError(FanaoiError):
@@ -209,24 +209,8 @@ def exclusive_run(lock_path: Path | str, what: str) -> Iterator[None]:
     The lock is an OS file lock: it also excludes other processes, and the kernel drops it
     when a run dies, so a crash never leaves a stale lock behind.
     """
-    lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown process"
-            raise RunInProgress(
-                f"{lock_path}: another {what} is running ({holder}); this run did nothing. "
-                f"Wait for it to finish (the lock is released when it ends)."
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with held_lock(Path(lock_path), what, 0, lambda holder: RunInProgress(
+        f"{lock_path}: another {what} is running ({holder}); this run did nothing. "
+        f"Wait for it to finish (the lock is released when it ends)."
+    )):
+        yield

@@ -26,9 +26,8 @@ from tasks.dataset import (
     require_split,
     resolve_color_mode,
     select,
-    sha256_of,
 )
-from tasks.durable import atomic_write
+from tasks.durable import atomic_write, sha256_of
 from tasks.errors import FanaoiError
 from tasks.model import build_model, load_model, read_model_metadata, save_model
 from tasks.params import ModelParams, Params, TrainParams

@@ -1,8 +1,9 @@
+import hashlib
 from pathlib import Path
 
 import pytest
 
-from tasks.durable import fsync_path
+from tasks.durable import atomic_write, fsync_path, replace_path, sha256_of
 
 
 def test_flushes_files_and_folders(tmp_path: Path) -> None:
@@ -16,3 +17,34 @@ def test_flushes_files_and_folders(tmp_path: Path) -> None:
 def test_a_missing_path_is_an_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         fsync_path(tmp_path / "gone")
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "card.json"
+    target.write_text("old")
+
+    def fail(handle) -> None:
+        handle.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fail)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["card.json"]
+    atomic_write(target, lambda handle: handle.write(b"new"))
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["card.json"]
+
+
+def test_a_folder_replaces_the_old_folder(tmp_path: Path) -> None:
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "old.bin").write_bytes(b"old")
+    (tmp_path / "staged").mkdir()
+    (tmp_path / "staged" / "new.bin").write_bytes(b"new")
+    replace_path(tmp_path / "staged", tmp_path / "export")
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert [p.name for p in (tmp_path / "export").iterdir()] == ["new.bin"]
+
+
+def test_sha256_of_reads_big_files_in_chunks(tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (3 << 20))
+    assert sha256_of(big) == hashlib.sha256(b"x" * (3 << 20)).hexdigest()
