@@ -299,8 +299,8 @@ def alert_on_reject_streak(params: Params, summary: dict[str, Any]) -> None:
     if wanted and streak >= wanted:
         get_run_logger().warning("the gate has rejected %d nights in a row (alerts.reject_streak = %d)",
                                  streak, wanted)
-        failed = [reason for reason in summary["reasons"] if reason.endswith("FAIL")]
-        emit_reject_streak(params.nightly.project, streak, summary["champion_version"], failed or summary["reasons"])
+        emit_reject_streak(params.nightly.project, streak, summary["champion_version"],
+                           summary["failed"] or summary["reasons"])
 
 
 TABLE_METRICS = (
@@ -323,6 +323,7 @@ def summarize(
         "decision": gate.get("decision") if stages["gate"] else "unchanged",
         "last_decision": gate.get("decision"),
         "reasons": gate.get("reasons", []),
+        "failed": gate.get("failed", []),
         "threshold": gate.get("threshold"),
         "threshold_source": gate.get("threshold_source"),
         "stages": {name: "ran" if ran else "skipped" for name, ran in stages.items()},

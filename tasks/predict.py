@@ -9,7 +9,12 @@ error of its own and the others are still classified.
 
 from __future__ import annotations
 
+import ctypes
+import json
+import os
 import re
+import signal
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,3 +182,20 @@ def smoke_probabilities(model_path: str, image_paths: Sequence[str]) -> list[flo
     predictor = predictor_from_file(model_path, threshold=0.5)
     probabilities = probabilities_of(predictor, [Path(p) for p in image_paths], batch_size=32)
     return [float(p) for p in probabilities]
+
+
+def smoke_main(argv: Sequence[str]) -> None:
+    """``python -m tasks.predict PARENT_PID MODEL IMAGE...``: the smoke test's fresh process.
+
+    It dies with its parent (Linux PR_SET_PDEATHSIG), and gives up at once if the parent is
+    already gone: a killed publish leaves no TensorFlow process behind.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    if os.getppid() != int(argv[0]):
+        sys.exit("the publishing process is gone")
+    sys.stdout.write(json.dumps(smoke_probabilities(argv[1], argv[2:])) + "\n")
+
+
+if __name__ == "__main__":
+    smoke_main(sys.argv[1:])

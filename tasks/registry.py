@@ -51,6 +51,7 @@ STAGING_PREFIX = ".incoming-"
 CHAMPION_ACTIONS = ("promote", "force", "rollback")
 SMOKE_TOLERANCE = 1e-4
 SMOKE_TIMEOUT_SECONDS = 600
+SMOKE_MODULE = "tasks.predict"  # its main scores images in a fresh process (a module, not code text)
 _VERSION = re.compile(r"^v?0*(\d+)$")
 
 
@@ -471,15 +472,6 @@ def smoke_test(model_path: Path, references: Sequence[dict[str, Any]]) -> None:
     ``references`` are {"path", "probability"} pairs scored during the gate. A file that
     cannot be loaded, or predicts differently, raises PublishError.
     """
-    # The child dies with its parent (Linux PR_SET_PDEATHSIG), and gives up at once if the
-    # parent is already gone: a killed publish leaves no TensorFlow process behind.
-    code = (
-        "import ctypes, json, os, signal, sys\n"
-        "if sys.platform.startswith('linux'): ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
-        "if os.getppid() != int(sys.argv[1]): sys.exit('the publishing process is gone')\n"
-        "from tasks.predict import smoke_probabilities\n"
-        "print(json.dumps(smoke_probabilities(sys.argv[2], sys.argv[3:])))"
-    )
     project_root = str(Path(__file__).resolve().parent.parent)
     env = {
         **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -488,7 +480,7 @@ def smoke_test(model_path: Path, references: Sequence[dict[str, Any]]) -> None:
     paths = [str(reference["path"]) for reference in references]
     try:
         result = subprocess.run(
-            [sys.executable, "-c", code, str(os.getpid()), str(model_path), *paths],
+            [sys.executable, "-m", SMOKE_MODULE, str(os.getpid()), str(model_path), *paths],
             capture_output=True, text=True, env=env, timeout=SMOKE_TIMEOUT_SECONDS, check=False,
         )
     except subprocess.TimeoutExpired:
@@ -580,6 +572,7 @@ def decision_entry(
         "escape_rate": metrics["escape_rate"],
         "overkill_rate": metrics["overkill_rate"],
         "reasons": reasons,
+        "failed": gate_result["failed"],
     }
 
 

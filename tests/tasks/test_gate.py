@@ -131,6 +131,7 @@ def test_identical_retrain_is_rejected_below_min_delta(data_dir, base, tmp_path)
     assert result["mcnemar"]["discordant"] == 0
     logged = read_log(registry)[-1]
     assert logged["action"] == "reject" and any(r.endswith("FAIL") for r in logged["reasons"])
+    assert logged["failed"] == [primary["text"]] == [r["text"] for r in result["rules"] if not r["passed"]]
 
 
 @pytest.mark.slow
