@@ -1,0 +1,111 @@
+"""dvc.yaml's code deps are derived from the imports: an edit to any module a stage runs reruns it.
+
+A stage's ``cmd`` (``fanaoi <stage>``) runs the CLI function registered under that name;
+its imports, followed through ``tasks/`` and ``flows/`` (a module named in a string, run
+with ``python -m``, counts too), are the code the stage runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("tasks", "flows")
+CLI = ROOT / "flows" / "cli.py"
+MODULE_NAME = re.compile(rf"^(?:{'|'.join(PACKAGES)})(?:\.\w+)+$")
+
+
+def module_file(name: str) -> Path | None:
+    """The file of a project module (``tasks.gate`` -> tasks/gate.py); None outside the project."""
+    if name.split(".", maxsplit=1)[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _type_checking_only(tree: ast.AST) -> set[ast.AST]:
+    """Import nodes under ``if TYPE_CHECKING:``: they never run."""
+    skipped: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(n for statement in node.body for n in ast.walk(statement))
+    return skipped
+
+
+def imported_files(node: ast.AST) -> set[Path]:
+    """Project modules imported anywhere under ``node`` (function bodies too), or named to run."""
+    skipped = _type_checking_only(node)
+    found: set[Path] = set()
+    for child in ast.walk(node):
+        if child in skipped:
+            continue
+        names: list[str] = []
+        if isinstance(child, ast.Import):
+            names = [alias.name for alias in child.names]
+        elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
+            names = [child.module] + [f"{child.module}.{alias.name}" for alias in child.names]
+        elif isinstance(child, ast.Constant) and isinstance(child.value, str):
+            names = [child.value] if MODULE_NAME.match(child.value) else []
+        found.update(path for path in map(module_file, names) if path is not None)
+    return found
+
+
+def transitive_imports(start: set[Path]) -> set[Path]:
+    seen: set[Path] = set()
+    pending = list(start)
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        pending.extend(imported_files(ast.parse(path.read_text(encoding="utf-8"))) - seen)
+    return {path for path in seen if path.name != "__init__.py" or path.stat().st_size}
+
+
+def command_function(tree: ast.Module, name: str) -> ast.FunctionDef:
+    """The CLI function of ``fanaoi <name>``: registered with the name, or named after it."""
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        registered = any(
+            isinstance(d, ast.Call) and any(isinstance(a, ast.Constant) and a.value == name for a in d.args)
+            for d in node.decorator_list
+        )
+        if registered or node.name.strip("_") == name:
+            return node
+    raise AssertionError(f"{CLI}: no function for `fanaoi {name}`")
+
+
+def stage_code(cmd: str) -> set[str]:
+    """Project files ``cmd`` runs, relative to the project root."""
+    program, name = cmd.split()[:2]
+    assert program == "fanaoi", f"{cmd!r}: expected `fanaoi <stage>`"
+    function = command_function(ast.parse(CLI.read_text(encoding="utf-8")), name)
+    return {str(path.relative_to(ROOT)) for path in transitive_imports(imported_files(function))}
+
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_each_stage_depends_on_every_module_it_runs(stage: str) -> None:
+    spec = STAGES[stage]
+    deps = {str(next(iter(d))) if isinstance(d, dict) else str(d) for d in spec["deps"]}
+    code = stage_code(spec["cmd"])
+    assert f"tasks/{stage}.py" in code  # the stage's own module, found through the CLI
+    missing = sorted(code - deps)
+    assert not missing, f"dvc.yaml: stage {stage} runs {missing} but does not list them in deps"
+
+
+def test_imports_are_followed_through_function_bodies_and_python_m() -> None:
+    gate = stage_code("fanaoi gate")
+    assert {"tasks/gate.py", "tasks/registry.py", "tasks/predict.py", "tasks/params.py"} <= gate
+    assert "tasks/train.py" in stage_code("fanaoi evaluate")
