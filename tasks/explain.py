@@ -29,7 +29,7 @@ from tasks.errors import FanaoiError
 from tasks.evaluate import classification_metrics, escape_bounds, predict_probabilities, roc_points
 from tasks.model import ModelFileError, load_model, model_params_from_file, read_model_metadata
 from tasks.params import ModelParams, Params
-from tasks.registry import published_version, read_embedded_card
+from tasks.registry import HISTORY_FILE, published_version, read_embedded_card
 from tasks.train import read_history
 
 if TYPE_CHECKING:
@@ -93,13 +93,13 @@ def resolve_source(
     registry = Path(params.registry.dir)
     name, folder = published_version(registry, version, error=ExplainError, hint="(or pass --model PATH)")
     card = read_embedded_card(folder / "model.h5")
-    history = folder / "history.csv"
+    history = folder / HISTORY_FILE
     return ModelSource(
         name=name, path=folder / "model.h5", threshold=float(card["threshold"]),
         threshold_origin=f"the model card of {name}",
         history=history if history.is_file() else None,
         history_note=f"from {history}" if history.is_file() else (
-            f"{folder} holds no training history (the registry keeps the model and its card); "
+            f"{folder} holds no training history (it was published without one); "
             f"the curves of the latest training run are in reports/history.csv"
         ),
     )

@@ -236,7 +236,7 @@ def run_gate(
         "reasons": _champion_reasons(champion) + [r["text"] for r in rules],
         "failed": [r["text"] for r in rules if not r["passed"]],
         "rules": rules,
-        "candidate": {"path": str(candidate_path), "metrics": candidate},
+        "candidate": {"path": str(candidate_path), "history": str(reports_dir / "history.csv"), "metrics": candidate},
         "champion": champion,
         "mcnemar": mcnemar,
         "validation_images": len(images),

@@ -4,7 +4,7 @@ Layout of ``registry.dir`` (a local folder or a shared one on the line server)::
 
     champion.h5        the stable path consumers load; its model card is embedded in it
     champion.json      the champion's model card
-    versions/<v>/      model.h5 and card.json of every promoted version
+    versions/<v>/      model.h5, card.json and history.csv of every promoted version
     log.jsonl          one line per decision: promote, reject, force, rollback
     .lock              held by the one process publishing
 
@@ -46,6 +46,7 @@ MODEL_SHA256 = "model_sha256"  # in card.json: the sha256 of the version's model
 CHAMPION_MODEL = "champion.h5"
 CHAMPION_CARD = "champion.json"
 LOG_FILE = "log.jsonl"
+HISTORY_FILE = "history.csv"  # in versions/<v>/: the training curves of that version
 LOCK_FILE = ".lock"
 STAGING_PREFIX = ".incoming-"
 CHAMPION_ACTIONS = ("promote", "force", "rollback")
@@ -454,10 +455,16 @@ def update_card(registry_dir: Path | str, version: str, card: dict[str, Any]) ->
         _install_champion(registry_dir, version)
 
 
-def _stage_version(registry_dir: Path, version: str, candidate_path: Path, card: dict) -> Path:
-    """versions/.incoming-<v>/ with model.h5 (card embedded) and card.json, all fsynced."""
+def _stage_version(
+    registry_dir: Path, version: str, candidate_path: Path, card: dict, history: Path
+) -> Path:
+    """versions/.incoming-<v>/ with model.h5 (card embedded), card.json and the training
+    curves (history.csv, when the candidate's run left one), all fsynced."""
     staged = registry_dir / "versions" / f"{STAGING_PREFIX}{version}"
     staged.mkdir(parents=True)
+    if history.is_file():
+        shutil.copyfile(history, staged / HISTORY_FILE)
+        fsync_path(staged / HISTORY_FILE)
     shutil.copyfile(candidate_path, staged / "model.h5")
     card = _seal(staged / "model.h5", card)
     fsync_path(staged / "model.h5")
@@ -536,7 +543,8 @@ def publish(
             version, candidate_path, gate_result, params,
             repo_dir=repo_dir, action=action, reason=force_reason,
         )
-        staged = _stage_version(registry_dir, version, candidate_path, card)
+        history = Path(gate_result["candidate"]["history"])
+        staged = _stage_version(registry_dir, version, candidate_path, card, history)
         card = json.loads((staged / "card.json").read_text(encoding="utf-8"))  # with model_sha256
         try:
             smoke_test(staged / "model.h5", gate_result["smoke"])

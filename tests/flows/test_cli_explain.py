@@ -6,7 +6,13 @@ import pytest
 
 from flows.cli import main
 from flows.nightly import report_markdown
-from tests.tasks.champion_support import copy_registry, one_version_registry, write_params_file
+from tests.tasks.champion_support import (
+    copy_registry,
+    gate_params,
+    one_version_registry,
+    save_random_model,
+    write_params_file,
+)
 
 
 @pytest.fixture
@@ -65,3 +71,27 @@ def test_nightly_report_links_the_explain_page_when_it_exists(tmp_path, monkeypa
     link = "[reports/explain/v0002/index.html](http://line-7:8000/reports/explain/v0002/index.html)"
     assert link in report_markdown(summary)
     assert "look inside" not in report_markdown({**summary, "champion_version": None})
+
+
+@pytest.mark.slow
+def test_a_published_version_keeps_its_training_curves(trained_workspace, tmp_path, capsys):
+    from tasks.gate import run_gate
+    from tasks.registry import publish
+    from tasks.train import write_history
+
+    data_dir, registry, reports = trained_workspace["data_dir"], tmp_path / "registry", tmp_path / "reports"
+    params = gate_params(data_dir, registry)
+    candidate = save_random_model(params, tmp_path / "candidate.h5")
+    write_history([{"epoch": epoch, "accuracy": 0.5 + epoch / 10, "loss": 1 / epoch, "val_accuracy": 0.5,
+                    "val_loss": 1.1 / epoch, "learning_rate": 0.001} for epoch in (1, 2, 3)],
+                  reports / "history.csv")
+    publish(candidate, run_gate(params, candidate, reports, record=False), params, force_reason="curves")
+    kept = registry / "versions" / "v0001" / "history.csv"
+    assert kept.read_bytes() == (reports / "history.csv").read_bytes()
+
+    (reports / "history.csv").unlink()  # the next run's reports: the version keeps its own
+    params_file = write_params_file(tmp_path / "params.yaml", data_dir, registry)
+    assert main(["--params", str(params_file), "explain", "v1", "--reports", str(reports)]) == 0
+    capsys.readouterr()
+    page = (reports / "explain" / "v0001" / "index.html").read_text(encoding="utf-8")
+    assert f"from {kept}" in page and "Accuracy per epoch" in page and "Loss per epoch" in page
