@@ -177,15 +177,9 @@ def predict_files(
     return results
 
 
-def smoke_probabilities(model_path: str, image_paths: Sequence[str]) -> list[float]:
-    """Run in a fresh process by the publish smoke test: load the file, score the images."""
-    predictor = predictor_from_file(model_path, threshold=0.5)
-    probabilities = probabilities_of(predictor, [Path(p) for p in image_paths], batch_size=32)
-    return [float(p) for p in probabilities]
-
-
 def smoke_main(argv: Sequence[str]) -> None:
-    """``python -m tasks.predict PARENT_PID MODEL IMAGE...``: the smoke test's fresh process.
+    """``python -m tasks.predict PARENT_PID MODEL IMAGE...``: the publish smoke test's fresh
+    process loads the file and prints the images' probabilities as JSON.
 
     It dies with its parent (Linux PR_SET_PDEATHSIG), and gives up at once if the parent is
     already gone: a killed publish leaves no TensorFlow process behind.
@@ -194,7 +188,9 @@ def smoke_main(argv: Sequence[str]) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
     if os.getppid() != int(argv[0]):
         sys.exit("the publishing process is gone")
-    sys.stdout.write(json.dumps(smoke_probabilities(argv[1], argv[2:])) + "\n")
+    predictor = predictor_from_file(argv[1], threshold=0.5)
+    probabilities = probabilities_of(predictor, [Path(p) for p in argv[2:]], batch_size=32)
+    sys.stdout.write(json.dumps([float(p) for p in probabilities]) + "\n")
 
 
 if __name__ == "__main__":

@@ -38,17 +38,13 @@ class ProjectLocked(FanaoiError):
     transient = True
 
 
-def lock_path(project_dir: Path | str) -> Path:
-    return Path(project_dir) / LOCK_FILE
-
-
 @contextmanager
 def project_lock(project_dir: Path | str, what: str, timeout: float) -> Iterator[None]:
     """Hold the project's lock while the block runs; wait up to ``timeout`` s for it.
 
     ``what`` names this holder (e.g. ``fanaoi ingest batch/``) for whoever waits next.
     """
-    path = lock_path(project_dir)
+    path = Path(project_dir) / LOCK_FILE
     with held_lock(path, what, timeout, lambda holder: ProjectLocked(
         f"{path}: {holder} holds the project lock; {what} waited {timeout:g} s (lock.timeout "
         f"in params.yaml). Wait for it to finish, or stop that process if it hangs, then rerun"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.durable import atomic_write, cache_file
+from tasks.durable import add_file_stats, atomic_write, cache_file
 from tasks.errors import FanaoiError
 
 DEFAULT_REMOTE_HINT = "dvc remote add -d local ~/.cache/fanaoi/dvc-remote"
@@ -113,23 +113,7 @@ def snapshot_data(
 def _files_digest(folder: Path) -> str:
     """A digest of every file's (path, size, mtime, inode) under ``folder``."""
     digest = hashlib.sha256()
-    # Paths relative to the folder: the flow passes an absolute one, the CLI "." + data.
-    prefix = len(str(folder)) + 1
-    pending = [str(folder)]
-    while pending:
-        with os.scandir(pending.pop()) as listing:
-            for entry in sorted(listing, key=lambda e: e.name):
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-                    continue
-                try:
-                    info = entry.stat()
-                except OSError:  # a broken link: dvc add decides what it means
-                    digest.update(f"{entry.path[prefix:]}\0broken\n".encode())
-                    continue
-                digest.update(
-                    f"{entry.path[prefix:]}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}\n".encode()
-                )
+    add_file_stats(digest, folder, "")
     return digest.hexdigest()
 
 

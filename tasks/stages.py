@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tasks.durable import add_file_stats
 from tasks.errors import FanaoiError
 from tasks.project_lock import held_lock
 
@@ -131,7 +131,7 @@ def _inputs_digest(repo_dir: Path, stages: Sequence[str]) -> str | None:
                      | _paths(spec.get("plots")))
         files.update(_params_files(spec.get("params")))
     for name in sorted(files):
-        _add_path(digest, repo_dir / name, name)
+        add_file_stats(digest, repo_dir / name, name)
     return digest.hexdigest()
 
 
@@ -143,30 +143,6 @@ def _paths(entries: Any) -> set[str]:
 def _params_files(entries: Any) -> set[str]:
     """params.yaml for plain keys, the file named for ``- file.yaml: [keys]`` entries."""
     return {str(next(iter(e))) if isinstance(e, dict) else "params.yaml" for e in entries or []}
-
-
-def _add_path(digest: Any, path: Path, name: str) -> None:
-    """(path, size, mtime, inode) of a file, or of every file under a folder."""
-    try:
-        info = path.stat()
-    except OSError:
-        digest.update(f"{name}\0missing\n".encode())
-        return
-    if not path.is_dir():
-        digest.update(f"{name}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}\n".encode())
-        return
-    prefix = len(str(path))  # names relative to the repo, not the caller's spelling of it
-    for folder, dirs, names in os.walk(path):
-        dirs.sort()
-        for entry in sorted(names):
-            full = os.path.join(folder, entry)
-            relative = name + full[prefix:]
-            try:
-                info = os.stat(full)
-            except OSError:
-                digest.update(f"{relative}\0broken\n".encode())
-                continue
-            digest.update(f"{relative}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}\n".encode())
 
 
 def _describe(entry: dict[str, Any] | str) -> str:
