@@ -30,6 +30,7 @@ from flows.names import (
     report_description,
 )
 from flows.params import load_params
+from tasks.durable import details_path
 from tasks.errors import FanaoiError
 from tasks.params import NightlyParams, Params, ParamsError
 from tasks.project_lock import project_lock
@@ -180,7 +181,7 @@ def publish_stage(params: Params, gate: dict[str, Any]) -> dict[str, Any] | None
 
 
 def _read_report(name: str) -> dict[str, Any] | None:
-    path = Path(REPORTS) / name
+    path = details_path(Path(REPORTS) / name)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -48,6 +49,24 @@ def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write ``target`` whole or not at all (see ``atomic_replace``)."""
     with atomic_replace(target) as temp, temp.open("wb") as handle:
         write(handle)
+
+
+def write_json(target: Path, data: Any) -> None:
+    """``data`` as indented JSON, written whole or not at all (its folder made if missing)."""
+    text = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda handle: handle.write(text))
+
+
+def details_path(metrics_path: Path) -> Path:
+    """Where a stage keeps its whole record beside its DVC metrics file (gate-details.json)."""
+    return metrics_path.with_name(f"{metrics_path.stem}-details{metrics_path.suffix}")
+
+
+def write_stage_report(metrics_path: Path, record: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """The few numbers ``dvc metrics diff`` compares, and the whole record beside them."""
+    write_json(details_path(metrics_path), record)
+    write_json(metrics_path, metrics)
 
 
 def replace_path(staged: Path, target: Path) -> None:

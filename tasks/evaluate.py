@@ -11,7 +11,6 @@ as GO (the costly error), an *overkill* is a GO part rejected.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from tasks.dataset import (
     require_split,
     select,
 )
+from tasks.durable import write_stage_report
 from tasks.errors import FanaoiError
 from tasks.model import load_model, model_params_from_file, read_model_metadata
 from tasks.params import ModelParams, Params
@@ -76,6 +76,7 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 REVIEW = -1  # a verdict for a person: the probability lies in the review band
+KEY_METRICS = ("accuracy", "escape_rate", "overkill_rate")  # in every metrics file: diffed run to run
 
 
 def verdicts(
@@ -395,7 +396,11 @@ def run_evaluate(
     )
     result = {**scored, "threshold_source": chosen["source"], "kept_epoch_vs_evaluate": comparison,
               "model": model_record(model_path)}
-    (reports_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_stage_report(reports_dir / "evaluation.json", result, {
+        "validation": {key: scored["validation"][key] for key in (*KEY_METRICS, "review_rate", "auc", "threshold")},
+        "test": {key: scored["test"][key] for key in KEY_METRICS},
+        "validation_accuracy_gap": comparison["validation_accuracy_gap"],
+    })
     validation = scored["validation"]
     report(
         f"validation accuracy {validation['accuracy']:.4f}, escape rate "

@@ -9,7 +9,6 @@ floors apply.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -19,14 +18,16 @@ from typing import Any
 import numpy as np
 
 from tasks.dataset import LabeledImage, labels_of, list_images, require_split, select
+from tasks.durable import write_json, write_stage_report
 from tasks.errors import FanaoiError
-from tasks.evaluate import choose_threshold, image_metrics, predict_probabilities, verdicts
+from tasks.evaluate import KEY_METRICS, choose_threshold, image_metrics, predict_probabilities, verdicts
 from tasks.model import ModelFileError, load_model, model_params_from_file, read_model_metadata
 from tasks.params import GateParams, Params
 from tasks.registry import decision_entry, read_champion, record_decision, utc_now
 
 log = logging.getLogger(__name__)
 
+STAGE_REPORT = "gate.json"
 # Metric differences smaller than this are float noise, not a change.
 _EPSILON = 1e-9
 
@@ -188,6 +189,17 @@ def _champion_reasons(champion: dict[str, Any]) -> list[str]:
     return [f"champion {champion['version']} scored on the same validation images"]
 
 
+def gate_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of gate.json, the stage's DVC metric; the rest is in gate-details.json."""
+    keys = dict.fromkeys((result["metric"], *KEY_METRICS))
+    models = {"candidate": result["candidate"]["metrics"], "champion": result["champion"].get("metrics")}
+    return {
+        "decision": result["decision"], "promote": int(result["decision"] == "promote"),
+        "failed_rules": len(result["failed"]), "validation_images": result["validation_images"],
+        **{name: {key: metrics[key] for key in keys} for name, metrics in models.items() if metrics},
+    }
+
+
 def run_gate(
     params: Params,
     candidate_path: Path | str = "models/candidate.h5",
@@ -195,12 +207,13 @@ def run_gate(
     report: Callable[[str], None] = log.info,
     record: bool = True,
     *,
-    report_file: str = "gate.json",
+    report_file: str = STAGE_REPORT,
 ) -> dict[str, Any]:
     """The gate stage: writes ``reports_dir/report_file``; with ``record`` a rejection is logged.
 
-    ``report_file`` stays gate.json for the stage (a DVC metric); a decision that must
-    change nothing (``fanaoi gate --no-publish``) writes a file of its own.
+    ``report_file`` stays gate.json for the stage (a DVC metric: its numbers; the whole
+    record goes to gate-details.json); a decision that must change nothing (``fanaoi gate
+    --no-publish``) writes the whole record to a file of its own.
 
     Returns {"decision", "reasons", "failed", "rules", "candidate", "champion", ...};
     ``smoke`` holds a few validation images with the candidate's probabilities for the
@@ -243,8 +256,10 @@ def run_gate(
         "smoke": [{"path": str(image.path), "probability": float(p)}
                   for image, p in zip(images[: gate.smoke_images], probabilities, strict=False)],
     }
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / report_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if report_file == STAGE_REPORT:
+        write_stage_report(reports_dir / report_file, result, gate_metrics(result))
+    else:  # a preview: no DVC metric to keep small, the whole record in one file
+        write_json(reports_dir / report_file, result)
     why = "; ".join(result["failed"]) or "every rule passes"
     report(f"gate: {decision} {candidate_path}: {why}")
     if record and decision == "reject":

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.dataset import UNTYPED, defect_type_of, is_candidate_file
-from tasks.durable import atomic_write, fsync_path, sha256_of
+from tasks.durable import fsync_path, sha256_of, write_json
 from tasks.errors import FanaoiError
 from tasks.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
 from tasks.params import Params, ValidateParams
@@ -427,9 +427,8 @@ def report_path(folder: Path, started: datetime, batch_dir: Path) -> Path:
 
 def write_report(result: dict[str, Any], path: Path) -> None:
     """Write the report whole or not at all; a failure names the file and leaves data/ alone."""
-    text = (json.dumps(result, indent=2) + "\n").encode("utf-8")
     try:
-        atomic_write(path, lambda handle: handle.write(text))
+        write_json(path, result)
     except OSError as exc:
         raise _write_failure(path, "the ingest report", exc) from None
 

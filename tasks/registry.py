@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.durable import atomic_write, fsync_path, sha256_of
+from tasks.durable import atomic_write, fsync_path, replace_path, sha256_of, write_json
 from tasks.errors import FanaoiError
 from tasks.model import ModelFileError, read_model_metadata
 from tasks.params import Params, RegistryParams
@@ -110,14 +110,6 @@ def registry_lock(registry_dir: Path | str, timeout: float = 60.0) -> Iterator[N
 def _copy_atomic(source: Path, target: Path) -> None:
     with source.open("rb") as origin:
         atomic_write(target, lambda handle: shutil.copyfileobj(origin, handle))
-
-
-def _json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
-
-
-def _write_json_atomic(target: Path, data: Any) -> None:
-    atomic_write(target, lambda handle: handle.write(_json_bytes(data)))
 
 
 # --- reading -------------------------------------------------------------------------
@@ -450,7 +442,7 @@ def update_card(registry_dir: Path | str, version: str, card: dict[str, Any]) ->
         shutil.copyfile(folder / "model.h5", edited)
         sealed = _seal(edited, card)
         _copy_atomic(edited, folder / "model.h5")
-    _write_json_atomic(folder / "card.json", sealed)
+    write_json(folder / "card.json", sealed)
     if is_champion:
         _install_champion(registry_dir, version)
 
@@ -468,8 +460,7 @@ def _stage_version(
     shutil.copyfile(candidate_path, staged / "model.h5")
     card = _seal(staged / "model.h5", card)
     fsync_path(staged / "model.h5")
-    (staged / "card.json").write_bytes(_json_bytes(card))
-    fsync_path(staged / "card.json")
+    write_json(staged / "card.json", card)
     return staged
 
 
@@ -553,8 +544,7 @@ def publish(
             entry = decision_entry("reject", gate_result, None, previous_version, [str(exc)])
             _append_log(registry_dir, entry)
             raise
-        os.rename(staged, registry_dir / "versions" / version)
-        fsync_path(registry_dir / "versions")
+        replace_path(staged, registry_dir / "versions" / version)
         _install_champion(registry_dir, version)
         reasons = gate_result["reasons"]
         if force_reason:

@@ -27,7 +27,7 @@ from tasks.dataset import (
     resolve_color_mode,
     select,
 )
-from tasks.durable import atomic_write, sha256_of
+from tasks.durable import atomic_write, sha256_of, write_stage_report
 from tasks.errors import FanaoiError
 from tasks.model import build_model, load_model, read_model_metadata, save_model
 from tasks.params import ModelParams, Params, TrainParams
@@ -472,7 +472,10 @@ def run_train(
         "images": split_counts(images, params.data.classes),
         "class_mapping": params.data.class_mapping,
     }
-    (reports_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_stage_report(reports_dir / "train.json", summary, {
+        **{key: summary[key] for key in ("epochs", "kept_epoch", "seconds", "images_per_second")},
+        "kept_epoch_metrics": {key: summary["kept_epoch_metrics"][key] for key in HISTORY_COLUMNS[1:]},
+    })
     report(
         f"wrote {model_path} ({summary['parameters']} parameters) in {seconds:.1f}s, "
         f"weights of epoch {summary['kept_epoch']} of {summary['epochs']} (lowest validation loss)"

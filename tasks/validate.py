@@ -8,7 +8,6 @@ blocking or warning. Nothing under the data folder is ever written.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.dataset import SPLITS, UNTYPED, DatasetError
-from tasks.durable import cache_file
+from tasks.durable import cache_file, details_path, write_stage_report
 from tasks.errors import FanaoiError
 from tasks.image_check import format_reason, mode_reason, side_reason
 from tasks.manifest import (
@@ -73,15 +72,21 @@ def run_validate(
     outcomes = run_expectations(files, classes, rules)
     result = summarize(files, classes, outcomes, rules, data_dir)
     result["page"] = str(reports_dir / VALIDATION_PAGE)
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_stage_report(reports_dir / "validation.json", result, validation_metrics(result))
     write_validation_page(result, reports_dir / VALIDATION_PAGE)
     for problem in result["failing_files"]:
         report(f"{problem['severity']}: {problem['path']}: {problem['reason']} [{problem['rule']}]")
     report(result["summary"])
     if not result["valid"]:
-        raise ValidationFailed(_failure_message(result, reports_dir / "validation.json"))
+        raise ValidationFailed(_failure_message(result, details_path(reports_dir / "validation.json")))
     return result
+
+
+def validation_metrics(result: dict) -> dict:
+    """The numbers of validation.json, the stage's DVC metric; the rest is in validation-details.json."""
+    failed = sum(not outcome["success"] for outcome in result["expectations"].values())
+    counts = ("valid", "images", "usable_images", "blocking_failures", "warnings", "splits")
+    return {**{key: result[key] for key in counts}, "failed_expectations": failed}
 
 
 def add_rule_columns(

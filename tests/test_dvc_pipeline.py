@@ -19,6 +19,15 @@ from tests.dvc_support import BIN, make_pipeline_repo, run, tree_digest
 STAGES = ("validate", "train", "evaluate", "gate")
 
 
+SCREEN_ROWS, SCREEN_WIDTH = 40, 120
+
+
+def assert_fits_one_screen(table: str) -> None:
+    """Metrics worth diffing: a handful of numbers per stage, read at a glance after a retrain."""
+    lines = table.splitlines()
+    assert len(lines) <= SCREEN_ROWS and max(map(len, lines)) <= SCREEN_WIDTH, table
+
+
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
@@ -61,6 +70,9 @@ def test_ingest_repro_params_and_diffs(tmp_path: Path) -> None:
     assert "up to date" in dvc(repo, "status")
     metrics = dvc(repo, "metrics", "diff")
     assert re.search(r"reports/train\.json\s+epochs\s+1\s+2\s+1", metrics)
+    assert_fits_one_screen(metrics)
+    header = dvc(repo, "metrics", "show").splitlines()[0]
+    assert len(re.split(r"\s{2,}", header.strip())) - 1 <= SCREEN_ROWS, header  # columns, Path aside
     dvc(repo, "plots", "diff", "-o", str(tmp_path / "plots"))
     page = (tmp_path / "plots" / "index.html").read_text()
     assert all(title in page for title in ("Accuracy per epoch", "Confusion matrix", "ROC"))

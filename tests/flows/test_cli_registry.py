@@ -74,7 +74,7 @@ def test_worse_candidate_is_rejected_and_nothing_changes(project, capsys):
     assert out.startswith("decision: REJECT") and "FAIL" in out and "published" not in out
     assert champion.read_bytes() == good != before
     assert read_log(project["registry"])[-1]["action"] == "reject"
-    gate = json.loads((project["tmp"] / "reports" / "gate.json").read_text())
+    gate = json.loads((project["tmp"] / "reports" / "gate-details.json").read_text())
     assert gate["decision"] == "reject" and gate["champion"]["version"] == "v0001"
 
 

@@ -119,7 +119,7 @@ def test_first_run_trains_gates_and_publishes(nightly_project: dict[str, Any]) -
     assert summary["stages"] == dict.fromkeys(PIPELINE_STAGES, "ran")
     assert summary["published_version"] == "v0001"
     assert summary["champion_path"] == str(project / "registry" / "champion.h5")
-    evaluation = json.loads((project / "reports" / "evaluation.json").read_text())
+    evaluation = json.loads((project / "reports" / "evaluation-details.json").read_text())
     assert summary["validation"] == evaluation["validation"]
 
     every_task = ("validate", "snapshot", "train", "evaluate", "gate", "publish", "report")
@@ -148,7 +148,7 @@ def test_first_run_publishes_report_and_metrics_artifacts(nightly_project: dict[
     table = found[METRICS_KEY]
     assert table.type == "table"
     rows = {row["metric"]: row for row in json.loads(table.data)}
-    gate = json.loads((project / "reports" / "gate.json").read_text())
+    gate = json.loads((project / "reports" / "gate-details.json").read_text())
     assert rows["accuracy"]["candidate"] == round(gate["candidate"]["metrics"]["accuracy"], 4)
     assert rows["accuracy"]["champion"] is None  # first run: no champion to compare with
     # No NG subfolders in this data set: one defect type, "untyped", with its upper bound.

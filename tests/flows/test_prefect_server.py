@@ -71,6 +71,6 @@ def test_nightly_run_is_recorded_by_a_real_prefect_server(
     assert "# Nightly retrain: PROMOTE" in report["data"]
     table = api(prefect_server, "GET", f"/artifacts/{METRICS_KEY}/latest")
     assert table["flow_run_id"] == flow_run["id"] and table["type"] == "table"
-    gate = json.loads((project / "reports" / "gate.json").read_text())
+    gate = json.loads((project / "reports" / "gate-details.json").read_text())
     rows = {row["metric"]: row for row in json.loads(table["data"])}
     assert rows["accuracy"]["candidate"] == round(gate["candidate"]["metrics"]["accuracy"], 4)

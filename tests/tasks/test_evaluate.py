@@ -67,7 +67,7 @@ def test_run_evaluate_reports_both_views(trained_workspace, tmp_path):
     reports = tmp_path / "reports"
     shutil.copytree(trained_workspace["reports"], reports)
     result = run_evaluate(trained_workspace["params"], trained_workspace["model_path"], reports)
-    written = json.loads((reports / "evaluation.json").read_text())
+    written = json.loads((reports / "evaluation-details.json").read_text())
     assert written["validation"]["count"] == result["validation"]["count"] > 0
     comparison = written["kept_epoch_vs_evaluate"]
     summary = trained_workspace["summary"]
@@ -134,7 +134,7 @@ def test_run_evaluate_reports_escapes_per_defect_type(trained_workspace, tmp_pat
     reports = tmp_path / "reports"
     shutil.copytree(trained_workspace["reports"], reports)
     run_evaluate(params, trained_workspace["model_path"], reports)
-    written = json.loads((reports / "evaluation.json").read_text())
+    written = json.loads((reports / "evaluation-details.json").read_text())
     assert set(written["validation"]["defect_types"]) == {"crack", "blowhole", "untyped"}
     for split in ("validation", "test"):
         expected = Counter(image.defect_type for image in select(list_images(data, params.data), split)

@@ -108,7 +108,7 @@ def test_no_discordant_pairs_gives_p_one():
 def test_first_run_promotes_on_floors_and_writes_its_reasons(data_dir, base, tmp_path):
     params = gate_params(data_dir, tmp_path / "registry")
     result = run_gate(params, good_model(data_dir, base), tmp_path / "reports")
-    written = json.loads((tmp_path / "reports" / "gate.json").read_text())
+    written = json.loads((tmp_path / "reports" / "gate-details.json").read_text())
     assert written["decision"] == result["decision"] == "promote"
     assert written["champion"] == {"status": "none", "version": None}
     assert written["reasons"][0].startswith("no champion yet")
@@ -231,7 +231,7 @@ def test_gate_rejects_a_candidate_that_lets_one_defect_type_through(data_dir, ba
                                                                       threshold=(lowest + second) / 2))
     result = run_gate(params, model, tmp_path / "reports", record=False)
 
-    written = json.loads((tmp_path / "reports" / "gate.json").read_text())
+    written = json.loads((tmp_path / "reports" / "gate-details.json").read_text())
     candidate = written["candidate"]["metrics"]
     assert {kind: row["count"] for kind, row in candidate["defect_types"].items()} == expected
     assert candidate["confusion"]["fn"] == 1 and candidate["escape_rate"] <= params.gate.max_escape_rate

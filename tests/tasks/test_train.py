@@ -21,7 +21,7 @@ def test_run_train_writes_model_history_and_summary(trained_workspace):
     with (reports / "history.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    summary = json.loads((reports / "train.json").read_text())
+    summary = json.loads((reports / "train-details.json").read_text())
     assert summary["epochs"] == 3
     assert summary["images"]["train"]["GO"] > 0 and summary["images"]["validation"]["NG"] > 0
     assert 0.0 <= summary["kept_epoch_metrics"]["val_accuracy"] <= 1.0
@@ -140,7 +140,7 @@ def test_warm_start_begins_at_the_champion_weights_and_is_recorded(champion_proj
     summary = run_train(params, model_path, tmp_path / "reports")
     expected = {"from": "champion", "version": "v0001", "sha256": warm_start.sha256}
     assert summary["init"] == expected
-    assert json.loads((tmp_path / "reports" / "train.json").read_text())["init"] == expected
+    assert json.loads((tmp_path / "reports" / "train-details.json").read_text())["init"] == expected
     assert read_model_metadata(model_path)["training"]["init"] == expected
     gate_result = run_gate(params, model_path, tmp_path / "reports", record=False)
     card = build_card("v0002", model_path, gate_result, params, repo_dir=tmp_path,

@@ -94,7 +94,7 @@ def bad_run(tmp_path_factory):
         code = main(["--params", str(params_file(tmp, data)), "validate", "--reports", str(reports)])
     return {
         "code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(),
-        "report": json.loads((reports / "validation.json").read_text()),
+        "report": json.loads((reports / "validation-details.json").read_text()),
         "data": data, "before": before, "after": snapshot(tmp),
         "near": (train_image, near_copy), "reports": reports,
     }
@@ -173,7 +173,7 @@ def test_clean_data_set_passes_with_report_and_page(tmp_path):
     assert sum(result["splits"].values()) == 48
     assert all(e["success"] for e in result["expectations"].values())
     assert len(result["expectations"]) == len(params.validate.severity)
-    stored = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    stored = json.loads((tmp_path / "reports" / "validation-details.json").read_text())
     assert stored == result
     assert lines == [result["summary"]] and "valid; 48 usable images (GO 24, NG 24)" in lines[0]
     page = (tmp_path / "reports" / "validation.html").read_text()
@@ -192,7 +192,7 @@ def test_empty_class_blocks_and_writes_the_report_first(tmp_path):
     )
     with pytest.raises(ValidationFailed, match=r"NG: class NG has 0 usable image\(s\)"):
         run_validate(params, tmp_path / "reports", report=lambda _: None)
-    report = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    report = json.loads((tmp_path / "reports" / "validation-details.json").read_text())
     assert report["valid"] is False and report["classes"]["NG"]["images"] == 0
     assert {p["rule"] for p in report["failing_files"]} == {"min_per_class", "class_fraction"}
 
@@ -233,7 +233,7 @@ def test_defect_type_subfolders_are_counted_not_flagged_while_a_stray_root_folde
     lines: list[str] = []
     with pytest.raises(ValidationFailed, match=r"data/rejects/?: unexpected folder"):
         run_validate(params, tmp_path / "reports", report=lines.append)
-    report = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    report = json.loads((tmp_path / "reports" / "validation-details.json").read_text())
     unexpected = [p["path"] for p in report["failing_files"] if p["rule"] == "no_unexpected_folders"]
     assert unexpected == [str(data / "rejects/")]
     assert [p for p in report["failing_files"] if p["rule"] != "no_unexpected_folders"] == []
