@@ -36,7 +36,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
-from tasks.export import FORMATS, check_images, export_version  # noqa: E402
+from tasks.model.export import FORMATS, check_images, export_version  # noqa: E402
 from tasks.params import ExportParams, Params, RegistryParams  # noqa: E402
 
 REPEATS = 3  # timed passes; the best is reported (least disturbed by other processes)
@@ -44,10 +44,10 @@ REPEATS = 3  # timed passes; the best is reported (least disturbed by other proc
 
 def demo_registry(root: Path, params: Params, count: int, epochs: int) -> Params:
     """Params whose data set and registry (with a champion) live under ``root``."""
-    from tasks.demo_data import generate_demo_dataset
-    from tasks.gate import run_gate
-    from tasks.registry import publish
-    from tasks.train import run_train
+    from tasks.data.demo_data import generate_demo_dataset
+    from tasks.model.train import run_train
+    from tasks.registry.gate import run_gate
+    from tasks.registry.publish import publish
 
     demo = params.demo
     data_dir = root / "data"
@@ -98,7 +98,7 @@ def predictors(folder: Path) -> dict[str, Callable[[np.ndarray], object]]:
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
-    from tasks.model import load_model
+    from tasks.model.network import load_model
 
     keras_model = load_model(folder / "model.h5")
     interpreter = Interpreter(model_path=str(folder / "exports" / "model.tflite"))
@@ -156,8 +156,8 @@ def main() -> None:
         root = Path(tmp)
         params = champion_for_bench(root, args)
         params = dataclasses.replace(params, export=ExportParams(check_images=args.images))
-        from tasks.model import model_params_from_file
-        from tasks.registry import champion_card
+        from tasks.model.network import model_params_from_file
+        from tasks.registry.champion import champion_card
 
         version = champion_card(params.registry.dir)["version"]
         folder = Path(params.registry.dir) / "versions" / version

@@ -61,9 +61,9 @@ def train_and_score(params: Params) -> dict[str, float]:
     """Train on the train split, choose the threshold on validation, score the test split."""
     import numpy as np
 
-    from tasks.dataset import labels_of, list_images, resolve_color_mode, select
-    from tasks.evaluate import choose_threshold, classification_metrics, predict_probabilities
-    from tasks.train import best_epoch, train_model
+    from tasks.data.dataset import labels_of, list_images, resolve_color_mode, select
+    from tasks.model.evaluate import choose_threshold, classification_metrics, predict_probabilities
+    from tasks.model.train import best_epoch, train_model
 
     images = list_images(params.data.dir, params.data)
     train, validation, test = (select(images, split) for split in ("train", "validation", "test"))

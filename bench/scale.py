@@ -44,7 +44,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.demo_data import generate_demo_dataset  # noqa: E402
+from tasks.data.demo_data import generate_demo_dataset  # noqa: E402
 from tests.dvc_support import BIN, PROJECT, make_pipeline_repo, run, tool_env  # noqa: E402
 
 TARGETS_100K = {  # stage -> seconds, from the scale issue
@@ -113,8 +113,8 @@ def make_project(root: Path, data: Path, epochs: int) -> Path:
 def leak_check(project: Path, results: dict[str, dict]) -> None:
     """The index and brute force on the warm manifest: same answers, and their times."""
     from flows.params import load_params
-    from tasks.manifest import build_manifest
-    from tasks.near_duplicates import hash_matrix, within_radius
+    from tasks.data.manifest import build_manifest
+    from tasks.data.near_duplicates import hash_matrix, within_radius
 
     params = load_params(project / "params.yaml")
     manifest = build_manifest(project / "data", params.data, params.validate,

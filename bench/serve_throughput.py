@@ -4,7 +4,7 @@ The service runs in its own process (`fanaoi serve-model`, uvicorn, one worker) 
 registry whose champion is the demo-sized model (params.yaml `model`), built as in
 bench/export_throughput.py or copied from --registry (never changed). Each request
 uploads one validation image (PNG) to POST /predict. The baseline is the same work without
-HTTP: tasks.serve.check_upload + classify on the same bytes, one after another, in this
+HTTP: flows.serve_model.check_upload + classify on the same bytes, one after another, in this
 process.
 
     python bench/serve_throughput.py [--registry DIR --data DIR] [--requests 400]
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.export_throughput import add_champion_arguments, champion_for_bench  # noqa: E402
 from flows.params import write_params  # noqa: E402
-from tasks.dataset import list_images, select  # noqa: E402
+from tasks.data.dataset import list_images, select  # noqa: E402
 from tasks.params import Params  # noqa: E402
 
 CLIENTS = 4
@@ -91,7 +91,7 @@ def report(name: str, requests: int, wall: float, latencies: list[float], baseli
 
 def direct_rate(params: Params, images: list[bytes], count: int) -> float:
     """Images/s of the service's own work, without HTTP, in this process."""
-    from tasks.serve import ChampionHolder, check_upload, classify
+    from flows.serve_model import ChampionHolder, check_upload, classify
 
     loaded = ChampionHolder(params.registry.dir).current()
     for data in images[:5]:

@@ -4,7 +4,7 @@ All three train the same model (params.yaml `model`, batch size from `train`) in
 on this machine, on the same image files:
 
 - seed:     ImageDataGenerator(rescale=1/255, validation_split=0.2) + flow_from_directory
-- pipeline: tasks.dataset.make_dataset (tf.data: parallel decode, uint8 cache, prefetch)
+- pipeline: tasks.data.dataset.make_dataset (tf.data: parallel decode, uint8 cache, prefetch)
 - streamed (``--stream``): the same pipeline past train.cache_max_mb: no cache, every
   epoch decodes the files again
 - compute:  random tensors already in memory, same shapes and batch size
@@ -35,8 +35,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
-from tasks.dataset import list_images, make_dataset, resolve_color_mode  # noqa: E402
-from tasks.model import build_model  # noqa: E402
+from tasks.data.dataset import list_images, make_dataset, resolve_color_mode  # noqa: E402
+from tasks.model.network import build_model  # noqa: E402
 from tasks.params import Params  # noqa: E402
 
 
@@ -151,7 +151,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(args.data) if args.data else Path(scratch) / "data"
         if not args.data:
-            from tasks.demo_data import generate_demo_dataset
+            from tasks.data.demo_data import generate_demo_dataset
 
             demo = params.demo
             generate_demo_dataset(data_dir, args.images, demo.seed, demo.size, demo.ng_fraction,

@@ -1,6 +1,6 @@
 """Validation throughput: a cold run vs a warm one after the data set grew by 1 %.
 
-Both runs are the whole validate stage (tasks.validate.run_validate: manifest, GX suite,
+Both runs are the whole validate stage (tasks.data.validate.run_validate: manifest, GX suite,
 validation.json and its page) on the same generated data set, in one process:
 
 - cold: empty manifest cache, every image read, hashed and decoded
@@ -31,8 +31,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
+from tasks.data.validate import run_validate  # noqa: E402
 from tasks.params import Params  # noqa: E402
-from tasks.validate import run_validate  # noqa: E402
 from tests.conftest import draw_tiny_fan  # noqa: E402
 
 WARM_TARGET = 5000.0

@@ -40,7 +40,7 @@ def command(name: str) -> Callable[[Command], Command]:
 
 @command("demo-data")
 def _demo_data(args: argparse.Namespace, params: Params) -> int:
-    from tasks.demo_data import generate_demo_dataset
+    from tasks.data.demo_data import generate_demo_dataset
 
     demo = params.demo
     counts = generate_demo_dataset(
@@ -59,7 +59,7 @@ def _demo_data(args: argparse.Namespace, params: Params) -> int:
 def _validate(args: argparse.Namespace, params: Params) -> int:
     import dataclasses
 
-    from tasks.validate import run_validate
+    from tasks.data.validate import run_validate
 
     if args.directory:
         data = dataclasses.replace(params.data, dir=args.directory)
@@ -71,7 +71,7 @@ def _validate(args: argparse.Namespace, params: Params) -> int:
 
 @command("train")
 def _train(args: argparse.Namespace, params: Params) -> int:
-    from tasks.train import run_train
+    from tasks.model.train import run_train
 
     summary = run_train(params, args.model, args.reports)
     kept = summary["kept_epoch_metrics"]
@@ -84,7 +84,7 @@ def _train(args: argparse.Namespace, params: Params) -> int:
 
 @command("evaluate")
 def _evaluate(args: argparse.Namespace, params: Params) -> int:
-    from tasks.evaluate import run_evaluate
+    from tasks.model.evaluate import run_evaluate
 
     result = run_evaluate(params, args.model, args.reports)
     validation, comparison = result["validation"], result["kept_epoch_vs_evaluate"]
@@ -100,7 +100,7 @@ def _evaluate(args: argparse.Namespace, params: Params) -> int:
 
 def _print_defect_types(metrics: dict) -> None:
     """The escape rate's 95 % upper bound, then one line per defect type (NG subfolder)."""
-    from tasks.evaluate import defect_type_lines
+    from tasks.model.evaluate import defect_type_lines
 
     if "escape_rate_upper95" in metrics:
         print(f"escape rate 95 % upper bound {metrics['escape_rate_upper95']:.4f}")
@@ -110,7 +110,7 @@ def _print_defect_types(metrics: dict) -> None:
 
 @command("snapshot")
 def _snapshot(args: argparse.Namespace, params: Params) -> int:
-    from tasks.snapshot import commit_command, commit_message, commit_snapshot, snapshot_data
+    from tasks.data.snapshot import commit_command, commit_message, commit_snapshot, snapshot_data
 
     result = snapshot_data(
         Path("."), params.data.dir, push=not args.no_push, stamp_dir=params.validate.cache_dir,
@@ -127,7 +127,7 @@ def _snapshot(args: argparse.Namespace, params: Params) -> int:
 
 @command("ingest")
 def _ingest(args: argparse.Namespace, params: Params) -> int:
-    from tasks.ingest import ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED, ingest_batch
+    from tasks.data.ingest import ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED, ingest_batch
 
     if args.flow:
         from flows.prefect_env import use_offline_defaults
@@ -187,8 +187,8 @@ def _print_decision(result: dict) -> None:
 
 @command("gate")
 def _gate(args: argparse.Namespace, params: Params) -> int:
-    from tasks.gate import run_gate
-    from tasks.registry import publish
+    from tasks.registry.gate import run_gate
+    from tasks.registry.publish import publish
 
     if args.no_publish:
         result = run_gate(params, args.model, args.reports, record=False, report_file=PREVIEW_REPORT)
@@ -206,8 +206,8 @@ def _gate(args: argparse.Namespace, params: Params) -> int:
 
 @command("promote")
 def _promote(args: argparse.Namespace, params: Params) -> int:
-    from tasks.gate import run_gate
-    from tasks.registry import publish
+    from tasks.registry.gate import run_gate
+    from tasks.registry.publish import publish
 
     result = run_gate(params, args.model, args.reports, record=False)
     _print_decision(result)
@@ -220,7 +220,7 @@ def _promote(args: argparse.Namespace, params: Params) -> int:
 def _champion(args: argparse.Namespace, params: Params) -> int:
     import json
 
-    from tasks.registry import champion_card
+    from tasks.registry.champion import champion_card
 
     card = champion_card(params.registry.dir)
     if args.json:
@@ -255,7 +255,7 @@ def _history_why(entry: dict) -> str:
 
 @command("history")
 def _history(args: argparse.Namespace, params: Params) -> int:
-    from tasks.registry import champion_at, parse_time, read_log
+    from tasks.registry.decisions import champion_at, parse_time, read_log
 
     if args.at:
         entry = champion_at(params.registry.dir, parse_time(args.at))
@@ -275,7 +275,7 @@ def _history(args: argparse.Namespace, params: Params) -> int:
 
 @command("rollback")
 def _rollback(args: argparse.Namespace, params: Params) -> int:
-    from tasks.registry import rollback
+    from tasks.registry.decisions import rollback
 
     card = rollback(params.registry, args.version, args.reason)
     print(f"champion is now {card['version']}: {Path(params.registry.dir) / 'champion.h5'}")
@@ -294,7 +294,7 @@ _PRUNE_ROWS = (
 
 @command("prune")
 def _prune(args: argparse.Namespace, params: Params) -> int:
-    from tasks.prune import run_prune
+    from tasks.model.prune import run_prune
 
     result = run_prune(params, args.model, args.out, args.reports, fraction=args.fraction, epochs=args.epochs)
     print("pruned " + ", ".join(f"{row['layer']} {row['filters_before']}->{row['filters_after']}"
@@ -318,7 +318,7 @@ def _prune(args: argparse.Namespace, params: Params) -> int:
 def _predict(args: argparse.Namespace, params: Params) -> int:
     import json
 
-    from tasks.predict import expand_paths, load_champion, predict_files
+    from tasks.registry.predict import expand_paths, load_champion, predict_files
 
     files = expand_paths(args.paths, params.data.extensions)
     predictor = load_champion(params.registry.dir)
@@ -341,7 +341,7 @@ def _predict(args: argparse.Namespace, params: Params) -> int:
 
 @command("export")
 def _export(args: argparse.Namespace, params: Params) -> int:
-    from tasks.export import export_version
+    from tasks.model.export import export_version
 
     entry = export_version(params, args.format, args.version)
     print(f"exported {args.version or 'the champion'} as {args.format}: {entry['path']} "
@@ -352,7 +352,7 @@ def _export(args: argparse.Namespace, params: Params) -> int:
 
 @command("serve-model")
 def _serve_model(args: argparse.Namespace, params: Params) -> int:
-    from tasks.serve import run_server
+    from flows.serve_model import run_server
 
     host = args.host or params.serve.host
     port = args.port if args.port is not None else params.serve.port
@@ -365,7 +365,7 @@ def _serve_model(args: argparse.Namespace, params: Params) -> int:
 
 @command("explain")
 def _explain(args: argparse.Namespace, params: Params) -> int:
-    from tasks.explain import run_explain
+    from tasks.model.explain import run_explain
 
     summary = run_explain(
         params, version=args.version, model_path=args.model, image_path=args.image,
@@ -382,7 +382,7 @@ def _explain(args: argparse.Namespace, params: Params) -> int:
 
 @command("plots-template")
 def _plots_template(args: argparse.Namespace, params: Params) -> int:
-    from tasks.plots import configured_plots_template, write_plots_template
+    from tasks.model.plots import configured_plots_template, write_plots_template
 
     dvc_dir = Path(args.params).resolve().parent / ".dvc"
     template = write_plots_template(configured_plots_template(dvc_dir))
@@ -397,7 +397,7 @@ def _retrain(args: argparse.Namespace, params: Params) -> int:
     project = Path(args.params).resolve().parent
     data_dir = project / params.data.dir
     if not data_dir.is_dir() or not any(data_dir.iterdir()):
-        from tasks.demo_data import generate_demo_dataset
+        from tasks.data.demo_data import generate_demo_dataset
 
         demo = params.demo
         print(f"{data_dir} is empty: drawing the demo data set ({demo.count} images, seed {demo.seed})")
@@ -460,8 +460,8 @@ def _serve(args: argparse.Namespace, params: Params) -> int:
 def _status(args: argparse.Namespace, params: Params) -> int:
     import json
 
+    from flows.project_status import now_utc, project_status
     from flows.status import configured_api_url, nightly_runs
-    from tasks.status import now_utc, project_status
 
     project = Path(args.params).resolve().parent
     now = now_utc()

@@ -1,6 +1,6 @@
 """The ingest of a labeled batch as a Prefect flow, so each batch shows up in the dashboard.
 
-The work is ``tasks.ingest.ingest_batch`` (the same function as ``fanaoi ingest``); the
+The work is ``tasks.data.ingest.ingest_batch`` (the same function as ``fanaoi ingest``); the
 flow adds retries on transient failures (an ingest rerun adds nothing twice) and a
 markdown artifact with the verdict of every file that was not simply accepted.
 """
@@ -28,7 +28,7 @@ REPORT_KEY = "ingest-batch-report"
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_task(batch_dir: str, params: Params, push: bool, commit: bool) -> dict[str, Any]:
     """Judge every file, add the accepted ones to data/, dvc add + push."""
-    from tasks.ingest import ingest_batch
+    from tasks.data.ingest import ingest_batch
 
     return ingest_batch(
         batch_dir, params, Path.cwd(), push=push, commit=commit, report=get_run_logger().info

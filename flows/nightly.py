@@ -30,11 +30,11 @@ from flows.names import (
     report_description,
 )
 from flows.params import load_params
+from flows.stages import RunInProgress, exclusive_run, pipeline_changes, record_stage, stage_changes
 from tasks.durable import details_path
 from tasks.errors import FanaoiError
 from tasks.params import NightlyParams, Params, ParamsError
 from tasks.project_lock import project_lock
-from tasks.stages import RunInProgress, exclusive_run, pipeline_changes, record_stage, stage_changes
 
 CANDIDATE = "models/candidate.h5"
 REPORTS = "reports"
@@ -109,7 +109,7 @@ def validate_stage(params: Params, known: dict[str, list[str]] | None = None) ->
     """Great Expectations on the manifest of data/; a blocking failure fails the run."""
     if skipped := _skip_if_current("validate", known):
         return skipped
-    from tasks.validate import run_validate
+    from tasks.data.validate import run_validate
 
     result = run_validate(params, REPORTS, report=get_run_logger().info)
     record_stage(Path.cwd(), "validate")
@@ -119,7 +119,7 @@ def validate_stage(params: Params, known: dict[str, list[str]] | None = None) ->
 @task(name="snapshot", cache_policy=NO_CACHE)
 def snapshot_stage(data_dir: str, push: bool, stamp_dir: str) -> dict[str, Any]:
     """``dvc add`` data/ and ``dvc push`` it: the snapshot id every model card cites."""
-    from tasks.snapshot import snapshot_data
+    from tasks.data.snapshot import snapshot_data
 
     result = snapshot_data(Path.cwd(), data_dir, push=push, stamp_dir=stamp_dir)
     get_run_logger().info(
@@ -135,7 +135,7 @@ def train_stage(params: Params, known: dict[str, list[str]] | None = None) -> di
     """Fit the candidate; every epoch is logged to this task run."""
     if skipped := _skip_if_current("train", known):
         return skipped
-    from tasks.train import run_train
+    from tasks.model.train import run_train
 
     summary = run_train(params, CANDIDATE, REPORTS, report=get_run_logger().info)
     record_stage(Path.cwd(), "train")
@@ -147,7 +147,7 @@ def evaluate_stage(params: Params, known: dict[str, list[str]] | None = None) ->
     """Score the candidate; compare evaluate() with the kept epoch."""
     if skipped := _skip_if_current("evaluate", known):
         return skipped
-    from tasks.evaluate import run_evaluate
+    from tasks.model.evaluate import run_evaluate
 
     result = run_evaluate(params, CANDIDATE, REPORTS, report=get_run_logger().info)
     record_stage(Path.cwd(), "evaluate")
@@ -159,7 +159,7 @@ def gate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dic
     """Candidate vs champion on the same validation split: promote or reject, with reasons."""
     if skipped := _skip_if_current("gate", known):
         return skipped
-    from tasks.gate import run_gate
+    from tasks.registry.gate import run_gate
 
     return run_gate(params, CANDIDATE, REPORTS, report=get_run_logger().info)
 
@@ -171,7 +171,7 @@ def publish_stage(params: Params, gate: dict[str, Any]) -> dict[str, Any] | None
     The gate stage is recorded only after publishing, so a publish that failed is redone
     by the next run (or ``dvc repro``) instead of being skipped as up to date.
     """
-    from tasks.registry import publish
+    from tasks.registry.publish import publish
 
     card = None
     if gate["decision"] == "promote":
@@ -293,7 +293,7 @@ def _run_pipeline(params: Params, push: bool, deadline: float | None) -> dict[st
 def alert_on_reject_streak(params: Params, summary: dict[str, Any]) -> None:
     """Emit the reject-streak event once the gate has rejected ``alerts.reject_streak`` nights running."""
     from flows.events import emit_reject_streak
-    from tasks.registry import read_log, reject_streak
+    from tasks.registry.decisions import read_log, reject_streak
 
     wanted = params.alerts.reject_streak
     streak = reject_streak(read_log(params.registry.dir))
@@ -314,7 +314,8 @@ def summarize(
     params: Params, stages: dict[str, bool], snapshot: dict[str, Any], card: dict[str, Any] | None
 ) -> dict[str, Any]:
     """What the run decided and where the models are, from the reports the stages wrote."""
-    from tasks.registry import CHAMPION_MODEL, read_champion
+    from tasks.registry.champion import read_champion
+    from tasks.registry.store import CHAMPION_MODEL
 
     gate = _read_report("gate.json") or {}
     evaluation = _read_report("evaluation.json") or {}
@@ -447,7 +448,7 @@ def reports_base_url(params: Params) -> str:
 
 def validation_lines(reports_url: str) -> list[str]:
     """A link to the validation page; the validate stage writes it even when it blocks the run."""
-    from tasks.validate import VALIDATION_PAGE
+    from tasks.data.validate import VALIDATION_PAGE
 
     page = Path(REPORTS) / VALIDATION_PAGE
     if not page.is_file():

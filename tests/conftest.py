@@ -96,7 +96,7 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, obj
 
     Tests must not modify these files: copy them first.
     """
-    from tasks.train import run_train
+    from tasks.model.train import run_train
 
     root = tmp_path_factory.mktemp("trained")
     data_dir = make_image_folder(root / "data", per_class=40, seed=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.snapshot import data_snapshot_id
+from tasks.data.snapshot import data_snapshot_id
 from tests.conftest import make_image_folder
 from tests.dvc_support import BIN, make_pipeline_repo, run, tree_digest
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from flows.alerts import FAILED_AUTOMATION, REJECTS_AUTOMATION, WEBHOOK_ENV
-from tasks.registry import read_champion, read_log
+from tasks.registry.champion import read_champion
+from tasks.registry.decisions import read_log
 from tests.dvc_support import BIN
 from tests.flows.conftest import make_flow_project, update_params
 from tests.prefect_support import RUN_TIMEOUT, PrefectServer, api, runs_of

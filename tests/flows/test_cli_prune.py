@@ -6,7 +6,7 @@ import re
 import pytest
 
 from flows.cli import main
-from tasks.dataset import sha256_of
+from tasks.data.dataset import sha256_of
 from tests.tasks.champion_support import copy_registry, good_model, one_version_registry, write_params_file
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from flows.cli import main
-from tasks.registry import CHAMPION_MODEL, read_log
+from tasks.registry.decisions import read_log
+from tasks.registry.store import CHAMPION_MODEL
 from tests.bad_files import HOSTILE_IMAGES
 from tests.tasks.champion_support import (
     copy_registry,

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from flows.ingest import REPORT_KEY, ingest_batch_flow
-from tasks.dataset import sha256_of
-from tasks.ingest import IngestError
-from tasks.snapshot import data_snapshot_id
-from tasks.stages import stage_changes
+from flows.stages import stage_changes
+from tasks.data.dataset import sha256_of
+from tasks.data.ingest import IngestError
+from tasks.data.snapshot import data_snapshot_id
 from tests.conftest import make_image_folder
 from tests.dvc_support import tree_digest
 from tests.flows.test_nightly import artifacts, task_runs

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from flows.events import BATCH_INGESTED
-from tasks.registry import read_champion
-from tasks.snapshot import data_snapshot_id
+from tasks.data.snapshot import data_snapshot_id
+from tasks.registry.champion import read_champion
 from tests.conftest import make_image_folder
 from tests.dvc_support import BIN
 from tests.flows.conftest import make_flow_project, update_params

@@ -30,11 +30,13 @@ from flows.nightly import (
     report_markdown,
 )
 from flows.params import load_params
+from flows.stages import pipeline_changes, stage_changes
+from tasks.data.snapshot import SnapshotError, data_snapshot_id
+from tasks.data.validate import ValidationFailed
 from tasks.errors import FanaoiError
-from tasks.registry import RegistryLockedError, list_versions, read_champion, read_log
-from tasks.snapshot import SnapshotError, data_snapshot_id
-from tasks.stages import pipeline_changes, stage_changes
-from tasks.validate import ValidationFailed
+from tasks.registry.champion import read_champion
+from tasks.registry.decisions import read_log
+from tasks.registry.store import RegistryLockedError, list_versions
 from tests.dvc_support import run
 from tests.flows.conftest import update_params
 
@@ -281,14 +283,14 @@ def _remote_behind(project: Path, remote: Path) -> None:
 def test_an_unreachable_remote_is_retried_and_the_run_succeeds(
     nightly_project: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.snapshot
+    import tasks.data.snapshot
 
     project = copy_project(nightly_project["project"], tmp_path / "project")
     blocker = tmp_path / "share"  # a regular file where the remote's parent folder should be
     blocker.write_text("not a folder", encoding="utf-8")
     _remote_behind(project, blocker / "remote")
     failures: list[SnapshotError] = []
-    real_run_dvc = tasks.snapshot.run_dvc
+    real_run_dvc = tasks.data.snapshot.run_dvc
 
     def run_dvc_then_heal(repo_dir: Path | str, *args: str) -> str:
         try:
@@ -298,7 +300,7 @@ def test_an_unreachable_remote_is_retried_and_the_run_succeeds(
             blocker.unlink()
             raise
 
-    monkeypatch.setattr(tasks.snapshot, "run_dvc", run_dvc_then_heal)
+    monkeypatch.setattr(tasks.data.snapshot, "run_dvc", run_dvc_then_heal)
     state = nightly_retrain(params_path=str(project / "params.yaml"), return_state=True)
 
     assert state.is_completed(), state.message

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.nightly import DEFECT_TYPES_KEY, METRICS_KEY, REPORT_KEY
-from tasks.registry import read_champion
+from tasks.registry.champion import read_champion
 from tests.dvc_support import BIN
 from tests.flows.conftest import make_flow_project
 from tests.prefect_support import RUN_TIMEOUT, PrefectServer, api, runs_of

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.registry import read_champion
+from tasks.registry.champion import read_champion
 from tests.dvc_support import BIN, PROJECT, run
 from tests.flows.conftest import make_flow_project, update_params
 from tests.postgres_support import Postgres, postgres_bin

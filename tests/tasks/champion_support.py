@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from flows.params import write_params
-from tasks.dataset import list_images, select
+from tasks.data.dataset import list_images, select
 from tasks.params import GateParams, Params, RegistryParams
 from tests.conftest import tiny_params
 
@@ -36,8 +36,8 @@ def gate_params(data_dir: Path, registry_dir: Path, **gate: object) -> Params:
 
 def train_good_model(params: Params, path: Path) -> Path:
     """Train on the train split (no checkpoints, no reports) and save to ``path``."""
-    from tasks.model import save_model
-    from tasks.train import train_model
+    from tasks.model.network import save_model
+    from tasks.model.train import train_model
 
     images = list_images(params.data.dir, params.data)
     model, _ = train_model(select(images, "train"), select(images, "validation"), params.model, params.train)
@@ -48,7 +48,7 @@ def save_random_model(params: Params, path: Path, seed: int = 7) -> Path:
     """An untrained model: as bad as a candidate gets, and different from every trained one."""
     import keras
 
-    from tasks.model import build_model, save_model
+    from tasks.model.network import build_model, save_model
 
     keras.utils.set_random_seed(seed)
     model = build_model(params.model, params.train.learning_rate)
@@ -63,8 +63,8 @@ def good_model(data_dir: Path, base: Path) -> Path:
 @functools.cache
 def one_version_registry(data_dir: Path, base: Path) -> Path:
     """A registry whose champion v0001 is the good model, published through the gate."""
-    from tasks.gate import run_gate
-    from tasks.registry import publish
+    from tasks.registry.gate import run_gate
+    from tasks.registry.publish import publish
 
     registry = base / "registry-v1"
     params = gate_params(data_dir, registry)
@@ -119,8 +119,8 @@ def flip_weight_bytes(model_path: Path, count: int = 64) -> None:
         raw.write(bytes(b ^ 0xFF for b in chunk))
 def review_band_registry(data_dir: Path, base: Path, registry: Path, review_band: tuple[float, float]) -> Path:
     """A registry whose champion (the good model) was published with a review band."""
-    from tasks.gate import run_gate
-    from tasks.registry import publish
+    from tasks.registry.gate import run_gate
+    from tasks.registry.publish import publish
 
     params = gate_params(data_dir, registry)
     params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, review_band=review_band))

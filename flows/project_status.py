@@ -1,0 +1,229 @@
+"""The project's state on one screen: the champion, the data snapshot, and whether they agree.
+
+Read from files only (the registry, ``data.dvc``, ``dvc.lock``, the DVC cache's listing of
+a snapshot, ``data/.sources.jsonl``), without importing DVC or TensorFlow, so that
+``fanaoi status`` answers in well under two seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.data.ingest import INDEX_NAME
+from tasks.data.snapshot import pointer_file
+from tasks.registry.champion import read_champion
+from tasks.registry.decisions import read_log
+
+CARD_METRICS = ("accuracy", "escape_rate", "escape_rate_upper95", "overkill_rate")
+
+
+def project_status(project: Path, data_dir: str, registry_dir: Path, now: datetime) -> dict[str, Any]:
+    """Champion, data and the agreement between registry, data and dvc.lock."""
+    champion = champion_status(registry_dir, now)
+    data = data_status(project, data_dir)
+    return {
+        "champion": champion,
+        "data": data,
+        "agreement": agreement(champion, data, read_log(registry_dir)),
+    }
+
+
+def champion_status(registry_dir: Path, now: datetime) -> dict[str, Any] | None:
+    """Version, age, validation metrics and threshold of the champion; None before the first."""
+    champion = read_champion(registry_dir)
+    if champion is None:
+        return None
+    card = champion.card or {}
+    published = card.get("time")
+    validation = card.get("metrics", {}).get("validation", {})
+    return {
+        "version": champion.version,
+        "path": str(champion.model_path),
+        "published": published,
+        "age_seconds": _age(published, now),
+        "action": card.get("action"),
+        "threshold": card.get("threshold"),
+        "metrics": {name: validation[name] for name in CARD_METRICS if name in validation},
+        "validation_images": validation.get("count"),
+        "data_snapshot": card.get("data_snapshot"),
+        "problem": champion.problem,
+    }
+
+
+def _age(published: str | None, now: datetime) -> float | None:
+    try:
+        return (now - datetime.fromisoformat(published)).total_seconds() if published else None
+    except ValueError:
+        return None
+
+
+def data_status(project: Path, data_dir: str) -> dict[str, Any]:
+    """The snapshot data.dvc points at, what data/ holds, what the last training used."""
+    pointer = _pointer(project, data_dir)
+    trained = _trained_snapshot(project, data_dir)
+    on_disk = _folder_totals(project / data_dir)
+    return {
+        "snapshot": pointer.get("md5"),
+        "snapshot_files": pointer.get("nfiles"),
+        "snapshot_bytes": pointer.get("size"),
+        "folder_files": on_disk[0] if on_disk else None,
+        "folder_bytes": on_disk[1] if on_disk else None,
+        "trained_snapshot": trained,
+        "pending_batches": pending_batches(project, data_dir, trained),
+    }
+
+
+def _pointer(project: Path, data_dir: str) -> dict[str, Any]:
+    path = pointer_file(project, data_dir)
+    try:
+        outs = yaml.safe_load(path.read_text(encoding="utf-8"))["outs"][0]
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
+        return {}
+    return outs if isinstance(outs, dict) else {}
+
+
+def _trained_snapshot(project: Path, data_dir: str) -> str | None:
+    """The md5 of ``data_dir`` that dvc.lock recorded for the train stage."""
+    try:
+        lock = yaml.safe_load((project / "dvc.lock").read_text(encoding="utf-8"))
+        deps = lock["stages"]["train"]["deps"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return next((dep.get("md5") for dep in deps if dep.get("path") == data_dir), None)
+
+
+def _folder_totals(folder: Path) -> tuple[int, int] | None:
+    """Files and bytes under ``folder`` as ``dvc add`` counts them (stat only, no hashing)."""
+    if not folder.is_dir():
+        return None
+    files = size = 0
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            status = os.lstat(os.path.join(root, name))
+            files, size = files + 1, size + status.st_size
+    return files, size
+
+
+def snapshot_listing(project: Path, md5: str) -> set[str] | None:
+    """Relative paths of the files of a snapshot, from the local DVC cache's ``.dir`` entry."""
+    digest = md5.removesuffix(".dir")
+    path = project / ".dvc" / "cache" / "files" / "md5" / digest[:2] / f"{digest[2:]}.dir"
+    try:
+        return {entry["relpath"] for entry in json.loads(path.read_text(encoding="utf-8"))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def pending_batches(project: Path, data_dir: str, trained: str | None) -> list[dict[str, Any]] | None:
+    """Ingested batches with images the last training did not see, oldest first.
+
+    None when it cannot be told: the trained snapshot's listing is not in the DVC cache
+    (``dvc fetch`` brings it).
+    """
+    index = project / data_dir / INDEX_NAME
+    seen: set[str] = set()
+    if trained is not None:
+        listing = snapshot_listing(project, trained)
+        if listing is None:
+            return None
+        seen = listing
+    batches: dict[str, dict[str, Any]] = defaultdict(lambda: {"images": 0})
+    try:
+        lines = index.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    prefix = f"{data_dir}/"
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            relative = entry["file"].removeprefix(prefix)
+        except (ValueError, KeyError, AttributeError):
+            continue
+        if relative in seen:
+            continue
+        batch = batches[entry.get("batch", "?")]
+        batch["images"] += 1
+        batch["ingested_at"] = entry.get("ingested_at")
+    return sorted(
+        ({"batch": name, **info} for name, info in batches.items()),
+        key=lambda row: row.get("ingested_at") or "",
+    )
+
+
+def agreement(
+    champion: dict[str, Any] | None, data: dict[str, Any], log_entries: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Three checks, each with ``ok`` and what it means for the operator."""
+    return [_folder_vs_pointer(data), _pointer_vs_lock(data), _registry_vs_lock(champion, data, log_entries)]
+
+
+def _check(name: str, ok: bool, detail: str) -> dict[str, Any]:
+    return {"check": name, "ok": ok, "detail": detail}
+
+
+def _folder_vs_pointer(data: dict[str, Any]) -> dict[str, Any]:
+    name = "data/ = data.dvc"
+    if data["snapshot"] is None:
+        return _check(name, False, "no data snapshot yet: run `fanaoi snapshot` (or the nightly flow)")
+    if data["folder_files"] is None:
+        return _check(name, False, "the data folder is missing: `dvc checkout data.dvc` restores it")
+    recorded = (data["snapshot_files"], data["snapshot_bytes"])
+    found = (data["folder_files"], data["folder_bytes"])
+    if recorded == found:
+        return _check(name, True, f"{found[0]:,} files, {found[1]:,} bytes")
+    return _check(name, False, (
+        f"data/ holds {found[0]:,} files ({found[1]:,} bytes), data.dvc records "
+        f"{recorded[0] or 0:,} ({recorded[1] or 0:,} bytes): `fanaoi snapshot` records it"
+    ))
+
+
+def _pointer_vs_lock(data: dict[str, Any]) -> dict[str, Any]:
+    name = "data.dvc = dvc.lock"
+    if data["trained_snapshot"] is None:
+        return _check(name, False, "no training recorded in dvc.lock yet: the next run trains")
+    if data["trained_snapshot"] == data["snapshot"]:
+        return _check(name, True, "the last training used the current snapshot")
+    return _check(name, False, (
+        f"the last training used snapshot {_short(data['trained_snapshot'])}, data.dvc is "
+        f"{_short(data['snapshot'])}: the next nightly run trains on the new data"
+    ))
+
+
+def _registry_vs_lock(
+    champion: dict[str, Any] | None, data: dict[str, Any], log_entries: list[dict[str, Any]]
+) -> dict[str, Any]:
+    name = "registry = dvc.lock"
+    if champion is None:
+        return _check(name, False, "no champion yet: the next promoted candidate becomes v0001")
+    if champion["problem"]:
+        return _check(name, False, champion["problem"])
+    ours, trained = champion["data_snapshot"], data["trained_snapshot"]
+    if ours == trained:
+        return _check(name, True, f"{champion['version']} was trained on the snapshot dvc.lock records")
+    last = log_entries[-1] if log_entries else {}
+    if last.get("action") in ("reject", "rollback", "force"):
+        # A champion from older data is the expected outcome of these decisions.
+        return _check(name, True, (
+            f"{champion['version']} is from snapshot {_short(ours)}; the last decision "
+            f"was {last['action']}"
+        ))
+    return _check(name, False, (
+        f"{champion['version']} was trained on snapshot {_short(ours)} but dvc.lock records "
+        f"{_short(trained)} and no rejection: another copy of the project publishes to this "
+        f"registry, or dvc.lock comes from another revision"
+    ))
+
+
+def _short(md5: str | None) -> str:
+    return md5[:8] if md5 else "none"
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

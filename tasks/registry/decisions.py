@@ -1,0 +1,131 @@
+"""log.jsonl, every decision the registry took (promote, reject, force, rollback), and rollback itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tasks.params import RegistryParams
+from tasks.registry.champion import integrity_problem, published_version, read_champion, read_embedded_card
+from tasks.registry.store import (
+    LOG_FILE,
+    RegistryError,
+    install_champion,
+    list_versions,
+    registry_lock,
+    remove_leftovers,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+CHAMPION_ACTIONS = ("promote", "force", "rollback")
+
+
+def read_log(registry_dir: Path | str) -> list[dict[str, Any]]:
+    """Every decision, oldest first. A line cut short by a crash is skipped with a warning."""
+    path = Path(registry_dir) / LOG_FILE
+    if not path.exists():
+        return []
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            log.warning("%s:%d: unreadable log line skipped", path, number)
+    return entries
+
+
+def reject_streak(entries: Sequence[dict[str, Any]]) -> int:
+    """Gate rejections since the last decision that was not one (a promotion, a rollback)."""
+    count = 0
+    for entry in reversed(entries):
+        if entry.get("action") != "reject":
+            break
+        count += 1
+    return count
+
+
+def parse_time(text: str) -> datetime:
+    """ISO 8601 date or date-time; without a zone it is local time."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise RegistryError(
+            f"{text!r} is not a time; use ISO 8601, e.g. 2026-11-25T07:00 or 2026-11-25T07:00Z"
+        ) from None
+    return moment if moment.tzinfo else moment.astimezone()
+
+
+def champion_at(registry_dir: Path | str, moment: datetime) -> dict[str, Any] | None:
+    """The log entry that made the champion current at ``moment`` (None: no champion yet)."""
+    current = None
+    for entry in read_log(registry_dir):
+        if entry.get("action") in CHAMPION_ACTIONS and parse_time(entry["time"]) <= moment:
+            current = entry
+    return current
+
+
+def append_log(registry_dir: Path, entry: dict[str, Any]) -> None:
+    """Append one decision; the caller holds the registry lock."""
+    with (registry_dir / LOG_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"time": utc_now(), **entry}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def record_decision(registry: RegistryParams, entry: dict[str, Any]) -> None:
+    """Append a decision that publishes nothing (a gate rejection) to log.jsonl."""
+    registry_dir = Path(registry.dir)
+    with registry_lock(registry_dir, registry.lock_timeout):
+        remove_leftovers(registry_dir)
+        append_log(registry_dir, entry)
+
+
+def decision_entry(
+    action: str, gate_result: dict, version: str | None, previous: str | None, reasons: list[str]
+) -> dict[str, Any]:
+    """The log.jsonl line of a gate decision: what was decided about which candidate, and why."""
+    metrics = gate_result["candidate"]["metrics"]
+    return {
+        "action": action,
+        "version": version,
+        "previous": previous,
+        "candidate": gate_result["candidate"]["path"],
+        "metric": gate_result["metric"],
+        "value": metrics[gate_result["metric"]],
+        "escape_rate": metrics["escape_rate"],
+        "overkill_rate": metrics["overkill_rate"],
+        "reasons": reasons,
+        "failed": gate_result["failed"],
+    }
+
+
+def rollback(registry: RegistryParams, version: str, reason: str | None = None) -> dict[str, Any]:
+    """Make an earlier published version the champion again (atomic, logged). Returns its card."""
+    registry_dir = Path(registry.dir)
+    with registry_lock(registry_dir, registry.lock_timeout):
+        remove_leftovers(registry_dir)
+        version, folder = published_version(registry_dir, version)
+        card = read_embedded_card(folder / "model.h5")
+        others = [v for v in list_versions(registry_dir) if v != version]
+        problem = integrity_problem(
+            folder / "model.h5", registry_dir, version,
+            f"roll back to another version ({', '.join(others) or 'none'})",
+        )
+        if problem:
+            raise RegistryError(problem)
+        previous = read_champion(registry_dir)
+        install_champion(registry_dir, version)
+        append_log(registry_dir, {
+            "action": "rollback",
+            "version": version,
+            "previous": previous.version if previous else None,
+            "reasons": [reason or f"rollback to {version}"],
+        })
+    return card

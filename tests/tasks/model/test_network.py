@@ -1,0 +1,86 @@
+import h5py
+import numpy as np
+import pytest
+
+from tasks.model.network import (
+    TRAINING_ATTR,
+    build_model,
+    edge_kernels,
+    load_model,
+    read_model_metadata,
+    save_model,
+)
+from tasks.params import ModelParams, ParamsError
+
+SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
+
+
+def tiny_model_params(**overrides: object) -> ModelParams:
+    settings = {"input_size": (32, 32), "conv_filters": (16, 8), "dense_units": 8, **overrides}
+    return ModelParams(**settings)
+
+
+def first_kernel(params: ModelParams, seed: int = 3) -> np.ndarray:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return build_model(params, 0.001).layers[0].get_weights()[0]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_edges_put_sobel_first_in_every_channel_and_glorot_after_the_bank():
+    edges = first_kernel(tiny_model_params(first_layer_init="edges"))
+    glorot = first_kernel(tiny_model_params())
+    channels = edges.shape[2]
+    for channel in range(channels):
+        assert cosine(edges[:, :, channel, 0], SOBEL_X) == pytest.approx(1.0, abs=1e-6)
+        assert cosine(edges[:, :, channel, 1], SOBEL_X.T) == pytest.approx(1.0, abs=1e-6)
+    bank = edge_kernels().shape[-1]
+    np.testing.assert_array_equal(edges[..., bank:], glorot[..., bank:])
+    # scaled to a glorot filter's typical size, so no filter dominates the layer at the start
+    norms = np.linalg.norm(edges.reshape(-1, edges.shape[-1]), axis=0)
+    glorot_norms = np.linalg.norm(glorot.reshape(-1, glorot.shape[-1]), axis=0)
+    assert np.allclose(norms[:bank], norms[0])
+    assert 0.5 < norms[0] / np.mean(glorot_norms) < 2.0
+
+
+def test_edge_bank_has_no_brightness_response():
+    assert np.allclose(edge_kernels().sum(axis=(0, 1)), 0.0)
+
+
+def test_first_layer_init_is_seeded_and_he_normal_differs():
+    he = tiny_model_params(first_layer_init="he_normal")
+    np.testing.assert_array_equal(first_kernel(he), first_kernel(he))
+    # he_normal draws larger weights than glorot_uniform for a 3x3 kernel
+    assert np.std(first_kernel(he)) > 1.5 * np.std(first_kernel(tiny_model_params()))
+
+
+def test_unknown_first_layer_init_is_refused():
+    with pytest.raises(ParamsError, match="model.first_layer_init must be one of"):
+        ModelParams(first_layer_init="sobel")
+
+
+def test_saved_model_keeps_edge_kernels_and_its_training_record(tmp_path):
+    import keras
+
+    params = tiny_model_params(first_layer_init="edges")
+    keras.utils.set_random_seed(0)
+    model = build_model(params, 0.001)
+    path = save_model(model, tmp_path / "m.h5", {"GO": 0, "NG": 1}, params,
+                      training={"init": {"from": "random"}})
+    loaded = load_model(path)
+    np.testing.assert_array_equal(loaded.layers[0].get_weights()[0], model.layers[0].get_weights()[0])
+    assert read_model_metadata(path)["training"] == {
+        "first_layer_init": "edges", "init": {"from": "random"},
+    }
+
+
+def test_a_file_without_training_record_reads_as_empty(tmp_path):
+    params = tiny_model_params()
+    path = save_model(build_model(params, 0.001), tmp_path / "old.h5", {"GO": 0, "NG": 1}, params)
+    with h5py.File(path, "a") as handle:
+        del handle.attrs[TRAINING_ATTR]
+    assert read_model_metadata(path)["training"] == {}

@@ -1,0 +1,247 @@
+import dataclasses
+import json
+from collections import Counter
+
+import pytest
+
+from tasks.data.dataset import list_images, select
+from tasks.model.evaluate import escape_upper_bound
+from tasks.params import GateParams, ParamsError
+from tasks.registry.decisions import read_log
+from tasks.registry.gate import decide, mcnemar_exact, run_gate
+from tasks.registry.store import CHAMPION_MODEL
+from tests.conftest import copy_with_defect_types
+from tests.tasks.champion_support import (
+    copy_registry,
+    gate_params,
+    good_model,
+    one_version_registry,
+    train_good_model,
+)
+
+
+def metrics(accuracy, escape_rate=0.0, overkill_rate=0.0, **others):
+    return {
+        "accuracy": accuracy, "escape_rate": escape_rate, "overkill_rate": overkill_rate,
+        "balanced_accuracy": 1 - (escape_rate + overkill_rate) / 2, "f1": accuracy, "auc": accuracy,
+        **others,
+    }
+
+
+def failed(rules):
+    return [rule["rule"] for rule in rules if not rule["passed"]]
+
+
+GATE = GateParams(min_delta=0.005, max_escape_increase=0.0, max_overkill_increase=0.01,
+                  min_accuracy=0.95, max_escape_rate=0.05)
+
+
+def test_first_run_is_judged_on_the_floors_only():
+    decision, rules = decide(metrics(0.96, escape_rate=0.04), None, GATE)
+    assert decision == "promote"
+    assert [rule["rule"] for rule in rules] == ["min_accuracy", "max_escape_rate"]
+    decision, rules = decide(metrics(0.94, escape_rate=0.06), None, GATE)
+    assert decision == "reject" and failed(rules) == ["min_accuracy", "max_escape_rate"]
+
+
+def test_gain_below_min_delta_is_rejected_and_a_clear_gain_promoted():
+    champion = metrics(0.960)
+    decision, rules = decide(metrics(0.963), champion, GATE)
+    assert decision == "reject" and failed(rules) == ["primary_metric"]
+    primary = rules[2]
+    assert primary["delta"] == pytest.approx(0.003) and primary["limit"] == 0.005
+    assert "+0.0030 >= min_delta 0.0050: FAIL" in primary["text"]
+    assert decide(metrics(0.970), champion, GATE)[0] == "promote"
+
+
+def test_better_accuracy_with_more_escapes_is_rejected():
+    champion = metrics(0.960, escape_rate=0.020, overkill_rate=0.060)
+    candidate = metrics(0.980, escape_rate=0.030, overkill_rate=0.010)
+    decision, rules = decide(candidate, champion, GATE)
+    assert decision == "reject"
+    assert failed(rules) == ["max_escape_increase"]
+    escape = next(rule for rule in rules if rule["rule"] == "max_escape_increase")
+    assert escape["increase"] == pytest.approx(0.010)
+
+
+def test_overkill_may_grow_within_its_tolerance_only():
+    champion = metrics(0.960, overkill_rate=0.020)
+    assert decide(metrics(0.970, overkill_rate=0.030), champion, GATE)[0] == "promote"
+    decision, rules = decide(metrics(0.970, overkill_rate=0.031), champion, GATE)
+    assert decision == "reject" and failed(rules) == ["max_overkill_increase"]
+
+
+def test_primary_metric_follows_params():
+    champion = metrics(0.96, auc=0.990)
+    candidate = metrics(0.99, auc=0.991)  # accuracy gains, AUC does not by min_delta
+    gate = GateParams(metric="auc", min_accuracy=0.9)
+    decision, rules = decide(candidate, champion, gate)
+    assert decision == "reject" and failed(rules) == ["primary_metric"]
+    assert rules[2]["metric"] == "auc"
+
+
+def test_mcnemar_matches_a_hand_computation():
+    # 8 images only the candidate gets right, 1 only the champion, 11 both right.
+    candidate = [True] * 8 + [False] + [True] * 11
+    champion = [False] * 8 + [True] + [True] * 11
+    test = mcnemar_exact(candidate, champion)
+    assert (test["candidate_only_correct"], test["champion_only_correct"], test["discordant"]) == (8, 1, 9)
+    # Two-sided exact binomial, n = 9, k = 1: 2 * (C(9,0) + C(9,1)) / 2**9 = 20 / 512.
+    assert test["p_value"] == pytest.approx(20 / 512)
+    champion_metrics, candidate_metrics = metrics(0.90), metrics(0.95)
+    passes = decide(candidate_metrics, champion_metrics, GateParams(significance=0.05, min_accuracy=0.9), test)
+    fails = decide(candidate_metrics, champion_metrics, GateParams(significance=0.01, min_accuracy=0.9), test)
+    assert passes[0] == "promote" and fails[0] == "reject" and failed(fails[1]) == ["mcnemar"]
+
+
+def test_mcnemar_never_favours_a_candidate_that_is_significantly_worse():
+    test = mcnemar_exact([False] * 9 + [True], [True] * 9 + [True])
+    assert test["p_value"] == pytest.approx(2 * 1 / 2**9)
+    _, rules = decide(metrics(0.99), metrics(0.9), GateParams(significance=0.05, min_accuracy=0.9), test)
+    assert failed(rules) == ["mcnemar"]
+
+
+def test_no_discordant_pairs_gives_p_one():
+    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
+
+
+@pytest.mark.slow
+def test_first_run_promotes_on_floors_and_writes_its_reasons(data_dir, base, tmp_path):
+    params = gate_params(data_dir, tmp_path / "registry")
+    result = run_gate(params, good_model(data_dir, base), tmp_path / "reports")
+    written = json.loads((tmp_path / "reports" / "gate-details.json").read_text())
+    assert written["decision"] == result["decision"] == "promote"
+    assert written["champion"] == {"status": "none", "version": None}
+    assert written["reasons"][0].startswith("no champion yet")
+    assert [rule["rule"] for rule in written["rules"]] == ["min_accuracy", "max_escape_rate"]
+    assert written["candidate"]["metrics"]["count"] == written["validation_images"] > 0
+    assert len(written["smoke"]) == params.gate.smoke_images
+    assert not (tmp_path / "registry" / "log.jsonl").exists()  # a promotion is logged by publish
+
+
+@pytest.mark.slow
+def test_identical_retrain_is_rejected_below_min_delta(data_dir, base, tmp_path):
+    registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
+    params = gate_params(data_dir, registry)
+    retrained = train_good_model(params, tmp_path / "retrained.h5")
+    result = run_gate(params, retrained, tmp_path / "reports")
+    assert result["decision"] == "reject"
+    assert result["champion"]["status"] == "ok" and result["champion"]["version"] == "v0001"
+    primary = next(rule for rule in result["rules"] if rule["rule"] == "primary_metric")
+    assert primary["delta"] == pytest.approx(0.0, abs=1e-9) and not primary["passed"]
+    assert result["mcnemar"]["discordant"] == 0
+    logged = read_log(registry)[-1]
+    assert logged["action"] == "reject" and any(r.endswith("FAIL") for r in logged["reasons"])
+    assert logged["failed"] == [primary["text"]] == [r["text"] for r in result["rules"] if not r["passed"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_unusable_champion_is_reported_and_judged_on_floors(data_dir, base, tmp_path, damage):
+    registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
+    champion_file = registry / CHAMPION_MODEL
+    if damage == "corrupt":
+        champion_file.write_bytes(champion_file.read_bytes()[:2000])
+    else:
+        champion_file.unlink()
+    params = gate_params(data_dir, registry)
+    result = run_gate(params, good_model(data_dir, base), tmp_path / "reports", record=False)
+    assert result["champion"]["status"] == "unusable"
+    assert result["champion"]["version"] == "v0001"  # from champion.json
+    assert str(champion_file) in result["champion"]["problem"]
+    assert "unusable" in result["reasons"][0] and "floors only" in result["reasons"][0]
+    assert [rule["rule"] for rule in result["rules"]] == ["min_accuracy", "max_escape_rate"]
+    assert result["decision"] == "promote"  # the floors pass; a failing candidate would not
+    strict = gate_params(data_dir, registry, min_accuracy=1.01)
+    assert run_gate(strict, good_model(data_dir, base), tmp_path / "reports", record=False)["decision"] == "reject"
+
+
+@pytest.mark.slow
+def test_calibrated_threshold_goes_into_the_result(data_dir, base, tmp_path):
+    params = gate_params(data_dir, tmp_path / "registry", target_escape_rate=0.0)
+    result = run_gate(params, good_model(data_dir, base), tmp_path / "reports", record=False)
+    assert result["threshold_source"].startswith("calibrated")
+    assert result["candidate"]["metrics"]["escape_rate"] == 0.0
+    assert result["candidate"]["metrics"]["threshold"] == result["threshold"] != 0.5
+
+
+def test_missing_candidate_is_a_clear_error(data_dir, tmp_path):
+    from tasks.model.network import ModelFileError
+
+    with pytest.raises(ModelFileError, match="candidate.h5: model file not found"):
+        run_gate(gate_params(data_dir, tmp_path / "registry"), tmp_path / "candidate.h5", tmp_path)
+    assert not (tmp_path / "gate.json").exists()
+
+
+def typed(count, escapes):
+    return {"count": count, "escapes": escapes, "escape_rate": escapes / count,
+            "escape_rate_upper95": escape_upper_bound(escapes, count)}
+
+
+def test_one_defect_type_let_through_is_rejected_though_the_overall_rate_passes():
+    # 2 escapes of 50 NG (4 %, under the 5 % floor), both of them blowholes: 2 of 5.
+    candidate = metrics(0.97, escape_rate=0.04, defect_types={
+        "blowhole": typed(5, 2), "crack": typed(25, 0), "untyped": typed(20, 0),
+    })
+    assert decide(candidate, None, GATE)[0] == "promote"  # per-type rule off by default
+    per_type = dataclasses.replace(GATE, max_escape_rate_per_type=0.1)
+    decision, rules = decide(candidate, None, per_type)
+    assert decision == "reject"
+    assert failed(rules) == ["max_escape_rate_per_type"]
+    by_type = {rule["defect_type"]: rule for rule in rules if rule["rule"] == "max_escape_rate_per_type"}
+    assert list(by_type) == ["blowhole", "crack", "untyped"]  # one rule per type, each recorded
+    blowhole = by_type["blowhole"]
+    assert (blowhole["count"], blowhole["escapes"], blowhole["value"], blowhole["limit"]) == (5, 2, 0.4, 0.1)
+    assert blowhole["upper95"] == pytest.approx(0.8534, abs=1e-4)
+    assert blowhole["text"] == "blowhole escape rate 0.4000 (2 of 5, 95 % upper 0.8534) <= ceiling 0.1000: FAIL"
+    assert by_type["crack"]["passed"] and by_type["crack"]["upper95"] == pytest.approx(0.1372, abs=1e-4)
+
+
+def test_per_type_ceiling_applies_with_a_champion_too():
+    candidate = metrics(0.99, escape_rate=0.01, defect_types={"crack": typed(10, 1)})
+    gate = dataclasses.replace(GATE, max_escape_rate_per_type=0.05)
+    decision, rules = decide(candidate, metrics(0.95, escape_rate=0.02), gate)
+    assert decision == "reject" and failed(rules) == ["max_escape_rate_per_type"]
+    loose = dataclasses.replace(GATE, max_escape_rate_per_type=0.1)
+    assert decide(candidate, metrics(0.95, escape_rate=0.02), loose)[0] == "promote"
+
+
+def test_per_type_ceiling_must_be_a_rate():
+    with pytest.raises(ParamsError, match="gate.max_escape_rate_per_type must be null or between 0 and 1"):
+        GateParams(max_escape_rate_per_type=5)
+
+
+@pytest.mark.slow
+def test_gate_rejects_a_candidate_that_lets_one_defect_type_through(data_dir, base, tmp_path):
+    from tasks.model.evaluate import predict_probabilities
+    from tasks.model.network import load_model
+
+    typed_data = copy_with_defect_types(data_dir, tmp_path / "data")
+    params = gate_params(typed_data, tmp_path / "registry", max_escape_rate_per_type=0.1)
+    model = good_model(data_dir, base)
+    validation = select(list_images(typed_data, params.data), "validation")
+    expected = Counter(image.defect_type for image in validation if image.defect_type)
+    probabilities = predict_probabilities(load_model(model), validation, params.model, 16)
+    ng = sorted((float(p), image.defect_type) for p, image in zip(probabilities, validation, strict=True)
+                if image.label == 1)
+    # A threshold between the two least confident NG images: exactly one NG escapes.
+    (lowest, let_through), (second, _) = ng[0], ng[1]
+    # 1 escape: within the 0.2 floor overall (5 or more NG), above 0.1 for its type (fewer than 10).
+    assert lowest < second and expected[let_through] < 10 and len(ng) >= 5
+    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate,
+                                                                      threshold=(lowest + second) / 2))
+    result = run_gate(params, model, tmp_path / "reports", record=False)
+
+    written = json.loads((tmp_path / "reports" / "gate-details.json").read_text())
+    candidate = written["candidate"]["metrics"]
+    assert {kind: row["count"] for kind, row in candidate["defect_types"].items()} == expected
+    assert candidate["confusion"]["fn"] == 1 and candidate["escape_rate"] <= params.gate.max_escape_rate
+    assert candidate["escape_rate"] < candidate["escape_rate_upper95"] <= 1
+    assert result["decision"] == written["decision"] == "reject"
+    assert failed(written["rules"]) == ["max_escape_rate_per_type"]
+    rules = {rule["defect_type"]: rule for rule in written["rules"] if rule["rule"] == "max_escape_rate_per_type"}
+    assert list(rules) == sorted(expected)
+    assert [kind for kind, rule in rules.items() if not rule["passed"]] == [let_through]
+    assert rules[let_through]["escapes"] == 1 and rules[let_through]["count"] == expected[let_through]
+    assert rules[let_through]["upper95"] == pytest.approx(escape_upper_bound(1, expected[let_through]))
+    assert any(text.startswith(f"{let_through} escape rate") for text in written["failed"])
