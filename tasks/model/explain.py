@@ -11,9 +11,7 @@ the mistakes shown are the ones it makes in production.
 from __future__ import annotations
 
 import dataclasses
-import html
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -25,10 +23,19 @@ import numpy as np
 from PIL import Image
 
 from tasks.data.dataset import UNTYPED, LabeledImage, decode_image, defect_types_of, list_images, require_split, select
-from tasks.errors import FanaoiError
+from tasks.model.charts import history_charts, history_columns, line_chart
 from tasks.model.evaluate import classification_metrics, escape_bounds, predict_probabilities, roc_points
+from tasks.model.explain_pictures import (
+    ExplainError,
+    conv_layers,
+    feature_grid,
+    feature_maps,
+    filter_grid,
+    grad_cam,
+    overlay,
+)
 from tasks.model.network import ModelFileError, load_model, model_params_from_file, read_model_metadata
-from tasks.model.train import read_history
+from tasks.pages import render_page
 from tasks.params import ModelParams, Params
 from tasks.registry.champion import published_version, read_embedded_card
 from tasks.registry.store import HISTORY_FILE
@@ -37,19 +44,6 @@ if TYPE_CHECKING:
     import keras
 
 log = logging.getLogger(__name__)
-
-# A 3x3 kernel or a 37x37 feature map is too small to see; cells are scaled up to about
-# this many pixels with nearest neighbour, so each weight stays one visible square.
-FILTER_CELL_PIXELS = 36
-FEATURE_CELL_PIXELS = 64
-GRID_GAP = 2
-GRID_BACKGROUND = 255
-HEATMAP_ALPHA = 0.45
-GRAD_CAM_BATCH = 32
-
-
-class ExplainError(FanaoiError):
-    """The model or image cannot be explained; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -63,24 +57,6 @@ class ModelSource:
     history: Path | None
     history_note: str
 
-
-@dataclass(frozen=True)
-class Grid:
-    """Cells laid out row by row, ``cell`` pixels each, ``GRID_GAP`` pixels apart."""
-
-    image: np.ndarray
-    cells: int
-    columns: int
-    cell: tuple[int, int]
-
-    def box(self, index: int) -> tuple[int, int, int, int]:
-        """(top, left, bottom, right) of cell ``index``."""
-        row, column = divmod(index, self.columns)
-        top, left = row * (self.cell[0] + GRID_GAP), column * (self.cell[1] + GRID_GAP)
-        return top, left, top + self.cell[0], left + self.cell[1]
-
-
-# --- which model ---------------------------------------------------------------------
 
 
 def resolve_source(
@@ -106,6 +82,7 @@ def resolve_source(
     )
 
 
+
 def _file_source(path: Path, params: Params, history: Path) -> ModelSource:
     try:
         card = read_embedded_card(path)
@@ -120,180 +97,13 @@ def _file_source(path: Path, params: Params, history: Path) -> ModelSource:
     )
 
 
-# --- pictures of the network ---------------------------------------------------------
-
-
-def conv_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    import keras
-
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    if not layers:
-        raise ExplainError(f"model {model.name!r} has no Conv2D layer; explain needs a CNN")
-    return layers
-
-
-def normalise_kernel(kernel: np.ndarray) -> np.ndarray:
-    """One kernel (height, width, channels) min-max scaled to 0..255 uint8."""
-    low, high = float(kernel.min()), float(kernel.max())
-    scaled = (kernel - low) / (high - low) if high > low else np.zeros_like(kernel)
-    return np.round(scaled * 255).astype(np.uint8)
-
-
-def _upscale(cell: np.ndarray, target: int) -> np.ndarray:
-    factor = max(1, math.ceil(target / cell.shape[0]))
-    return np.repeat(np.repeat(cell, factor, axis=0), factor, axis=1)
-
-
-def _as_rgb(cell: np.ndarray) -> np.ndarray:
-    if cell.ndim == 2:
-        cell = cell[..., None]
-    return np.repeat(cell, 3, axis=2) if cell.shape[2] == 1 else cell
-
-
-def tile(cells: Sequence[np.ndarray]) -> Grid:
-    """Equal-sized RGB cells in a near-square grid on a white background."""
-    columns = math.ceil(math.sqrt(len(cells)))
-    rows = math.ceil(len(cells) / columns)
-    height, width = cells[0].shape[:2]
-    image = np.full(
-        (rows * (height + GRID_GAP) - GRID_GAP, columns * (width + GRID_GAP) - GRID_GAP, 3),
-        GRID_BACKGROUND, dtype=np.uint8,
-    )
-    grid = Grid(image, len(cells), columns, (height, width))
-    for index, cell in enumerate(cells):
-        top, left, bottom, right = grid.box(index)
-        image[top:bottom, left:right] = cell
-    return grid
-
-
-def filter_grid(model: keras.Model) -> Grid:
-    """The first Conv2D's kernels, each normalised on its own and enlarged."""
-    layer = conv_layers(model)[0]
-    kernels = layer.get_weights()[0]  # (height, width, input channels, filters)
-    if kernels.shape[2] not in (1, 3):
-        raise ExplainError(
-            f"first Conv2D {layer.name!r} reads {kernels.shape[2]} channels; only grayscale "
-            f"or RGB input can be drawn"
-        )
-    cells = [
-        _upscale(_as_rgb(normalise_kernel(kernels[..., k])), FILTER_CELL_PIXELS)
-        for k in range(kernels.shape[3])
-    ]
-    return tile(cells)
-
-
-def _forward(
-    model: keras.Model, images: Any, tape: Any = None
-) -> tuple[list[tuple[str, Any]], Any]:
-    """Run the layers one by one: each Conv2D's output and the model's output.
-
-    A Sequential loaded from .h5 was rebuilt layer by layer, so ``layer.output`` belongs
-    to a graph that never reaches the final output; calling the layers in order avoids
-    that. With a tape, each Conv2D output is watched, so gradients can be taken toward it.
-    """
-    import keras
-
-    if not isinstance(model, keras.Sequential):
-        raise ExplainError(
-            f"model {model.name!r} is a {type(model).__name__}; explain reads FanAOI's "
-            f"Sequential models (tasks.model.network.build_model)"
-        )
-    convs, tensor = [], images
-    for layer in model.layers:
-        tensor = layer(tensor, training=False)
-        if isinstance(layer, keras.layers.Conv2D):
-            if tape is not None:
-                tape.watch(tensor)
-            convs.append((layer.name, tensor))
-    return convs, tensor
-
-
-def feature_maps(model: keras.Model, image: np.ndarray) -> tuple[list[tuple[str, np.ndarray]], float]:
-    """Each Conv2D's activations (height, width, filters) for one image, and the model output."""
-    conv_layers(model)
-    convs, output = _forward(model, image[None])
-    return [(name, np.asarray(v)[0]) for name, v in convs], float(np.asarray(output).reshape(-1)[0])
-
-
-def feature_grid(activations: np.ndarray) -> Grid:
-    """One grayscale cell per filter, each scaled to its own range (a dead filter is black)."""
-    cells = []
-    for k in range(activations.shape[2]):
-        channel = activations[..., k]
-        low, high = float(channel.min()), float(channel.max())
-        scaled = (channel - low) / (high - low) if high > low else np.zeros_like(channel)
-        cells.append(_upscale(_as_rgb(np.round(scaled * 255).astype(np.uint8)), FEATURE_CELL_PIXELS))
-    return tile(cells)
-
-
-def grad_cam(
-    model: keras.Model, images: np.ndarray, targets: Sequence[int] | np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM of the last Conv2D toward a class per image (label 1 or 0).
-
-    ``images`` is a preprocessed batch (n, height, width, channels). The model outputs the
-    positive-class probability p, so the score of label 1 is p and of label 0 is 1 - p.
-    Returns maps (n, height, width) in [0, 1] (all zero when nothing in the image raises
-    the score) and p.
-    """
-    import tensorflow as tf
-
-    conv_layers(model)
-    maps, probabilities = [], []
-    for start in range(0, len(images), GRAD_CAM_BATCH):
-        batch = tf.convert_to_tensor(images[start : start + GRAD_CAM_BATCH], dtype=tf.float32)
-        toward_positive = tf.convert_to_tensor(np.asarray(targets[start : start + GRAD_CAM_BATCH]) == 1)
-        with tf.GradientTape() as tape:
-            convs, probability = _forward(model, batch, tape)
-            activations = convs[-1][1]
-            probability = tf.reshape(probability, [-1])
-            target = tf.where(toward_positive, probability, 1.0 - probability)
-            # Images in a batch do not interact: the gradient of the sum is each one's own.
-            total = tf.reduce_sum(target)
-        gradients = tape.gradient(total, activations)
-        weights = tf.reduce_mean(gradients, axis=(1, 2))
-        cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", activations, weights))
-        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-        cam = tf.math.divide_no_nan(cam, peak)
-        cam = tf.image.resize(cam[..., None], images.shape[1:3], method="bilinear")[..., 0]
-        maps.append(np.clip(cam.numpy(), 0.0, 1.0))
-        probabilities.append(probability.numpy())
-    return np.concatenate(maps), np.concatenate(probabilities)
-
-
-def heat_colours(heat: np.ndarray) -> np.ndarray:
-    """Blue (0) -> cyan -> green -> yellow -> red (1), as uint8 RGB."""
-    stops = np.array([[0, 0, 128], [0, 128, 255], [0, 200, 80], [255, 230, 0], [220, 0, 0]], float)
-    position = np.clip(heat, 0, 1) * (len(stops) - 1)
-    lower = np.minimum(position.astype(int), len(stops) - 2)
-    fraction = (position - lower)[..., None]
-    return np.round(stops[lower] * (1 - fraction) + stops[lower + 1] * fraction).astype(np.uint8)
-
-
-def overlay(original: Image.Image, heats: Sequence[np.ndarray]) -> Image.Image:
-    """The image, then one copy per heatmap with it blended over, side by side at the image's size."""
-    base = original.convert("RGB")
-    panels = [base]
-    for heat in heats:
-        resized = Image.fromarray(np.round(heat * 255).astype(np.uint8), "L").resize(
-            base.size, Image.Resampling.BILINEAR
-        )
-        colours = Image.fromarray(heat_colours(np.asarray(resized) / 255.0), "RGB")
-        panels.append(Image.blend(base, colours, HEATMAP_ALPHA))
-    strip = Image.new("RGB", (len(panels) * (base.width + GRID_GAP) - GRID_GAP, base.height), "white")
-    for index, panel in enumerate(panels):
-        strip.paste(panel, (index * (base.width + GRID_GAP), 0))
-    return strip
-
-
-# --- which images the model got wrong ------------------------------------------------
-
 
 @dataclass(frozen=True)
 class Mistake:
     image: LabeledImage
     kind: str  # "escape" (positive class passed) or "overkill" (negative class rejected)
     probability: float
+
 
 
 def mistakes(
@@ -312,6 +122,7 @@ def mistakes(
     return escapes + overkills
 
 
+
 def decode_file(path: Path, model_params: ModelParams) -> np.ndarray:
     """One image file preprocessed as the model expects; an unreadable file names itself."""
     import tensorflow as tf
@@ -324,103 +135,6 @@ def decode_file(path: Path, model_params: ModelParams) -> np.ndarray:
         ) from None
 
 
-# --- charts (inline SVG) --------------------------------------------------------------
-
-_SERIES_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
-_CHART = {"width": 420, "height": 280, "left": 52, "right": 16, "top": 28, "bottom": 42}
-
-
-def _ticks(low: float, high: float, whole: bool = False, count: int = 5) -> list[float]:
-    """Evenly spaced tick values; whole numbers only (epochs) when ``whole``."""
-    if whole:
-        step = max(1, math.ceil((high - low) / 10))
-        return list(range(math.ceil(low), math.floor(high) + 1, step))
-    return [low + (high - low) * i / (count - 1) for i in range(count)]
-
-
-def svg_line_chart(
-    title: str,
-    series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
-    x_label: str,
-    y_label: str,
-    *,
-    x_range: tuple[float, float] | None = None,
-    y_range: tuple[float, float] | None = None,
-    diagonal: bool = False,
-) -> str:
-    """A small line chart: ``series`` are (name, xs, ys); ranges default to the data's."""
-    c = _CHART
-    xs = [x for _, sx, _ in series for x in sx]
-    ys = [y for _, _, sy in series for y in sy]
-    x0, x1 = x_range or (min(xs), max(xs))
-    y0, y1 = y_range or (min(ys), max(ys))
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    plot_w, plot_h = c["width"] - c["left"] - c["right"], c["height"] - c["top"] - c["bottom"]
-
-    def px(x: float) -> float:
-        return c["left"] + (x - x0) / (x1 - x0) * plot_w
-
-    def py(y: float) -> float:
-        return c["top"] + (1 - (y - y0) / (y1 - y0)) * plot_h
-
-    e = html.escape
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{c["width"]}" height="{c["height"]}" '
-        f'role="img" aria-label="{e(title)}" font-family="sans-serif" font-size="11">',
-        f'<text x="{c["width"] / 2}" y="16" text-anchor="middle" font-size="13">{e(title)}</text>',
-        f'<rect x="{c["left"]}" y="{c["top"]}" width="{plot_w}" height="{plot_h}" '
-        f'fill="none" stroke="#999"/>',
-    ]
-    for x in _ticks(x0, x1, whole=all(float(x).is_integer() for x in xs)):
-        parts.append(f'<text x="{px(x):.1f}" y="{c["top"] + plot_h + 14}" '
-                     f'text-anchor="middle">{x:.3g}</text>')
-    for y in _ticks(y0, y1):
-        parts.append(f'<line x1="{c["left"]}" x2="{c["left"] + plot_w}" y1="{py(y):.1f}" '
-                     f'y2="{py(y):.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{c["left"] - 4}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
-    parts += [
-        f'<text x="{c["left"] + plot_w / 2}" y="{c["height"] - 8}" text-anchor="middle">{e(x_label)}</text>',
-        f'<text transform="translate(12 {c["top"] + plot_h / 2}) rotate(-90)" '
-        f'text-anchor="middle">{e(y_label)}</text>',
-    ]
-    if diagonal:
-        parts.append(f'<line x1="{px(x0):.1f}" y1="{py(y0):.1f}" x2="{px(x1):.1f}" y2="{py(y1):.1f}" '
-                     f'stroke="#bbb" stroke-dasharray="4 3"/>')
-    for index, (name, sx, sy) in enumerate(series):
-        colour = _SERIES_COLOURS[index % len(_SERIES_COLOURS)]
-        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy, strict=True))
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        # Right middle: rising curves (accuracy, ROC) end high there, falling ones (loss) low.
-        legend_x, legend_y = c["left"] + plot_w - 110, c["top"] + plot_h / 2 + 14 * index
-        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 18}" y1="{legend_y - 4}" '
-                     f'y2="{legend_y - 4}" stroke="{colour}" stroke-width="2"/>')
-        parts.append(f'<text x="{legend_x + 22}" y="{legend_y}">{e(name)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def history_columns(path: Path) -> dict[str, list[float]]:
-    """history.csv as columns of floats."""
-    rows = read_history(path)
-    return {column: [row[column] for row in rows] for column in rows[0]} if rows else {}
-
-
-def history_charts(history: dict[str, list[float]]) -> list[str]:
-    epochs = history.get("epoch", [])
-    charts = []
-    for measure in ("accuracy", "loss"):
-        series = [
-            (name, epochs, history[column])
-            for name, column in (("train", measure), ("validation", f"val_{measure}"))
-            if column in history
-        ]
-        if series and epochs:
-            charts.append(svg_line_chart(f"{measure.capitalize()} per epoch", series, "epoch", measure))
-    return charts
-
-
-# --- the report -----------------------------------------------------------------------
-
 
 def _clear_pngs(folder: Path) -> None:
     """Pictures of an earlier run (it may have had more mistakes) must not linger."""
@@ -430,14 +144,17 @@ def _clear_pngs(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
+
 def _file_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
 
 
 def _save(array_or_image: np.ndarray | Image.Image, path: Path) -> str:
     image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
     image.save(path)
     return path.name
+
 
 
 def _relabel(images: Sequence[LabeledImage], mapping: dict[str, int], path: Path) -> list[LabeledImage]:
@@ -449,6 +166,7 @@ def _relabel(images: Sequence[LabeledImage], mapping: dict[str, int], path: Path
             f"{', '.join(missing)}; explain it on the data it was trained for"
         )
     return [dataclasses.replace(image, label=mapping[image.class_name]) for image in images]
+
 
 
 def draw_feature_maps(
@@ -466,6 +184,7 @@ def draw_feature_maps(
             "silent": silent,
         })
     return entries, probability
+
 
 
 def draw_heatmaps(
@@ -492,6 +211,7 @@ def draw_heatmaps(
             "blank": [not m.any() for m in maps],
         })
     return entries
+
 
 
 def run_explain(
@@ -568,161 +288,23 @@ def run_explain(
     return summary
 
 
-def _confusion_table(confusion: dict[str, int], class_names: Sequence[str]) -> str:
-    negative, positive = (html.escape(n) for n in class_names)
-    kinds = {"tn": "correct", "tp": "correct", "fp": "overkill", "fn": "escape"}
-
-    def cell(key: str) -> str:
-        return f'<td class="{kinds[key]}">{confusion[key]}<br><small>{kinds[key]}</small></td>'
-
-    return (
-        f"<table class=confusion><tr><th>actual \\ predicted</th><th>{negative}</th>"
-        f"<th>{positive}</th></tr>"
-        f"<tr><th>{negative}</th>{cell('tn')}{cell('fp')}</tr>"
-        f"<tr><th>{positive}</th>{cell('fn')}{cell('tp')}</tr></table>"
-    )
-
-
-def _upper_text(metrics: dict[str, Any]) -> str:
-    upper = metrics.get("escape_rate_upper95")
-    return "" if upper is None else f" (95 % upper bound {upper:.4f})"
-
-
-def _defect_type_table(metrics: dict[str, Any], positive: str) -> str:
-    """Escapes per defect type (subfolder of the positive class) with their upper bounds."""
-    per_type = metrics.get("defect_types") or {}
-    if not per_type:
-        return ""
-    e = html.escape
-    rows = "".join(
-        f"<tr><td>{e(kind)}</td><td>{row['count']}</td><td>{row['escapes']}</td>"
-        f"<td>{row['escape_rate']:.4f}</td><td>{row['escape_rate_upper95']:.4f}</td></tr>"
-        for kind, row in per_type.items()
-    )
-    return (
-        f"<h3>Escapes per defect type</h3><p>Defect type = subfolder of {e(positive)}/ "
-        f"(images directly in it: {e(UNTYPED)}). The upper bound is the top of the exact "
-        f"(Clopper-Pearson) 95 % interval: with few images a rate of 0 is not a guarantee.</p>"
-        f"<table><tr><th>defect type</th><th>{e(positive)} images</th><th>escapes</th>"
-        f"<th>escape rate</th><th>95 % upper bound</th></tr>{rows}</table>"
-    )
-
-
-_STYLE = """
-body { font-family: sans-serif; margin: 2em; max-width: 1100px; color: #222; }
-h1 { font-size: 1.5em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; margin: 0.5em 0; }
-td, th { border: 1px solid #ccc; padding: 4px 10px; text-align: left; }
-table.confusion td { text-align: center; min-width: 6em; }
-td.correct { background: #e6f4e6; } td.escape { background: #f8d0d0; }
-td.overkill { background: #fbe8c8; }
-img.pixels { image-rendering: pixelated; }
-figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
-figcaption { font-size: 0.85em; max-width: 390px; word-break: break-all; }
-.charts svg { margin-right: 1em; }
-"""
-
-
 def render_html(
     summary: dict[str, Any],
     class_names: Sequence[str],
     roc: Sequence[dict[str, float]],
     history: dict[str, list[float]],
 ) -> str:
-    """The whole page; every piece of text from files or params is escaped."""
-    e = html.escape
-    metrics = summary["validation"]
+    """The whole page; every piece of text from files or params is escaped by the template."""
+    auc = summary["validation"]["auc"]
+    roc_chart = line_chart(
+        "ROC (validation)",
+        [(f"AUC {'n/a' if auc is None else f'{auc:.4f}'}", [p["fpr"] for p in roc], [p["tpr"] for p in roc])],
+        "false positive rate (overkill)", "true positive rate",
+        x_range=(0, 1), y_range=(0, 1), diagonal=True,
+    )
     negative, positive = class_names
-    auc = metrics["auc"]
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>FanAOI explain: {e(summary['model'])}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>Inside model {e(summary['model'])}</h1>",
-        "<table>",
-        *(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in (
-            ("model file", summary["model_path"]),
-            ("classes", ", ".join(f"{n}={label}" for n, label in summary["class_mapping"].items())),
-            ("input", f"{summary['input']['input_size'][0]}x{summary['input']['input_size'][1]} "
-                      f"{summary['input']['color_mode']}, {summary['input']['scale']}"),
-            ("threshold", f"{summary['threshold']:.4f}: p({positive}) >= threshold -> {positive} "
-                          f"(from {summary['threshold_origin']})"),
-        )),
-        "</table>",
-        "<h2>Validation</h2>",
-        f"<p>{metrics['count']} validation images: accuracy {metrics['accuracy']:.4f}, escape rate "
-        f"{metrics['escape_rate']:.4f}{_upper_text(metrics)} ({e(positive)} passed as {e(negative)}), overkill rate "
-        f"{metrics['overkill_rate']:.4f} ({e(negative)} rejected), AUC "
-        f"{'n/a' if auc is None else f'{auc:.4f}'}.</p>",
-        _confusion_table(metrics["confusion"], class_names),
-        _defect_type_table(metrics, positive),
-        '<div class="charts">',
-        svg_line_chart(
-            "ROC (validation)",
-            [(f"AUC {'n/a' if auc is None else f'{auc:.4f}'}", [p["fpr"] for p in roc], [p["tpr"] for p in roc])],
-            "false positive rate (overkill)", "true positive rate",
-            x_range=(0, 1), y_range=(0, 1), diagonal=True,
-        ),
-        "</div>",
-        "<h2>Training curves</h2>",
-    ]
-    charts = history_charts(history)
-    parts.append(f"<p>{e(summary['history_note'])}.</p>" if not charts else
-                 f"<p>{e(summary['history_note'])} (also <code>dvc plots show</code>).</p>")
-    parts += ['<div class="charts">', *charts, "</div>"]
-
-    filters = summary["filters"]
-    parts += [
-        f"<h2>First-layer filters ({filters['count']}, layer {e(filters['layer'])})</h2>",
-        "<p>Each kernel scaled to its own min..max (black..white), enlarged with nearest "
-        "neighbour: one square per weight.</p>",
-        f'<img class="pixels" src="{e(filters["png"])}" alt="first-layer filters">',
-    ]
-
-    probe = summary["probe"]
-    parts += [
-        "<h2>Feature maps</h2>",
-        f"<p>For {e(probe['path'])}: p({e(positive)}) = {probe['probability']:.4f}, predicted "
-        f"{e(probe['predicted'])}. Each cell is one filter's output scaled to its own range; "
-        f"a black cell is a filter silent on this image.</p>",
-    ]
-    for layer in summary["feature_maps"]:
-        height, width, count = layer["shape"]
-        parts += [
-            f"<h3>{e(layer['layer'])}: {count} maps of {height}x{width}, {layer['silent']} silent</h3>",
-            f'<img class="pixels" src="{e(layer["png"])}" alt="feature maps of {e(layer["layer"])}">',
-        ]
-
-    heatmaps = summary["heatmaps"]
-    escapes, overkills = len(summary["escapes"]), len(summary["overkills"])
-    parts += [
-        "<h2>Grad-CAM on the mistakes</h2>",
-        f"<p>{escapes} escape(s) ({e(positive)} predicted {e(negative)}) and {overkills} "
-        f"overkill(s) ({e(negative)} predicted {e(positive)}); escapes first, the most confident "
-        f"mistake first. Each picture: the image, then Grad-CAM of the last Conv2D toward the "
-        f"predicted class, then toward the actual class (red = most weight). A blank map means "
-        f"nothing in the image raised that class's score.</p>",
-    ]
-    if summary["left_out"]:
-        parts.append(
-            f"<p><strong>{summary['left_out']} mistake(s) left out</strong>: only the first "
-            f"{summary['max_heatmaps']} are drawn (explain.max_heatmaps in params.yaml).</p>"
-        )
-    if not heatmaps:
-        parts.append("<p>No mistakes on the validation images.</p>")
-    for kind in ("escape", "overkill"):
-        shown = [h for h in heatmaps if h["kind"] == kind]
-        if shown:
-            parts.append(f"<h3>{kind.capitalize()}s ({len(shown)} shown)</h3><div>")
-            parts += [
-                f'<figure><img src="{e(h["png"])}" width="390" alt="{e(kind)}">'
-                f"<figcaption>{e(h['path'])}<br>p({e(positive)}) = {h['probability']:.4f}"
-                + "".join(f"; {which} map blank" for which, blank in zip(
-                    ("predicted", "actual"), h["blank"], strict=True) if blank)
-                + "</figcaption></figure>"
-                for h in shown
-            ]
-            parts.append("</div>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
+    return render_page(
+        "explain.html.j2", s=summary, negative=negative, positive=positive, untyped=UNTYPED,
+        upper95=summary["validation"].get("escape_rate_upper95"),
+        roc_chart=roc_chart, history_charts=history_charts(history),
+    )
