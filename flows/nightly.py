@@ -33,6 +33,7 @@ from flows.params import load_params
 from flows.stages import RunInProgress, exclusive_run, pipeline_changes, record_stage, stage_changes
 from tasks.durable import details_path
 from tasks.errors import FanaoiError
+from tasks.nightly_report import defect_type_rows, failure_markdown, metric_rows, report_markdown, validation_lines
 from tasks.params import NightlyParams, Params, ParamsError
 from tasks.project_lock import project_lock
 
@@ -276,7 +277,7 @@ def _run_pipeline(params: Params, push: bool, deadline: float | None) -> dict[st
         check_deadline(deadline)
         card = publish_stage.with_options(**retrying)(params, gate) if stages["gate"] else None
     except FanaoiError as exc:
-        report_failure(str(exc), stages, validation_lines(reports_base_url(params)))
+        report_failure(str(exc), stages, validation_lines(REPORTS, reports_base_url(params)))
         raise
     summary = summarize(params, stages, snapshot, card)
     if summary["decision"] == "reject":
@@ -302,12 +303,6 @@ def alert_on_reject_streak(params: Params, summary: dict[str, Any]) -> None:
                                  streak, wanted)
         emit_reject_streak(params.nightly.project, streak, summary["champion_version"],
                            summary["failed"] or summary["reasons"])
-
-
-TABLE_METRICS = (
-    "accuracy", "balanced_accuracy", "precision", "recall", "f1",
-    "escape_rate", "escape_rate_upper95", "overkill_rate", "review_rate", "auc",
-)
 
 
 def summarize(
@@ -336,6 +331,7 @@ def summarize(
         "champion_path": str(registry / CHAMPION_MODEL) if champion else None,
         "candidate_path": str(Path(CANDIDATE).resolve()),
         "reports_path": str(Path(REPORTS).resolve()),
+        "reports_dir": REPORTS,
         "reports_url": reports_base_url(params),
         "validation": evaluation.get("validation", {}),
         "metrics": metric_rows(gate),
@@ -344,159 +340,9 @@ def summarize(
     }
 
 
-def metric_rows(gate: dict[str, Any]) -> list[dict[str, Any]]:
-    """Candidate vs champion on the gate's validation images, one row per metric."""
-    candidate = gate.get("candidate", {}).get("metrics", {})
-    champion = gate.get("champion", {}).get("metrics") or {}
-    rows = []
-    for name in TABLE_METRICS:
-        if name not in candidate:
-            continue
-        ours, theirs = candidate[name], champion.get(name)
-        delta = ours - theirs if ours is not None and theirs is not None else None
-        rows.append({
-            "metric": name, "candidate": _rounded(ours), "champion": _rounded(theirs),
-            "delta": _rounded(delta),
-        })
-    return rows
-
-
-def defect_type_rows(gate: dict[str, Any]) -> list[dict[str, Any]]:
-    """Escapes per defect type on the gate's validation images: candidate, and champion's rate."""
-    candidate = gate.get("candidate", {}).get("metrics", {}).get("defect_types", {})
-    champion = (gate.get("champion", {}).get("metrics") or {}).get("defect_types", {})
-    return [
-        {
-            "defect_type": kind, "images": row["count"], "escapes": row["escapes"],
-            "escape_rate": _rounded(row["escape_rate"]),
-            "escape_rate_upper95": _rounded(row["escape_rate_upper95"]),
-            "champion_escape_rate": _rounded(champion.get(kind, {}).get("escape_rate")),
-        }
-        for kind, row in candidate.items()
-    ]
-
-
-def defect_type_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown rows of :func:`defect_type_rows`."""
-    if not rows:
-        return []
-    lines = [
-        "## Escapes per defect type (validation)",
-        "",
-        "| defect type | images | escapes | escape rate | 95 % upper bound | champion |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        champion = "-" if row["champion_escape_rate"] is None else f"{row['champion_escape_rate']:.4f}"
-        lines.append(
-            f"| {row['defect_type']} | {row['images']} | {row['escapes']} | {row['escape_rate']:.4f} "
-            f"| {row['escape_rate_upper95']:.4f} | {champion} |"
-        )
-    return [*lines, ""]
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 4)
-
-
-def report_markdown(summary: dict[str, Any]) -> str:
-    """The run's page in the dashboard: decision, reasons, snapshot, evaluate vs the kept epoch."""
-    decision = summary["decision"]
-    lines = [f"# Nightly retrain: {decision.upper()}", ""]
-    if decision == "unchanged":
-        lines.append(
-            f"Nothing changed since the last run: no stage ran. Last decision: "
-            f"**{summary['last_decision'] or 'none yet'}**."
-        )
-    elif summary["published_version"]:
-        lines.append(
-            f"Published **{summary['published_version']}** as `{summary['champion_path']}`."
-        )
-    else:
-        lines.append(f"Candidate `{summary['candidate_path']}` not published.")
-    lines += [
-        "",
-        f"- champion: {summary['champion_version'] or 'none'}",
-        *explain_lines(summary["champion_version"], summary["reports_url"]),
-        *validation_lines(summary["reports_url"]),
-        f"- data snapshot (data.dvc md5): `{summary['data_snapshot']}`"
-        + (" (new)" if summary["data_changed"] else ""),
-        "- stages: " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()),
-        *threshold_lines(summary),
-        "",
-        "## Reasons",
-        "",
-        *[f"- {reason}" for reason in summary["reasons"] or ["(no gate decision yet)"]],
-        "",
-        *defect_type_table(summary.get("defect_types", [])),
-        *evaluate_vs_kept_epoch_table(summary["kept_epoch_vs_evaluate"]),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def threshold_lines(summary: dict[str, Any]) -> list[str]:
-    """The candidate's NG threshold and where it came from (calibration or its fallback)."""
-    if summary.get("threshold") is None:
-        return []
-    return [f"- NG threshold {summary['threshold']:.4f}: {summary['threshold_source']}"]
-
-
 def reports_base_url(params: Params) -> str:
     """Where browsers on other machines open ``reports/``: as `fanaoi serve-model` serves it."""
     return f"{params.serve.base_url()}/reports"
-
-
-def validation_lines(reports_url: str) -> list[str]:
-    """A link to the validation page; the validate stage writes it even when it blocks the run."""
-    from tasks.data.validate import VALIDATION_PAGE
-
-    page = Path(REPORTS) / VALIDATION_PAGE
-    if not page.is_file():
-        return []
-    return [f"- validation report: [{page}]({reports_url}/{VALIDATION_PAGE}) (served by `fanaoi serve-model`)"]
-
-
-def explain_lines(version: str | None, reports_url: str) -> list[str]:
-    """A link to the champion's explain report, or the command that writes it.
-
-    The link is the page as `fanaoi serve-model` serves it (``reports_url``): a file://
-    path opens only on the machine that wrote it, not in an operator's browser elsewhere.
-    The flow does not draw the report itself: on the demo set it takes seconds after
-    every promotion for a page few runs need, so the operator runs `fanaoi explain`.
-    """
-    if version is None:
-        return []
-    page = f"explain/{version}/index.html"
-    report = Path(REPORTS) / page
-    if report.is_file():
-        return [f"- look inside {version}: [{report}]({reports_url}/{page}) (served by `fanaoi serve-model`)"]
-    return [f"- look inside {version}: `fanaoi explain {version}` writes {report}"]
-
-
-def evaluate_vs_kept_epoch_table(comparison: dict[str, Any]) -> list[str]:
-    """Markdown rows: the kept epoch's logged numbers beside evaluate() on its weights."""
-    if not comparison:
-        return []
-    epoch = comparison.get("kept_epoch", "kept")
-    rows = [
-        f"## evaluate() vs epoch {epoch} (the weights kept: lowest validation loss)",
-        "",
-        f"| | epoch {epoch} as logged | evaluate() |",
-        "|---|---|---|",
-    ]
-    for split in ("train", "validation"):
-        for measure in ("accuracy", "loss"):
-            logged = comparison[f"kept_epoch_{split}_{measure}"]
-            measured = comparison[f"evaluate_{split}_{measure}"]
-            rows.append(f"| {split} {measure} | {logged:.4f} | {measured:.4f} |")
-    rows += [
-        "",
-        f"- validation accuracy gap: {comparison['validation_accuracy_gap']:.4f}"
-        + (" **FLAGGED** (above evaluate.max_gap)" if comparison["validation_gap_flag"] else ""),
-        f"- train - validation gap: {comparison['train_validation_gap']:.4f}"
-        + (" **FLAGGED** (above evaluate.max_overfit)" if comparison["overfit_flag"] else ""),
-    ]
-    return rows
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -520,11 +366,8 @@ def report_run(summary: dict[str, Any]) -> None:
 
 def report_failure(message: str, stages: dict[str, bool], links: list[str]) -> None:
     """A failed night gets a report too: the operator reads why at 7 am."""
-    done = ", ".join(f"{name} {'ran' if ran else 'skipped'}" for name, ran in stages.items())
     create_markdown_artifact(
-        f"# Nightly retrain: FAILED\n\n{message}\n\n- stages before the failure: {done or 'none'}\n"
-        f"- the champion is unchanged\n" + "".join(f"{line}\n" for line in links),
-        key=REPORT_KEY, description=report_description("failed"),
+        failure_markdown(message, stages, links), key=REPORT_KEY, description=report_description("failed")
     )
 
 

@@ -21,19 +21,17 @@ from flows.nightly import (
     METRICS_KEY,
     REPORT_KEY,
     SKIPPED,
-    defect_type_rows,
     ingest_triggers,
     is_transient,
-    metric_rows,
     nightly_deployment,
     nightly_retrain,
-    report_markdown,
 )
 from flows.params import load_params
 from flows.stages import pipeline_changes, stage_changes
 from tasks.data.snapshot import SnapshotError, data_snapshot_id
 from tasks.data.validate import ValidationFailed
 from tasks.errors import FanaoiError
+from tasks.nightly_report import defect_type_rows, metric_rows, report_markdown
 from tasks.registry.champion import read_champion
 from tasks.registry.decisions import read_log
 from tasks.registry.store import RegistryLockedError, list_versions
@@ -333,6 +331,7 @@ def test_report_says_unchanged_and_keeps_the_last_decision() -> None:
         "data_changed": False, "published_version": None, "champion_version": "v0003",
         "champion_path": "/r/champion.h5", "candidate_path": "/m/candidate.h5",
         "metrics": [], "kept_epoch_vs_evaluate": {}, "reports_url": "http://127.0.0.1:8000/reports",
+        "reports_dir": "reports",
     }
     text = report_markdown(summary)
     assert "# Nightly retrain: UNCHANGED" in text
@@ -349,6 +348,7 @@ def test_report_links_the_validation_page_when_it_exists(tmp_path: Path, monkeyp
         "data_changed": True, "published_version": None, "champion_version": None,
         "champion_path": None, "candidate_path": "/m/candidate.h5",
         "metrics": [], "kept_epoch_vs_evaluate": {}, "reports_url": "http://line-7:8000/reports",
+        "reports_dir": "reports",
     }
     assert "validation report" not in report_markdown(summary)
     (tmp_path / "reports").mkdir()
@@ -450,7 +450,7 @@ def test_dashboard_gives_escapes_per_defect_type_with_upper_bounds() -> None:
         "data_snapshot": "abc.dir", "data_changed": False, "published_version": None,
         "champion_version": None, "champion_path": None, "candidate_path": "/m/candidate.h5",
         "metrics": [], "defect_types": rows, "kept_epoch_vs_evaluate": {},
-        "reports_url": "http://127.0.0.1:8000/reports",
+        "reports_url": "http://127.0.0.1:8000/reports", "reports_dir": "reports",
     }
     text = report_markdown(summary)
     assert "## Escapes per defect type (validation)" in text
