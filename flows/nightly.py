@@ -37,8 +37,6 @@ from tasks.nightly_report import defect_type_rows, failure_markdown, metric_rows
 from tasks.params import NightlyParams, Params, ParamsError
 from tasks.project_lock import project_lock
 
-CANDIDATE = "models/candidate.h5"
-REPORTS = "reports"
 RUN_LOCK = ".fanaoi/nightly.lock"
 SKIPPED = "Skipped"
 PIPELINE_STAGES = ("validate", "train", "evaluate", "gate")  # as in dvc.yaml
@@ -112,7 +110,7 @@ def validate_stage(params: Params, known: dict[str, list[str]] | None = None) ->
         return skipped
     from tasks.data.validate import run_validate
 
-    result = run_validate(params, REPORTS, report=get_run_logger().info)
+    result = run_validate(params, report=get_run_logger().info)
     record_stage(Path.cwd(), "validate")
     return {"valid": result["valid"], "summary": result["summary"]}
 
@@ -138,7 +136,7 @@ def train_stage(params: Params, known: dict[str, list[str]] | None = None) -> di
         return skipped
     from tasks.model.train import run_train
 
-    summary = run_train(params, CANDIDATE, REPORTS, report=get_run_logger().info)
+    summary = run_train(params, report=get_run_logger().info)
     record_stage(Path.cwd(), "train")
     return {key: summary[key] for key in ("kept_epoch", "kept_epoch_metrics", "seconds")}
 
@@ -150,7 +148,7 @@ def evaluate_stage(params: Params, known: dict[str, list[str]] | None = None) ->
         return skipped
     from tasks.model.evaluate import run_evaluate
 
-    result = run_evaluate(params, CANDIDATE, REPORTS, report=get_run_logger().info)
+    result = run_evaluate(params, report=get_run_logger().info)
     record_stage(Path.cwd(), "evaluate")
     return {"validation_accuracy": result["validation"]["accuracy"]}
 
@@ -162,7 +160,7 @@ def gate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dic
         return skipped
     from tasks.registry.gate import run_gate
 
-    return run_gate(params, CANDIDATE, REPORTS, report=get_run_logger().info)
+    return run_gate(params, report=get_run_logger().info)
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -176,13 +174,13 @@ def publish_stage(params: Params, gate: dict[str, Any]) -> dict[str, Any] | None
 
     card = None
     if gate["decision"] == "promote":
-        card = publish(CANDIDATE, gate, params, repo_dir=".", report=get_run_logger().info)
+        card = publish(params.paths.candidate, gate, params, repo_dir=".", report=get_run_logger().info)
     record_stage(Path.cwd(), "gate")
     return card
 
 
-def _read_report(name: str) -> dict[str, Any] | None:
-    path = details_path(Path(REPORTS) / name)
+def _read_report(params: Params, name: str) -> dict[str, Any] | None:
+    path = details_path(Path(params.paths.reports) / name)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -277,7 +275,7 @@ def _run_pipeline(params: Params, push: bool, deadline: float | None) -> dict[st
         check_deadline(deadline)
         card = publish_stage.with_options(**retrying)(params, gate) if stages["gate"] else None
     except FanaoiError as exc:
-        report_failure(str(exc), stages, validation_lines(REPORTS, reports_base_url(params)))
+        report_failure(str(exc), stages, validation_lines(params.paths.reports, reports_base_url(params)))
         raise
     summary = summarize(params, stages, snapshot, card)
     if summary["decision"] == "reject":
@@ -312,8 +310,8 @@ def summarize(
     from tasks.registry.champion import read_champion
     from tasks.registry.store import CHAMPION_MODEL
 
-    gate = _read_report("gate.json") or {}
-    evaluation = _read_report("evaluation.json") or {}
+    gate = _read_report(params, "gate.json") or {}
+    evaluation = _read_report(params, "evaluation.json") or {}
     champion = read_champion(params.registry.dir)
     registry = Path(params.registry.dir).resolve()
     return {
@@ -329,9 +327,9 @@ def summarize(
         "published_version": card["version"] if card else None,
         "champion_version": champion.version if champion else None,
         "champion_path": str(registry / CHAMPION_MODEL) if champion else None,
-        "candidate_path": str(Path(CANDIDATE).resolve()),
-        "reports_path": str(Path(REPORTS).resolve()),
-        "reports_dir": REPORTS,
+        "candidate_path": str(Path(params.paths.candidate).resolve()),
+        "reports_path": str(Path(params.paths.reports).resolve()),
+        "reports_dir": params.paths.reports,
         "reports_url": reports_base_url(params),
         "validation": evaluation.get("validation", {}),
         "metrics": metric_rows(gate),
