@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
-from tasks import ingest  # noqa: E402
+from tasks.data import ingest  # noqa: E402
 from tasks.data.snapshot import run_dvc, snapshot_data  # noqa: E402
 from tests.dvc_support import make_pipeline_repo, tool_env  # noqa: E402
 

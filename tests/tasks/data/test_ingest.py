@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks import ingest
+from tasks.data import ingest
 from tasks.data.dataset import list_images, sha256_of
 from tasks.data.image_check import blocking_rules, inspect_image
 from tasks.data.ingest import (

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from tasks.data.dataset import list_images, select
-from tasks.model.explain import feature_grid, filter_grid, grad_cam, normalise_kernel, overlay, run_explain
+from tasks.model.explain import run_explain
+from tasks.model.explain_pictures import feature_grid, filter_grid, grad_cam, normalise_kernel, overlay
 from tasks.params import replace
 from tasks.registry.predict import predict_files, predictor_from_file
 from tests.browser_support import external_references, offline_dom, requires_chromium, tables
