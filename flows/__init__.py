@@ -1,1 +1,1 @@
-"""Entry points over ``tasks``: Prefect flows, the ``fanaoi`` CLI and dvc stage commands."""
+"""Entry points over ``tasks``: Prefect flows, the ``fanaoi`` CLI, the HTTP model service and the DVC-stage glue."""

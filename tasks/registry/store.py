@@ -12,7 +12,9 @@ A version folder is written completely under a temporary name and renamed into p
 the champion files are replaced by temp file + fsync + ``os.replace``. ``champion.h5``
 carries its own card (HDF5 attribute), so the model file decides which version is
 champion: if a crash falls between replacing ``champion.h5`` and ``champion.json``,
-:func:`read_champion` still returns the card of the model actually in place.
+``champion.read_champion`` still returns the card of the model actually in place. The other
+modules of the registry: ``champion`` (reading), ``publish`` (writing a version),
+``decisions`` (log.jsonl and rollback).
 """
 
 from __future__ import annotations
