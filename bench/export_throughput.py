@@ -19,7 +19,6 @@ Prints each export's size and images/s, with ratios against the .h5 file and Ker
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import shutil
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
 from tasks.export import FORMATS, check_images, export_version  # noqa: E402
-from tasks.params import ExportParams, Params, RegistryParams  # noqa: E402
+from tasks.params import Params, replace  # noqa: E402
 
 REPEATS = 3  # timed passes; the best is reported (least disturbed by other processes)
 
@@ -54,11 +53,11 @@ def demo_registry(root: Path, params: Params, count: int, epochs: int) -> Params
     started = time.perf_counter()
     generate_demo_dataset(data_dir, count=count, seed=demo.seed, size=demo.size,
                           ng_fraction=demo.ng_fraction, classes=params.data.classes)
-    params = dataclasses.replace(
+    params = replace(
         params,
-        data=dataclasses.replace(params.data, dir=str(data_dir)),
-        train=dataclasses.replace(params.train, epochs=epochs, checkpoint_dir=str(root / "ckpt")),
-        registry=RegistryParams(dir=str(root / "registry")),
+        data=replace(params.data, dir=str(data_dir)),
+        train=replace(params.train, epochs=epochs, checkpoint_dir=str(root / "ckpt")),
+        registry=replace(params.registry, dir=str(root / "registry")),
     )
     candidate = root / "candidate.h5"
     summary = run_train(params, candidate, root / "reports")
@@ -73,10 +72,10 @@ def demo_registry(root: Path, params: Params, count: int, epochs: int) -> Params
 
 def copied_registry(root: Path, params: Params, registry: str, data: str | None) -> Params:
     shutil.copytree(registry, root / "registry")
-    return dataclasses.replace(
+    return replace(
         params,
-        data=dataclasses.replace(params.data, dir=data or params.data.dir),
-        registry=RegistryParams(dir=str(root / "registry")),
+        data=replace(params.data, dir=data or params.data.dir),
+        registry=replace(params.registry, dir=str(root / "registry")),
     )
 
 
@@ -155,7 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fanaoi-bench-export-") as tmp:
         root = Path(tmp)
         params = champion_for_bench(root, args)
-        params = dataclasses.replace(params, export=ExportParams(check_images=args.images))
+        params = replace(params, export=replace(params.export, check_images=args.images))
         from tasks.model import model_params_from_file
         from tasks.registry import champion_card
 

@@ -69,11 +69,11 @@ def main() -> None:
         return timed(lambda: [predictor.model.predict_on_batch(b) for b in batches])
 
     compute = len(files) / best_of(3, compute_pass)
-    pipeline = len(files) / best_of(3, lambda: timed(lambda: predict_files(predictor, files, batch)))
+    pipeline = len(files) / best_of(3, lambda: timed(lambda: predict_files(predictor, files, batch, params.validate)))
 
     latencies = []
     for path in files[: args.latency_samples]:
-        latencies.append(timed(lambda path=path: predict_files(predictor, [path], 1)) * 1000)
+        latencies.append(timed(lambda path=path: predict_files(predictor, [path], 1, params.validate)) * 1000)
     latencies.sort()
     p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
 

@@ -20,7 +20,6 @@ parameters, then the ratios the model-quality targets are stated in.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -29,14 +28,17 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
-from tasks.params import ModelParams, Params, TrainParams  # noqa: E402
+from tasks.params import ModelParams, Params, TrainParams, replace  # noqa: E402
 
 RECIPES = ("seed", "default")
+SEED_RECIPE = Path(__file__).with_name("seed_recipe.yaml")
 COLUMNS = (
     ("accuracy", "test accuracy", 4), ("escape_rate", "escape", 4), ("overkill_rate", "overkill", 4),
     ("review_rate", "review", 4), ("auc", "AUC", 4), ("seconds", "train s", 1),
@@ -46,15 +48,17 @@ COLUMNS = (
 
 def recipe_params(params: Params, recipe: str, seed: int, data_dir: str) -> Params:
     """The params one training of ``recipe`` runs with: data from DATA_DIR, seed ``seed``."""
-    data = dataclasses.replace(params.data, dir=data_dir)
+    data = replace(params.data, dir=data_dir)
     if recipe == "seed":
-        # The dataclass defaults are the seed notebook's recipe; threshold 0.5, no calibration.
-        return dataclasses.replace(
-            params, data=data, model=ModelParams(), train=TrainParams(seed=seed),
-            evaluate=dataclasses.replace(params.evaluate, threshold=0.5, review_band=None),
-            gate=dataclasses.replace(params.gate, target_escape_rate=None),
+        # The seed notebook's recipe; threshold 0.5, no calibration.
+        seed_recipe = yaml.safe_load(SEED_RECIPE.read_text(encoding="utf-8"))
+        return replace(
+            params, data=data, model=ModelParams.checked(seed_recipe["model"]),
+            train=TrainParams.checked({**seed_recipe["train"], "seed": seed}),
+            evaluate=replace(params.evaluate, threshold=0.5, review_band=None),
+            gate=replace(params.gate, target_escape_rate=None),
         )
-    return dataclasses.replace(params, data=data, train=dataclasses.replace(params.train, seed=seed))
+    return replace(params, data=data, train=replace(params.train, seed=seed))
 
 
 def train_and_score(params: Params) -> dict[str, float]:

@@ -22,7 +22,6 @@ settings are TensorFlow's environment variables, e.g.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flows.params import load_params  # noqa: E402
 from tasks.dataset import list_images, make_dataset, resolve_color_mode  # noqa: E402
 from tasks.model import build_model  # noqa: E402
-from tasks.params import Params  # noqa: E402
+from tasks.params import Params, replace  # noqa: E402
 
 
 class EpochTimer:
@@ -142,9 +141,9 @@ def main() -> int:
     params = load_params(args.params)
     if args.measure:
         data_dir = Path(args.data)
-        params = dataclasses.replace(params, data=dataclasses.replace(params.data, dir=str(data_dir)))
+        params = replace(params, data=replace(params.data, dir=str(data_dir)))
         # model.color_mode auto: decided from the images, as training does
-        params = dataclasses.replace(params, model=resolve_color_mode(list_images(data_dir, params.data), params.model))
+        params = replace(params, model=resolve_color_mode(list_images(data_dir, params.data), params.model))
         rate, count = MEASUREMENTS[args.measure](params, data_dir, args.epochs, args.jit)
         print(f"{rate:.3f} {count}")
         return 0

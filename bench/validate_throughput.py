@@ -17,7 +17,6 @@ Target: warm >= 5,000 images/s.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -31,7 +30,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
-from tasks.params import Params  # noqa: E402
+from tasks.params import Params, replace  # noqa: E402
 from tasks.validate import run_validate  # noqa: E402
 from tests.conftest import draw_tiny_fan  # noqa: E402
 
@@ -75,10 +74,10 @@ def main() -> None:
         print(f"generated {args.images} images of {args.size}x{args.size} px "
               f"in {time.perf_counter() - started:.1f} s")
         base = load_params(args.params)
-        params = dataclasses.replace(
+        params = replace(
             base,
-            data=dataclasses.replace(base.data, dir=str(data_dir)),
-            validate=dataclasses.replace(base.validate, cache_dir=str(root / "cache")),
+            data=replace(base.data, dir=str(data_dir)),
+            validate=replace(base.validate, cache_dir=str(root / "cache")),
         )
         cold_seconds, cold_cpu, cold = timed_validate(params, root / "reports")
         added = max(1, args.images // 100)

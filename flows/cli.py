@@ -57,13 +57,11 @@ def _demo_data(args: argparse.Namespace, params: Params) -> int:
 
 @command("validate")
 def _validate(args: argparse.Namespace, params: Params) -> int:
-    import dataclasses
-
+    from tasks.params import replace
     from tasks.validate import run_validate
 
     if args.directory:
-        data = dataclasses.replace(params.data, dir=args.directory)
-        params = dataclasses.replace(params, data=data)
+        params = replace(params, data=replace(params.data, dir=args.directory))
     result = run_validate(params, args.reports, report=print)
     print(f"report: {Path(args.reports) / 'validation.json'}, page: {result['page']}")
     return 0

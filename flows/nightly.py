@@ -36,8 +36,6 @@ from tasks.params import NightlyParams, Params, ParamsError
 from tasks.project_lock import project_lock
 from tasks.stages import RunInProgress, exclusive_run, pipeline_changes, record_stage, stage_changes
 
-CANDIDATE = "models/candidate.h5"
-REPORTS = "reports"
 RUN_LOCK = ".fanaoi/nightly.lock"
 SKIPPED = "Skipped"
 PIPELINE_STAGES = ("validate", "train", "evaluate", "gate")  # as in dvc.yaml
@@ -111,7 +109,7 @@ def validate_stage(params: Params, known: dict[str, list[str]] | None = None) ->
         return skipped
     from tasks.validate import run_validate
 
-    result = run_validate(params, REPORTS, report=get_run_logger().info)
+    result = run_validate(params, report=get_run_logger().info)
     record_stage(Path.cwd(), "validate")
     return {"valid": result["valid"], "summary": result["summary"]}
 
@@ -137,7 +135,7 @@ def train_stage(params: Params, known: dict[str, list[str]] | None = None) -> di
         return skipped
     from tasks.train import run_train
 
-    summary = run_train(params, CANDIDATE, REPORTS, report=get_run_logger().info)
+    summary = run_train(params, report=get_run_logger().info)
     record_stage(Path.cwd(), "train")
     return {key: summary[key] for key in ("kept_epoch", "kept_epoch_metrics", "seconds")}
 
@@ -149,7 +147,7 @@ def evaluate_stage(params: Params, known: dict[str, list[str]] | None = None) ->
         return skipped
     from tasks.evaluate import run_evaluate
 
-    result = run_evaluate(params, CANDIDATE, REPORTS, report=get_run_logger().info)
+    result = run_evaluate(params, report=get_run_logger().info)
     record_stage(Path.cwd(), "evaluate")
     return {"validation_accuracy": result["validation"]["accuracy"]}
 
@@ -161,7 +159,7 @@ def gate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dic
         return skipped
     from tasks.gate import run_gate
 
-    return run_gate(params, CANDIDATE, REPORTS, report=get_run_logger().info)
+    return run_gate(params, report=get_run_logger().info)
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -175,13 +173,13 @@ def publish_stage(params: Params, gate: dict[str, Any]) -> dict[str, Any] | None
 
     card = None
     if gate["decision"] == "promote":
-        card = publish(CANDIDATE, gate, params, repo_dir=".", report=get_run_logger().info)
+        card = publish(params.paths.candidate, gate, params, repo_dir=".", report=get_run_logger().info)
     record_stage(Path.cwd(), "gate")
     return card
 
 
-def _read_report(name: str) -> dict[str, Any] | None:
-    path = details_path(Path(REPORTS) / name)
+def _read_report(params: Params, name: str) -> dict[str, Any] | None:
+    path = details_path(Path(params.paths.reports) / name)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -276,7 +274,7 @@ def _run_pipeline(params: Params, push: bool, deadline: float | None) -> dict[st
         check_deadline(deadline)
         card = publish_stage.with_options(**retrying)(params, gate) if stages["gate"] else None
     except FanaoiError as exc:
-        report_failure(str(exc), stages, validation_lines(reports_base_url(params)))
+        report_failure(str(exc), stages, validation_lines(params.paths.reports, reports_base_url(params)))
         raise
     summary = summarize(params, stages, snapshot, card)
     if summary["decision"] == "reject":
@@ -316,8 +314,8 @@ def summarize(
     """What the run decided and where the models are, from the reports the stages wrote."""
     from tasks.registry import CHAMPION_MODEL, read_champion
 
-    gate = _read_report("gate.json") or {}
-    evaluation = _read_report("evaluation.json") or {}
+    gate = _read_report(params, "gate.json") or {}
+    evaluation = _read_report(params, "evaluation.json") or {}
     champion = read_champion(params.registry.dir)
     registry = Path(params.registry.dir).resolve()
     return {
@@ -333,8 +331,9 @@ def summarize(
         "published_version": card["version"] if card else None,
         "champion_version": champion.version if champion else None,
         "champion_path": str(registry / CHAMPION_MODEL) if champion else None,
-        "candidate_path": str(Path(CANDIDATE).resolve()),
-        "reports_path": str(Path(REPORTS).resolve()),
+        "candidate_path": str(Path(params.paths.candidate).resolve()),
+        "reports_path": str(Path(params.paths.reports).resolve()),
+        "reports_dir": params.paths.reports,
         "reports_url": reports_base_url(params),
         "validation": evaluation.get("validation", {}),
         "metrics": metric_rows(gate),
@@ -416,8 +415,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"- champion: {summary['champion_version'] or 'none'}",
-        *explain_lines(summary["champion_version"], summary["reports_url"]),
-        *validation_lines(summary["reports_url"]),
+        *explain_lines(summary["champion_version"], summary["reports_dir"], summary["reports_url"]),
+        *validation_lines(summary["reports_dir"], summary["reports_url"]),
         f"- data snapshot (data.dvc md5): `{summary['data_snapshot']}`"
         + (" (new)" if summary["data_changed"] else ""),
         "- stages: " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()),
@@ -445,17 +444,17 @@ def reports_base_url(params: Params) -> str:
     return f"{params.serve.base_url()}/reports"
 
 
-def validation_lines(reports_url: str) -> list[str]:
+def validation_lines(reports_dir: str, reports_url: str) -> list[str]:
     """A link to the validation page; the validate stage writes it even when it blocks the run."""
     from tasks.validate import VALIDATION_PAGE
 
-    page = Path(REPORTS) / VALIDATION_PAGE
+    page = Path(reports_dir) / VALIDATION_PAGE
     if not page.is_file():
         return []
     return [f"- validation report: [{page}]({reports_url}/{VALIDATION_PAGE}) (served by `fanaoi serve-model`)"]
 
 
-def explain_lines(version: str | None, reports_url: str) -> list[str]:
+def explain_lines(version: str | None, reports_dir: str, reports_url: str) -> list[str]:
     """A link to the champion's explain report, or the command that writes it.
 
     The link is the page as `fanaoi serve-model` serves it (``reports_url``): a file://
@@ -466,7 +465,7 @@ def explain_lines(version: str | None, reports_url: str) -> list[str]:
     if version is None:
         return []
     page = f"explain/{version}/index.html"
-    report = Path(REPORTS) / page
+    report = Path(reports_dir) / page
     if report.is_file():
         return [f"- look inside {version}: [{report}]({reports_url}/{page}) (served by `fanaoi serve-model`)"]
     return [f"- look inside {version}: `fanaoi explain {version}` writes {report}"]

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from tasks.params import Params, ParamsError
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The project's own params.yaml holds every default; another params file names only what it changes.
+PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    """Parse params.yaml into typed sections; every problem names the file and the key."""
+    """Parse a params file over the project's params.yaml; every problem names the file and the key."""
     path = Path(path)
+    return params_from(_read_yaml(path), source=str(path))
+
+
+def params_from(changes: dict[str, Any], source: str = "params.yaml") -> Params:
+    """The project's params with ``changes`` (nested like params.yaml) applied and checked."""
+    defaults = _read_yaml(PROJECT_PARAMS)
+    return Params.from_dict(_merged(defaults, changes), source=source)
+
+
+def write_params(params: Params, path: str | Path) -> Path:
+    """Write ``params`` as a params file that :func:`load_params` reads back equal."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -29,12 +48,14 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}: not valid YAML{where}; fix the syntax") from None
-    return Params.from_dict(raw or {}, source=str(path))
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections such as `train:`; fix its top level")
+    return raw or {}
 
 
-def write_params(params: Params, path: str | Path) -> Path:
-    """Write ``params`` as a params file that :func:`load_params` reads back equal."""
-    path = Path(path)
-    plain = json.loads(json.dumps(params.to_dict()))  # tuples become lists: plain YAML
-    path.write_text(yaml.safe_dump(plain, sort_keys=False), encoding="utf-8")
-    return path
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if nested else value
+    return merged

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tasks.durable import sha256_of
 from tasks.errors import FanaoiError
-from tasks.params import AugmentParams, DataParams, ModelParams
+from tasks.params import AugmentParams, DataParams, ImageInput, ModelParams, replace
 
 if TYPE_CHECKING:
     import numpy as np
@@ -148,7 +148,7 @@ def require_split(images: Sequence[LabeledImage], split: str, data_dir: Path | s
         )
 
 
-def decode_pixels(contents: tf.Tensor, model: ModelParams) -> tf.Tensor:
+def decode_pixels(contents: tf.Tensor, model: ImageInput) -> tf.Tensor:
     """Bytes of a PNG/JPEG/BMP -> uint8 tensor at the model's input size.
 
     Rounded to 8 bits after the resize, so the training cache holds a quarter of what
@@ -169,7 +169,7 @@ def scale_pixels(pixels: tf.Tensor) -> tf.Tensor:
     return tf.cast(pixels, tf.float32) / 255.0
 
 
-def decode_image(contents: tf.Tensor, model: ModelParams) -> tf.Tensor:
+def decode_image(contents: tf.Tensor, model: ImageInput) -> tf.Tensor:
     """Bytes of a PNG/JPEG/BMP -> float32 tensor in [0, 1] at the model's input size.
 
     The one preprocessing function for training, evaluation and prediction (training
@@ -180,7 +180,7 @@ def decode_image(contents: tf.Tensor, model: ModelParams) -> tf.Tensor:
 
 def make_dataset(
     images: Sequence[LabeledImage],
-    model: ModelParams,
+    model: ImageInput,
     batch_size: int,
     *,
     shuffle_seed: int | None = None,
@@ -270,8 +270,6 @@ def resolve_color_mode(images: Sequence[LabeledImage], model: ModelParams) -> Mo
 
     Reads image headers only (Pillow opens lazily), so it costs a file open per image.
     """
-    from dataclasses import replace
-
     from PIL import Image
 
     if model.color_mode != "auto":
@@ -283,7 +281,7 @@ def resolve_color_mode(images: Sequence[LabeledImage], model: ModelParams) -> Mo
     return replace(model, color_mode="grayscale")
 
 
-def decode_all(images: Sequence[LabeledImage], model: ModelParams) -> np.ndarray:
+def decode_all(images: Sequence[LabeledImage], model: ImageInput) -> np.ndarray:
     """The images preprocessed for the model, in order, as one float32 array."""
     import numpy as np
 

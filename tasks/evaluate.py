@@ -32,7 +32,7 @@ from tasks.dataset import (
 from tasks.durable import write_stage_report
 from tasks.errors import FanaoiError
 from tasks.model import load_model, model_params_from_file, read_model_metadata
-from tasks.params import ModelParams, Params
+from tasks.params import ImageInput, Params
 from tasks.train import read_history
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def predict_probabilities(
-    model: keras.Model, images: Sequence[LabeledImage], model_params: ModelParams, batch_size: int
+    model: keras.Model, images: Sequence[LabeledImage], model_params: ImageInput, batch_size: int
 ) -> np.ndarray:
     """Sigmoid output (probability of the positive class) for each image, in order."""
     if not images:
@@ -363,12 +363,13 @@ def model_record(model_path: Path) -> dict[str, Any]:
 
 def run_evaluate(
     params: Params,
-    model_path: Path | str = "models/candidate.h5",
-    reports_dir: Path | str = "reports",
+    model_path: Path | str | None = None,
+    reports_dir: Path | str | None = None,
     report: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """The evaluate stage: writes reports/evaluation.json and the plot CSVs."""
-    model_path, reports_dir = Path(model_path), Path(reports_dir)
+    model_path = Path(model_path or params.paths.candidate)
+    reports_dir = Path(reports_dir or params.paths.reports)
     model = load_model(model_path)
     model.compile(loss="binary_crossentropy", metrics=["accuracy"])
     model_params = model_params_from_file(model_path)  # color_mode auto was resolved in training

@@ -28,7 +28,7 @@ from tasks.dataset import UNTYPED, LabeledImage, decode_image, defect_types_of, 
 from tasks.errors import FanaoiError
 from tasks.evaluate import classification_metrics, escape_bounds, predict_probabilities, roc_points
 from tasks.model import ModelFileError, load_model, model_params_from_file, read_model_metadata
-from tasks.params import ModelParams, Params
+from tasks.params import ImageInput, Params
 from tasks.registry import HISTORY_FILE, published_version, read_embedded_card
 from tasks.train import read_history
 
@@ -311,7 +311,7 @@ def mistakes(
     return escapes + overkills
 
 
-def decode_file(path: Path, model_params: ModelParams) -> np.ndarray:
+def decode_file(path: Path, model_params: ImageInput) -> np.ndarray:
     """One image file preprocessed as the model expects; an unreadable file names itself."""
     import tensorflow as tf
 
@@ -468,7 +468,7 @@ def draw_feature_maps(
 
 
 def draw_heatmaps(
-    model: keras.Model, shown: Sequence[Mistake], model_params: ModelParams, folder: Path
+    model: keras.Model, shown: Sequence[Mistake], model_params: ImageInput, folder: Path
 ) -> list[dict[str, Any]]:
     """One PNG per mistake: the image, Grad-CAM toward the predicted and the actual class."""
     _clear_pngs(folder)
@@ -500,11 +500,12 @@ def run_explain(
     model_path: str | Path | None = None,
     image_path: str | Path | None = None,
     out_dir: str | Path | None = None,
-    reports_dir: str | Path = "reports",
+    reports_dir: str | Path | None = None,
     report: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Write ``index.html`` and its PNGs for a model; returns what was drawn and where."""
     started = time.perf_counter()
+    reports_dir = Path(reports_dir or params.paths.reports)
     source = resolve_source(params, version, model_path, reports_dir)
     out = Path(out_dir) if out_dir else Path(reports_dir) / "explain" / source.name
     metadata = read_model_metadata(source.path)

@@ -28,7 +28,7 @@ from tasks.dataset import decode_all, list_images, select
 from tasks.durable import replace_path
 from tasks.errors import FanaoiError
 from tasks.model import load_model, model_params_from_file
-from tasks.params import DataParams, ModelParams, Params
+from tasks.params import DataParams, ImageInput, Params
 from tasks.registry import (
     published_version,
     read_embedded_card,
@@ -101,7 +101,7 @@ def export_version(params: Params, fmt: str, version: str | None = None) -> dict
     return entry
 
 
-def check_images(data: DataParams, model_params: ModelParams, count: int) -> np.ndarray:
+def check_images(data: DataParams, model_params: ImageInput, count: int) -> np.ndarray:
     """Up to ``count`` validation images as one float32 batch, preprocessed for the model."""
     images = select(list_images(data.dir, data), "validation")[:count]
     if not images:

@@ -202,8 +202,8 @@ def gate_metrics(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_gate(
     params: Params,
-    candidate_path: Path | str = "models/candidate.h5",
-    reports_dir: Path | str = "reports",
+    candidate_path: Path | str | None = None,
+    reports_dir: Path | str | None = None,
     report: Callable[[str], None] = log.info,
     record: bool = True,
     *,
@@ -219,7 +219,8 @@ def run_gate(
     ``smoke`` holds a few validation images with the candidate's probabilities for the
     publish smoke test.
     """
-    candidate_path, reports_dir = Path(candidate_path), Path(reports_dir)
+    candidate_path = Path(candidate_path or params.paths.candidate)
+    reports_dir = Path(reports_dir or params.paths.reports)
     images = select(list_images(params.data.dir, params.data), "validation")
     require_split(images, "validation", params.data.dir)
     labels = np.asarray(labels_of(images))

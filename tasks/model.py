@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import FanaoiError
-from tasks.params import ModelParams
+from tasks.params import ImageInput, ModelParams
 
 if TYPE_CHECKING:
     import keras
@@ -155,7 +155,7 @@ def place_edge_kernels(conv: keras.layers.Conv2D) -> int:
     return count
 
 
-def preprocessing_of(params: ModelParams) -> dict[str, Any]:
+def preprocessing_of(params: ImageInput) -> dict[str, Any]:
     """What a consumer must do to an image before calling the model."""
     return {
         "input_size": list(params.input_size),
@@ -169,7 +169,7 @@ def save_model(
     model: keras.Model,
     path: Path | str,
     class_mapping: dict[str, int],
-    params: ModelParams,
+    params: ImageInput,
     training: dict[str, Any] | None = None,
 ) -> Path:
     """Write a Keras HDF5 file with the class mapping, preprocessing and training record.
@@ -182,7 +182,9 @@ def save_model(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
-    record = {"first_layer_init": params.first_layer_init, **(training or {})}
+    # A model rebuilt from a file (pruning) has only its input spec; ``training`` carries the rest.
+    initialised = {"first_layer_init": params.first_layer_init} if isinstance(params, ModelParams) else {}
+    record = {**initialised, **(training or {})}
     with h5py.File(path, "a") as handle:
         handle.attrs[MAPPING_ATTR] = json.dumps(class_mapping)
         handle.attrs[PREPROCESSING_ATTR] = json.dumps(preprocessing_of(params))
@@ -211,12 +213,14 @@ def read_model_metadata(path: Path | str) -> dict[str, Any]:
         ) from None
 
 
-def model_params_from_file(path: Path | str) -> ModelParams:
-    """The ModelParams a saved model expects its input in (size and colour mode)."""
-    preprocessing = read_model_metadata(path)["preprocessing"]
-    return ModelParams(
-        input_size=tuple(preprocessing["input_size"]), color_mode=preprocessing["color_mode"]
-    )
+def model_params_from_file(path: Path | str) -> ImageInput:
+    """What a saved model expects its input in (size and colour mode)."""
+    return image_input_of(read_model_metadata(path)["preprocessing"])
+
+
+def image_input_of(preprocessing: dict[str, Any]) -> ImageInput:
+    """The input spec of a model from its recorded preprocessing (model file or model card)."""
+    return ImageInput(input_size=tuple(preprocessing["input_size"]), color_mode=preprocessing["color_mode"])
 
 
 def load_model(path: Path | str) -> keras.Model:

@@ -26,8 +26,8 @@ from tasks.dataset import decode_image, is_candidate_file
 from tasks.errors import FanaoiError
 from tasks.evaluate import REVIEW, verdicts
 from tasks.image_check import ImageRejected, check_file
-from tasks.model import load_model, model_params_from_file, read_model_metadata
-from tasks.params import ModelParams, ValidateParams
+from tasks.model import image_input_of, load_model, model_params_from_file, read_model_metadata
+from tasks.params import ImageInput, ValidateParams
 from tasks.registry import CHAMPION_MODEL, champion_card
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class Predictor:
     """A loaded model and what is needed to read its output."""
 
     model: keras.Model
-    model_params: ModelParams
+    model_params: ImageInput
     class_names: tuple[str, str]  # by label: class_names[1] is the positive (defect) class
     threshold: float
     version: str | None = None
@@ -74,12 +74,8 @@ def predictor_from_file(model_path: Path | str, threshold: float) -> Predictor:
 def load_champion(registry_dir: Path | str) -> Predictor:
     """The champion of the registry with its card's mapping, preprocessing and threshold."""
     card = champion_card(registry_dir)
-    preprocessing = card["preprocessing"]
-    model_params = ModelParams(
-        input_size=tuple(preprocessing["input_size"]), color_mode=preprocessing["color_mode"]
-    )
     return Predictor(
-        load_model(Path(registry_dir) / CHAMPION_MODEL), model_params,
+        load_model(Path(registry_dir) / CHAMPION_MODEL), image_input_of(card["preprocessing"]),
         _class_names(card["class_mapping"]), float(card["threshold"]), card["version"],
         tuple(card["review_band"]) if card.get("review_band") else None,
     )
@@ -125,7 +121,7 @@ def probabilities_of(predictor: Predictor, files: Sequence[Path], batch_size: in
     return probabilities
 
 
-def decode_error(path: Path, model_params: ModelParams) -> str:
+def decode_error(path: Path, model_params: ImageInput) -> str:
     """Why one file cannot be turned into a model input."""
     import tensorflow as tf
 
@@ -150,14 +146,14 @@ def rejected_files(files: Sequence[Path], limits: ValidateParams) -> dict[int, s
 
 def predict_files(
     predictor: Predictor, files: Sequence[Path], batch_size: int,
-    limits: ValidateParams | None = None,
+    limits: ValidateParams,
 ) -> list[dict[str, Any]]:
     """One result per file: label and positive-class probability, or the error.
 
-    A file the image check refuses (``limits``: params' validate section, its defaults if
-    None) gets that reason as its error and is never shown to the model.
+    A file the image check refuses (``limits``: params' validate section) gets that reason
+    as its error and is never shown to the model.
     """
-    rejected = rejected_files(files, limits or ValidateParams())
+    rejected = rejected_files(files, limits)
     checked = [index for index in range(len(files)) if index not in rejected]
     probabilities = np.full(len(files), np.nan, dtype=np.float64)
     if checked:

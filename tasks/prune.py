@@ -36,7 +36,7 @@ from tasks.durable import atomic_replace, sha256_of
 from tasks.errors import FanaoiError
 from tasks.evaluate import classification_metrics, predict_probabilities
 from tasks.model import load_model, model_params_from_file, read_model_metadata, save_model
-from tasks.params import ModelParams, Params
+from tasks.params import ImageInput, Params
 
 if TYPE_CHECKING:
     import keras
@@ -132,7 +132,7 @@ def fine_tune(
     model: keras.Model,
     train_images: Sequence[LabeledImage],
     validation_images: Sequence[LabeledImage],
-    model_params: ModelParams,
+    model_params: ImageInput,
     *,
     params: Params,
     epochs: int,
@@ -166,7 +166,7 @@ def fine_tune(
     return rows
 
 
-def speed_batch(images: Sequence[LabeledImage], model_params: ModelParams, count: int) -> np.ndarray:
+def speed_batch(images: Sequence[LabeledImage], model_params: ImageInput, count: int) -> np.ndarray:
     """``count`` decoded images (the given ones repeated as needed), to time predictions on."""
     decoded = decode_all(images, model_params)
     return decoded[np.arange(count) % len(decoded)]
@@ -193,7 +193,7 @@ def measure(
     model: keras.Model,
     file_path: Path,
     validation: Sequence[LabeledImage],
-    model_params: ModelParams,
+    model_params: ImageInput,
     params: Params,
 ) -> dict[str, Any]:
     """Parameters, file size and validation metrics of one model."""
@@ -209,7 +209,7 @@ def measure(
 
 
 def _save_atomic(
-    model: keras.Model, out_path: Path, mapping: dict[str, int], model_params: ModelParams,
+    model: keras.Model, out_path: Path, mapping: dict[str, int], model_params: ImageInput,
     training: dict[str, Any],
 ) -> None:
     """Write to a temp .h5 beside ``out_path``, then rename: the old candidate stays whole until then."""
@@ -220,9 +220,9 @@ def _save_atomic(
 
 def run_prune(
     params: Params,
-    model_path: Path | str = "models/candidate.h5",
-    out_path: Path | str = "models/candidate.h5",
-    reports_dir: Path | str = "reports",
+    model_path: Path | str | None = None,
+    out_path: Path | str | None = None,
+    reports_dir: Path | str | None = None,
     *,
     fraction: float | None = None,
     epochs: int | None = None,
@@ -232,7 +232,8 @@ def run_prune(
 
     ``fraction`` and ``epochs`` default to ``prune.fraction`` and ``prune.fine_tune_epochs``.
     """
-    model_path, out_path, reports_dir = Path(model_path), Path(out_path), Path(reports_dir)
+    candidate, reports_dir = params.paths.candidate, Path(reports_dir or params.paths.reports)
+    model_path, out_path = Path(model_path or candidate), Path(out_path or candidate)
     fraction = params.prune.fraction if fraction is None else fraction
     epochs = params.prune.fine_tune_epochs if epochs is None else epochs
     if not 0 <= fraction < 1 or epochs < 0:

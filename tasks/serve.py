@@ -15,7 +15,6 @@ A champion that cannot be loaded is logged and reported by /health; the old one 
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import ipaddress
 import logging
@@ -36,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tasks.dataset import decode_image
 from tasks.errors import FanaoiError
 from tasks.image_check import EMPTY, FORMAT, UNIDENTIFIED, ImageRejected, check_image
-from tasks.params import Params, ServeParams, ValidateParams
+from tasks.params import Params, ServeParams, ValidateParams, replace
 from tasks.predict import Predictor, load_champion
 from tasks.registry import CHAMPION_MODEL, champion_card, utc_now
 
@@ -155,7 +154,7 @@ UPLOAD_STATUS = {EMPTY: 400, UNIDENTIFIED: 415, FORMAT: 415}
 def upload_limits(serve: ServeParams, limits: ValidateParams) -> tuple[ValidateParams, str]:
     """The validate limits, with serve.max_pixels when it caps the pixels tighter."""
     if serve.max_pixels < limits.max_pixels:
-        return dataclasses.replace(limits, max_pixels=serve.max_pixels), "serve.max_pixels"
+        return replace(limits, max_pixels=serve.max_pixels), "serve.max_pixels"
     return limits, "validate.max_pixels"
 
 

@@ -7,7 +7,6 @@ the stage: it reads the data folder and writes the candidate model and reports.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import json
 import logging
@@ -161,7 +160,7 @@ def run_fingerprint(
 ) -> str:
     """Same fingerprint, same run: params (init_from among them), initial weights and data."""
     content = json.dumps(
-        [dataclasses.asdict(model_params), dataclasses.asdict(train_params), init,
+        [model_params.model_dump(), train_params.model_dump(), init,
          sorted(image.sha256 for image in train_images)],
         sort_keys=True, default=str,
     )
@@ -429,12 +428,13 @@ def split_counts(images: Sequence[LabeledImage], classes: Sequence[str]) -> dict
 
 def run_train(
     params: Params,
-    model_path: Path | str = "models/candidate.h5",
-    reports_dir: Path | str = "reports",
+    model_path: Path | str | None = None,
+    reports_dir: Path | str | None = None,
     report: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """The train stage: list, split, fit, then write the candidate .h5 and its reports."""
-    model_path, reports_dir = Path(model_path), Path(reports_dir)
+    model_path = Path(model_path or params.paths.candidate)
+    reports_dir = Path(reports_dir or params.paths.reports)
     images = list_images(params.data.dir, params.data)
     train_images = select(images, "train")
     validation_images = select(images, "validation")

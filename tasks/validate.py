@@ -51,7 +51,7 @@ class ValidationFailed(FanaoiError):
 
 def run_validate(
     params: Params,
-    reports_dir: Path | str = "reports",
+    reports_dir: Path | str | None = None,
     report: Callable[[str], None] = log.info,
 ) -> dict:
     """Check the data folder; write validation.json and its page; raise on a blocking failure."""
@@ -68,7 +68,7 @@ def run_validate(
     )
     files = add_rule_columns(manifest, rules, leak_cache)
     classes = class_table(files, params.data.classes)
-    reports_dir = Path(reports_dir)
+    reports_dir = Path(reports_dir or params.paths.reports)
     outcomes = run_expectations(files, classes, rules)
     result = summarize(files, classes, outcomes, rules, data_dir)
     result["page"] = str(reports_dir / VALIDATION_PAGE)

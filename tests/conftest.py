@@ -5,28 +5,31 @@ Everything runs on the CPU with one or two epochs; nothing touches the network.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
-from tasks.params import (  # noqa: E402
-    DataParams,
-    EvaluateParams,
-    ModelParams,
-    Params,
-    TrainParams,
-)
+from flows.params import params_from  # noqa: E402
+from tasks.params import Params, replace  # noqa: E402
 
 TINY_SIZE = 32
+SEED_RECIPE = Path(__file__).resolve().parents[1] / "bench" / "seed_recipe.yaml"
+# Unit tests start from the seed notebook's recipe with no threshold calibration and no run
+# timeout: small and fast, and the settings their expectations were measured with.
+BASE = params_from({
+    **yaml.safe_load(SEED_RECIPE.read_text(encoding="utf-8")),
+    "gate": {"target_escape_rate": None},
+    "nightly": {"timeout_seconds": None},
+})
 HEAVY_PACKAGES = ("tensorflow", "keras", "great_expectations", "prefect", "dvc")
 
 
@@ -73,15 +76,14 @@ def make_image_folder(
 
 def tiny_params(data_dir: Path, **train_overrides: object) -> Params:
     """Params for tests: 32x32 input, small model, two epochs, big validation share."""
-    train = dataclasses.replace(
-        TrainParams(epochs=2, batch_size=16, checkpoint_dir=str(data_dir.parent / "ckpt")),
-        **train_overrides,
-    )
-    return Params(
-        data=DataParams(dir=str(data_dir), split={"train": 0.6, "validation": 0.25, "test": 0.15}),
-        model=ModelParams(input_size=(TINY_SIZE, TINY_SIZE), conv_filters=(8, 16), dense_units=16),
+    tiny_train = {"epochs": 2, "batch_size": 16, "checkpoint_dir": str(data_dir.parent / "ckpt")}
+    train = replace(BASE.train, **{**tiny_train, **train_overrides})
+    return replace(
+        BASE,
+        data=replace(BASE.data, dir=str(data_dir), split={"train": 0.6, "validation": 0.25, "test": 0.15}),
+        model=replace(BASE.model, input_size=(TINY_SIZE, TINY_SIZE), conv_filters=(8, 16), dense_units=16),
         train=train,
-        evaluate=EvaluateParams(max_gap=1.0, max_overfit=1.0),
+        evaluate=replace(BASE.evaluate, max_gap=1.0, max_overfit=1.0),
     )
 
 

@@ -63,6 +63,7 @@ def test_nightly_report_links_the_explain_page_when_it_exists(tmp_path, monkeypa
         "published_version": "v0002", "champion_version": "v0002",
         "champion_path": "/r/champion.h5", "candidate_path": "/m/candidate.h5",
         "metrics": [], "kept_epoch_vs_evaluate": {}, "reports_url": "http://line-7:8000/reports",
+        "reports_dir": "reports",
     }
     assert "`fanaoi explain v0002` writes reports/explain/v0002/index.html" in report_markdown(summary)
     page = tmp_path / "reports" / "explain" / "v0002" / "index.html"

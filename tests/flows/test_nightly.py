@@ -181,8 +181,9 @@ def test_second_run_with_nothing_changed_skips_every_stage(nightly_project: dict
 
 def test_two_runs_at_once_publish_once(nightly_project: dict[str, Any], tmp_path: Path) -> None:
     project = copy_project(nightly_project["project"], tmp_path / "project")
-    # A gate rule change: the gate stage reruns (no training) and promotes the same model.
-    update_params(project, {"gate": {"min_delta": -1.0}})
+    # A gate rule change: the gate stage reruns (no training) and promotes the same model (a tie
+    # passes at min_delta 0).
+    update_params(project, {"gate": {"min_delta": 0.0}})
     changes = pipeline_changes(project, PIPELINE_STAGES)
     assert [stage for stage, found in changes.items() if found] == ["gate"]
     assert "params.yaml" in changes["gate"][0] and changes["gate"] == stage_changes(project, "gate")

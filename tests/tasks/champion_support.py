@@ -7,15 +7,14 @@ copy the results and change only their copies.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import shutil
 from pathlib import Path
 
 from flows.params import write_params
 from tasks.dataset import list_images, select
-from tasks.params import GateParams, Params, RegistryParams
-from tests.conftest import tiny_params
+from tasks.params import Params, replace
+from tests.conftest import BASE, tiny_params
 
 # Enough epochs for the tiny model to separate the tiny fans (the 3-epoch model of
 # `trained_workspace` still predicts one class for everything).
@@ -27,10 +26,10 @@ def gate_params(data_dir: Path, registry_dir: Path, **gate: object) -> Params:
     """Tiny params with floors a 29-image validation split can meet and a local registry."""
     params = tiny_params(data_dir, epochs=GOOD_EPOCHS, learning_rate=GOOD_LEARNING_RATE)
     settings = {"min_accuracy": 0.8, "max_escape_rate": 0.2, "smoke_images": 4, **gate}
-    return dataclasses.replace(
+    return replace(
         params,
-        gate=GateParams(**settings),
-        registry=RegistryParams(dir=str(registry_dir), lock_timeout=2.0),
+        gate=replace(BASE.gate, **settings),
+        registry=replace(BASE.registry, dir=str(registry_dir), lock_timeout=2.0),
     )
 
 
@@ -123,7 +122,7 @@ def review_band_registry(data_dir: Path, base: Path, registry: Path, review_band
     from tasks.registry import publish
 
     params = gate_params(data_dir, registry)
-    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, review_band=review_band))
+    params = replace(params, evaluate=replace(params.evaluate, review_band=review_band))
     candidate = good_model(data_dir, base)
     result = run_gate(params, candidate, registry.parent / "reports-review")
     assert result["decision"] == "promote", result["reasons"]

@@ -15,8 +15,8 @@ from tasks.dataset import (
     make_dataset,
     select,
 )
-from tasks.params import DataParams, ModelParams
-from tests.conftest import make_image_folder
+from tasks.params import replace
+from tests.conftest import BASE, make_image_folder
 
 FRACTIONS = {"train": 0.7, "validation": 0.15, "test": 0.15}
 
@@ -34,7 +34,7 @@ def test_split_is_stable_and_follows_fractions():
 
 def test_adding_images_never_moves_old_ones(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=20, seed=1)
-    params = DataParams(dir=str(data))
+    params = replace(BASE.data, dir=str(data))
     before = {i.sha256: i.split for i in list_images(data, params)}
     make_image_folder(tmp_path / "more", per_class=15, seed=2)
     for cls in ("GO", "NG"):
@@ -47,7 +47,7 @@ def test_adding_images_never_moves_old_ones(tmp_path):
 
 def test_labels_follow_params_order_not_alphabet(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=3, classes=("ok", "defect"))
-    params = DataParams(dir=str(data), classes=("ok", "defect"), positive_class="defect")
+    params = replace(BASE.data, dir=str(data), classes=("ok", "defect"), positive_class="defect")
     labels = {i.class_name: i.label for i in list_images(data, params)}
     assert labels == {"ok": 0, "defect": 1}  # alphabetical order would give defect = 0
 
@@ -56,7 +56,7 @@ def test_unknown_class_folder_is_named(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=2)
     (data / "SCRAP").mkdir()
     with pytest.raises(DatasetError, match=r"data/SCRAP: unknown class folder"):
-        list_images(data, DataParams(dir=str(data)))
+        list_images(data, replace(BASE.data, dir=str(data)))
 
 
 def test_empty_class_is_named(tmp_path):
@@ -64,30 +64,30 @@ def test_empty_class_is_named(tmp_path):
     for path in (data / "NG").iterdir():
         path.unlink()
     with pytest.raises(DatasetError, match=r"data/NG: no images in class folder"):
-        list_images(data, DataParams(dir=str(data)))
+        list_images(data, replace(BASE.data, dir=str(data)))
 
 
 def test_empty_data_set_names_the_first_missing_class_and_the_fix(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     with pytest.raises(DatasetError, match=r"data/GO: class folder missing; create it"):
-        list_images(data, DataParams(dir=str(data)))
+        list_images(data, replace(BASE.data, dir=str(data)))
 
 
 def test_non_image_files_are_skipped_with_a_warning(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data", per_class=2)
     (data / "GO" / "notes.txt").write_text("x")
     (data / "GO" / ".DS_Store").write_bytes(b"\0")
-    images = list_images(data, DataParams(dir=str(data)))
+    images = list_images(data, replace(BASE.data, dir=str(data)))
     assert len(images) == 4
     assert "skipped 1 file(s)" in caplog.text
 
 
 def test_pipeline_decodes_resizes_and_scales(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=5)
-    images = list_images(data, DataParams(dir=str(data)))
+    images = list_images(data, replace(BASE.data, dir=str(data)))
     for color_mode, channels in (("rgb", 3), ("grayscale", 1)):
-        model = ModelParams(input_size=(20, 24), color_mode=color_mode)
+        model = replace(BASE.model, input_size=(20, 24), color_mode=color_mode)
         batches = list(make_dataset(images, model, batch_size=4).as_numpy_iterator())
         features = np.concatenate([b[0] for b in batches])
         labels = np.concatenate([b[1] for b in batches])
@@ -102,8 +102,8 @@ def test_decode_all_keeps_the_order_of_the_images(tmp_path):
     import tensorflow as tf
 
     data = make_image_folder(tmp_path / "data", per_class=40)
-    images = list_images(data, DataParams(dir=str(data)))[::-1]  # more than one batch, reversed
-    model = ModelParams(input_size=(16, 16))
+    images = list_images(data, replace(BASE.data, dir=str(data)))[::-1]  # more than one batch, reversed
+    model = replace(BASE.model, input_size=(16, 16))
     decoded = decode_all(images, model)
     assert decoded.shape == (80, 16, 16, 3)
     for index in (0, 63, 64, 79):
@@ -120,7 +120,7 @@ def test_defect_type_is_the_first_subfolder_under_the_positive_class(tmp_path):
     (data / "NG" / "ng_001.png").rename(data / "NG" / "crack" / "day2" / "ng_001.png")
     (data / "NG" / "ng_002.png").rename(data / "NG" / "blowhole" / "ng_002.png")
     (data / "GO" / "go_000.png").rename(data / "GO" / "line2" / "go_000.png")
-    images = {image.path.relative_to(data).as_posix(): image for image in list_images(data, DataParams())}
+    images = {image.path.relative_to(data).as_posix(): image for image in list_images(data, BASE.data)}
     types = {path: image.defect_type for path, image in images.items()}
     assert types["NG/crack/ng_000.png"] == types["NG/crack/day2/ng_001.png"] == "crack"
     assert types["NG/blowhole/ng_002.png"] == "blowhole"
@@ -141,12 +141,11 @@ def test_augmentation_changes_training_images_only_and_repeats_with_its_seed(tmp
     from PIL import Image
 
     from tasks.dataset import resolve_color_mode
-    from tasks.params import AugmentParams
 
     data = make_image_folder(tmp_path / "data", per_class=8)
-    images = list_images(data, DataParams(dir=str(data)))
-    model = ModelParams(input_size=(24, 24))
-    augment = AugmentParams(flip=True, rot90=True, shift=0.1, brightness=0.1, contrast=0.2)
+    images = list_images(data, replace(BASE.data, dir=str(data)))
+    model = replace(BASE.model, input_size=(24, 24))
+    augment = replace(BASE.train.augment, flip=True, rot90=True, shift=0.1, brightness=0.1, contrast=0.2)
 
     def epoch(dataset):
         batches = list(dataset.as_numpy_iterator())
@@ -159,17 +158,17 @@ def test_augmentation_changes_training_images_only_and_repeats_with_its_seed(tmp
     assert varied.shape == plain.shape and 0.0 <= varied.min() and varied.max() <= 1.0
     assert not np.allclose(varied, plain)
     np.testing.assert_array_equal(varied, again)  # the seed fixes every variant
-    off, _ = epoch(make_dataset(images, model, 4, shuffle_seed=3, augment=AugmentParams()))
+    off, _ = epoch(make_dataset(images, model, 4, shuffle_seed=3, augment=BASE.train.augment))
     np.testing.assert_array_equal(off, plain)
 
-    assert resolve_color_mode(images, ModelParams(color_mode="auto")).color_mode == "rgb"
+    assert resolve_color_mode(images, replace(BASE.model, color_mode="auto")).color_mode == "rgb"
     gray = tmp_path / "gray"
     for image in images:
         target = gray / image.class_name / image.path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.open(image.path).convert("L").save(target)
-    gray_images = list_images(gray, DataParams(dir=str(gray)))
-    assert resolve_color_mode(gray_images, ModelParams(color_mode="auto")).color_mode == "grayscale"
+    gray_images = list_images(gray, replace(BASE.data, dir=str(gray)))
+    assert resolve_color_mode(gray_images, replace(BASE.model, color_mode="auto")).color_mode == "grayscale"
 
 
 def test_uint8_cache_and_streaming_give_the_predictions_of_float_decoding(tmp_path):
@@ -178,8 +177,8 @@ def test_uint8_cache_and_streaming_give_the_predictions_of_float_decoding(tmp_pa
     from tasks.model import build_model
 
     data = make_image_folder(tmp_path / "data", per_class=12)
-    images = list_images(data, DataParams(dir=str(data)))
-    model_params = ModelParams(architecture="small_cnn", input_size=(40, 44), color_mode="rgb")
+    images = list_images(data, replace(BASE.data, dir=str(data)))
+    model_params = replace(BASE.model, architecture="small_cnn", input_size=(40, 44), color_mode="rgb")
     tf.keras.utils.set_random_seed(0)
     model = build_model(model_params, 0.001)
 

@@ -1,5 +1,4 @@
 import csv
-import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -22,6 +21,7 @@ from tasks.evaluate import (
     run_evaluate,
     verdicts,
 )
+from tasks.params import replace
 from tests.conftest import copy_with_defect_types
 
 
@@ -130,7 +130,7 @@ def test_escapes_are_counted_per_defect_type():
 def test_run_evaluate_reports_escapes_per_defect_type(trained_workspace, tmp_path):
     params = trained_workspace["params"]
     data = copy_with_defect_types(trained_workspace["data_dir"], tmp_path / "data")
-    params = dataclasses.replace(params, data=dataclasses.replace(params.data, dir=str(data)))
+    params = replace(params, data=replace(params.data, dir=str(data)))
     reports = tmp_path / "reports"
     shutil.copytree(trained_workspace["reports"], reports)
     run_evaluate(params, trained_workspace["model_path"], reports)

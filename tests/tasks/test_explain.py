@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
 from collections import Counter
@@ -14,14 +13,14 @@ from PIL import Image
 
 from tasks.dataset import list_images, select
 from tasks.explain import feature_grid, filter_grid, grad_cam, normalise_kernel, overlay, run_explain
-from tasks.params import ExplainParams
+from tasks.params import replace
 from tasks.predict import predict_files, predictor_from_file
 from tests.browser_support import external_references, offline_dom, requires_chromium, tables
-from tests.conftest import copy_with_defect_types
+from tests.conftest import BASE, copy_with_defect_types
 
 
 def _with(params, **sections):
-    return dataclasses.replace(params, **sections)
+    return replace(params, **sections)
 
 
 def _validation_outcomes(workspace, threshold):
@@ -29,7 +28,7 @@ def _validation_outcomes(workspace, threshold):
     params = workspace["params"]
     validation = select(list_images(params.data.dir, params.data), "validation")
     predictor = predictor_from_file(workspace["model_path"], threshold)
-    results = predict_files(predictor, [image.path for image in validation], batch_size=16)
+    results = predict_files(predictor, [image.path for image in validation], batch_size=16, limits=BASE.validate)
     escapes = {r["path"] for i, r in zip(validation, results, strict=True) if i.class_name == "NG" != r["label"]}
     overkills = {r["path"] for i, r in zip(validation, results, strict=True) if i.class_name == "GO" != r["label"]}
     return validation, [r["probability"] for r in results], escapes, overkills
@@ -45,7 +44,7 @@ def explained(trained_workspace, tmp_path_factory):
     _, probabilities, _, _ = _validation_outcomes(trained_workspace, 0.5)
     threshold = float(np.median(probabilities))
     params = trained_workspace["params"]
-    params = _with(params, evaluate=dataclasses.replace(params.evaluate, threshold=threshold))
+    params = _with(params, evaluate=replace(params.evaluate, threshold=threshold))
     out = tmp_path_factory.mktemp("explain") / "candidate"
     summary = run_explain(
         params, model_path=trained_workspace["model_path"], out_dir=out,
@@ -94,7 +93,7 @@ def filter_grid_size(filters: int, cell: int = 36, gap: int = 2) -> tuple[int, i
 
 
 def test_max_heatmaps_caps_the_pictures_and_says_how_many_are_left_out(explained, trained_workspace, tmp_path):
-    params = _with(explained["params"], explain=ExplainParams(max_heatmaps=2))
+    params = _with(explained["params"], explain=replace(BASE.explain, max_heatmaps=2))
     summary = run_explain(params, model_path=trained_workspace["model_path"], out_dir=tmp_path)
     total = len(explained["escapes"]) + len(explained["overkills"])
     assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 2
@@ -168,13 +167,12 @@ def test_overlay_and_feature_grid_shapes():
 
 def test_unknown_class_in_data_is_named(trained_workspace, tmp_path):
     from tasks.explain import ExplainError
-    from tasks.params import DataParams
 
     data = tmp_path / "data"
     shutil.copytree(trained_workspace["data_dir"], data)
     (data / "GO").rename(data / "OK")
     params = trained_workspace["params"]
-    params = _with(params, data=DataParams(dir=str(data), classes=("OK", "NG"), split=params.data.split))
+    params = _with(params, data=replace(BASE.data, dir=str(data), classes=("OK", "NG"), split=params.data.split))
     with pytest.raises(ExplainError, match=r"knows the classes \['GO', 'NG'\] but the data has OK"):
         run_explain(params, model_path=trained_workspace["model_path"], out_dir=tmp_path / "out")
 
@@ -202,7 +200,7 @@ def test_a_grayscale_model_is_drawn_in_gray(trained_workspace, tmp_path):
     from tasks.model import build_model, save_model
 
     params = trained_workspace["params"]
-    gray = dataclasses.replace(params.model, color_mode="grayscale")
+    gray = replace(params.model, color_mode="grayscale")
     model_path = save_model(
         build_model(gray, learning_rate=0.001), tmp_path / "gray.h5", params.data.class_mapping, gray
     )
@@ -216,7 +214,7 @@ def test_a_grayscale_model_is_drawn_in_gray(trained_workspace, tmp_path):
 def test_page_gives_escapes_per_defect_type_with_upper_bounds(trained_workspace, tmp_path):
     params = trained_workspace["params"]
     data = copy_with_defect_types(trained_workspace["data_dir"], tmp_path / "data")
-    params = _with(params, data=dataclasses.replace(params.data, dir=str(data)), explain=ExplainParams(max_heatmaps=0))
+    params = _with(params, data=replace(params.data, dir=str(data)), explain=replace(BASE.explain, max_heatmaps=0))
     summary = run_explain(params, model_path=trained_workspace["model_path"], out_dir=tmp_path / "out",
                           reports_dir=trained_workspace["reports"])
     validation = select(list_images(data, params.data), "validation")

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import numpy as np
@@ -7,8 +6,9 @@ import pytest
 from flows.cli import main
 from tasks.export import RUNNERS, ExportError, check_images, export_version
 from tasks.model import load_model, model_params_from_file
-from tasks.params import ExportParams
+from tasks.params import replace
 from tasks.registry import RegistryError, read_champion, read_embedded_card
+from tests.conftest import BASE
 from tests.tasks.champion_support import (
     copy_registry,
     gate_params,
@@ -77,7 +77,7 @@ def test_exports_accumulate_and_an_older_version_leaves_the_champion_card_alone(
 
 @pytest.mark.slow
 def test_an_export_that_differs_from_keras_is_not_kept(params, registry):
-    strict = dataclasses.replace(params, export=ExportParams(max_abs_diff=0.0))
+    strict = replace(params, export=replace(BASE.export, max_abs_diff=0.0))
     with pytest.raises(ExportError, match=r"differs from Keras by up to .* not kept"):
         export_version(strict, "tflite")
     assert list((registry / "versions" / "v0001" / "exports").iterdir()) == []
@@ -89,7 +89,7 @@ def test_a_bad_version_is_a_clear_error(params, registry, trained_workspace, tmp
         export_version(params, "tflite", "42")
     with pytest.raises(RegistryError, match="'latest' is not a version; versions look like v0003"):
         export_version(params, "onnx", "latest")
-    empty = dataclasses.replace(params, registry=dataclasses.replace(params.registry, dir=str(tmp_path / "none")))
+    empty = replace(params, registry=replace(params.registry, dir=str(tmp_path / "none")))
     with pytest.raises(RegistryError, match="no champion yet"):
         export_version(empty, "savedmodel")
 
@@ -114,16 +114,15 @@ def test_the_cli_exports_the_champion(registry, trained_workspace, tmp_path, cap
 def test_an_aoi_cnn_champion_exports_to_every_format_with_the_same_answers(trained_workspace, tmp_path):
     """BatchNorm in inference mode and global pooling survive TFLite, ONNX and SavedModel."""
     from tasks.gate import run_gate
-    from tasks.params import ModelParams
     from tasks.registry import publish
     from tests.tasks.champion_support import train_good_model
 
     registry = tmp_path / "registry"
     base = gate_params(trained_workspace["data_dir"], registry, min_accuracy=0.0, max_escape_rate=1.0)
-    params = dataclasses.replace(
+    params = replace(
         base,
-        model=ModelParams(architecture="aoi_cnn", input_size=(32, 32), conv_filters=(8, 16), stem_stride=2),
-        train=dataclasses.replace(base.train, epochs=3),
+        model=replace(BASE.model, architecture="aoi_cnn", input_size=(32, 32), conv_filters=(8, 16), stem_stride=2),
+        train=replace(base.train, epochs=3),
     )
     candidate = train_good_model(params, tmp_path / "candidate.h5")
     result = run_gate(params, candidate, tmp_path / "reports", record=False)

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 from collections import Counter
 
@@ -7,9 +6,9 @@ import pytest
 from tasks.dataset import list_images, select
 from tasks.evaluate import escape_upper_bound
 from tasks.gate import decide, mcnemar_exact, run_gate
-from tasks.params import GateParams, ParamsError
+from tasks.params import ParamsError, replace
 from tasks.registry import CHAMPION_MODEL, read_log
-from tests.conftest import copy_with_defect_types
+from tests.conftest import BASE, copy_with_defect_types
 from tests.tasks.champion_support import (
     copy_registry,
     gate_params,
@@ -31,7 +30,7 @@ def failed(rules):
     return [rule["rule"] for rule in rules if not rule["passed"]]
 
 
-GATE = GateParams(min_delta=0.005, max_escape_increase=0.0, max_overkill_increase=0.01,
+GATE = replace(BASE.gate, min_delta=0.005, max_escape_increase=0.0, max_overkill_increase=0.01,
                   min_accuracy=0.95, max_escape_rate=0.05)
 
 
@@ -73,7 +72,7 @@ def test_overkill_may_grow_within_its_tolerance_only():
 def test_primary_metric_follows_params():
     champion = metrics(0.96, auc=0.990)
     candidate = metrics(0.99, auc=0.991)  # accuracy gains, AUC does not by min_delta
-    gate = GateParams(metric="auc", min_accuracy=0.9)
+    gate = replace(BASE.gate, metric="auc", min_accuracy=0.9)
     decision, rules = decide(candidate, champion, gate)
     assert decision == "reject" and failed(rules) == ["primary_metric"]
     assert rules[2]["metric"] == "auc"
@@ -88,15 +87,15 @@ def test_mcnemar_matches_a_hand_computation():
     # Two-sided exact binomial, n = 9, k = 1: 2 * (C(9,0) + C(9,1)) / 2**9 = 20 / 512.
     assert test["p_value"] == pytest.approx(20 / 512)
     champion_metrics, candidate_metrics = metrics(0.90), metrics(0.95)
-    passes = decide(candidate_metrics, champion_metrics, GateParams(significance=0.05, min_accuracy=0.9), test)
-    fails = decide(candidate_metrics, champion_metrics, GateParams(significance=0.01, min_accuracy=0.9), test)
+    passes = decide(candidate_metrics, champion_metrics, replace(BASE.gate, significance=0.05, min_accuracy=0.9), test)
+    fails = decide(candidate_metrics, champion_metrics, replace(BASE.gate, significance=0.01, min_accuracy=0.9), test)
     assert passes[0] == "promote" and fails[0] == "reject" and failed(fails[1]) == ["mcnemar"]
 
 
 def test_mcnemar_never_favours_a_candidate_that_is_significantly_worse():
     test = mcnemar_exact([False] * 9 + [True], [True] * 9 + [True])
     assert test["p_value"] == pytest.approx(2 * 1 / 2**9)
-    _, rules = decide(metrics(0.99), metrics(0.9), GateParams(significance=0.05, min_accuracy=0.9), test)
+    _, rules = decide(metrics(0.99), metrics(0.9), replace(BASE.gate, significance=0.05, min_accuracy=0.9), test)
     assert failed(rules) == ["mcnemar"]
 
 
@@ -183,7 +182,7 @@ def test_one_defect_type_let_through_is_rejected_though_the_overall_rate_passes(
         "blowhole": typed(5, 2), "crack": typed(25, 0), "untyped": typed(20, 0),
     })
     assert decide(candidate, None, GATE)[0] == "promote"  # per-type rule off by default
-    per_type = dataclasses.replace(GATE, max_escape_rate_per_type=0.1)
+    per_type = replace(GATE, max_escape_rate_per_type=0.1)
     decision, rules = decide(candidate, None, per_type)
     assert decision == "reject"
     assert failed(rules) == ["max_escape_rate_per_type"]
@@ -198,16 +197,16 @@ def test_one_defect_type_let_through_is_rejected_though_the_overall_rate_passes(
 
 def test_per_type_ceiling_applies_with_a_champion_too():
     candidate = metrics(0.99, escape_rate=0.01, defect_types={"crack": typed(10, 1)})
-    gate = dataclasses.replace(GATE, max_escape_rate_per_type=0.05)
+    gate = replace(GATE, max_escape_rate_per_type=0.05)
     decision, rules = decide(candidate, metrics(0.95, escape_rate=0.02), gate)
     assert decision == "reject" and failed(rules) == ["max_escape_rate_per_type"]
-    loose = dataclasses.replace(GATE, max_escape_rate_per_type=0.1)
+    loose = replace(GATE, max_escape_rate_per_type=0.1)
     assert decide(candidate, metrics(0.95, escape_rate=0.02), loose)[0] == "promote"
 
 
 def test_per_type_ceiling_must_be_a_rate():
     with pytest.raises(ParamsError, match="gate.max_escape_rate_per_type must be null or between 0 and 1"):
-        GateParams(max_escape_rate_per_type=5)
+        replace(BASE.gate, max_escape_rate_per_type=5)
 
 
 @pytest.mark.slow
@@ -227,7 +226,7 @@ def test_gate_rejects_a_candidate_that_lets_one_defect_type_through(data_dir, ba
     (lowest, let_through), (second, _) = ng[0], ng[1]
     # 1 escape: within the 0.2 floor overall (5 or more NG), above 0.1 for its type (fewer than 10).
     assert lowest < second and expected[let_through] < 10 and len(ng) >= 5
-    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate,
+    params = replace(params, evaluate=replace(params.evaluate,
                                                                       threshold=(lowest + second) / 2))
     result = run_gate(params, model, tmp_path / "reports", record=False)
 

@@ -14,7 +14,7 @@ from tasks.image_check import (
     check_image,
     inspect_image,
 )
-from tasks.params import ValidateParams
+from tasks.params import replace
 from tests.bad_files import (
     HOSTILE_IMAGES,
     good_image,
@@ -22,8 +22,9 @@ from tests.bad_files import (
     write_corrupt_png,
     write_truncated_jpeg,
 )
+from tests.conftest import BASE
 
-LIMITS = ValidateParams()
+LIMITS = BASE.validate
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,7 @@ def test_truncation_is_found_by_the_full_decode(tmp_path: Path, write, reason: s
 def test_a_warning_rule_does_not_stop_the_decode() -> None:
     buffer = io.BytesIO()
     good_image().save(buffer, format="PNG")
-    lenient = ValidateParams(min_side=64, severity={"width_in_bounds": "warning",
+    lenient = replace(BASE.validate, min_side=64, severity={**LIMITS.severity, "width_in_bounds": "warning",
                                                     "height_in_bounds": "warning"})
     found = check_image(buffer.getvalue(), lenient)  # warnings do not reject
     assert [p.rule for p in found.problems] == ["width_in_bounds", "height_in_bounds"]

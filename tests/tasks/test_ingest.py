@@ -18,15 +18,15 @@ from tasks.ingest import (
     judge_batch,
     recover_interrupted,
 )
-from tasks.params import DataParams, Params
+from tasks.params import Params, replace
 from tasks.snapshot import data_snapshot_id
 from tests.bad_files import HOSTILE_IMAGES
-from tests.conftest import make_image_folder
+from tests.conftest import BASE, make_image_folder
 from tests.dvc_support import make_dvc_repo, run, tree_digest
 
 
 def params_for(data_dir: Path) -> Params:
-    return Params(data=DataParams(dir=str(data_dir)))
+    return replace(BASE, data=replace(BASE.data, dir=str(data_dir)))
 
 
 def verdicts_by_name(verdicts: list[ingest.Verdict]) -> dict[str, ingest.Verdict]:
@@ -158,7 +158,7 @@ def test_ingest_copies_under_hash_names_indexes_sources_and_snapshots(tmp_path: 
     (batch / "GO" / "broken.png").write_bytes(b"not a png")
     originals = tree_digest(batch)
 
-    result = ingest_batch(batch, Params(), repo, commit=True)
+    result = ingest_batch(batch, BASE, repo, commit=True)
 
     assert result["accepted"] == 6 and result["rejected"] == 1
     assert result["snapshot"]["changed"] and result["snapshot"]["pushed"] and result["committed"]
@@ -236,8 +236,8 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails wi
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 from tasks.ingest import ingest_batch
-from tasks.params import DataParams, Params
-ingest_batch(Path(sys.argv[2]), Params(data=DataParams(dir="data")), Path(sys.argv[3]), push=False)
+from flows.params import params_from
+ingest_batch(Path(sys.argv[2]), params_from({"data": {"dir": "data"}}), Path(sys.argv[3]), push=False)
 """
 
 
@@ -321,7 +321,7 @@ def test_ingest_keeps_the_defect_type_subfolder(tmp_path: Path) -> None:
     (batch / "NG" / "ng_001.png").rename(batch / "NG" / "crack" / "day2" / "ng_001.png")
     (batch / "GO" / "go_000.png").rename(batch / "GO" / "line2" / "go_000.png")
 
-    result = ingest_batch(batch, Params(), repo, push=False)
+    result = ingest_batch(batch, BASE, repo, push=False)
 
     assert result["accepted"] == 6
     types = {Path(row["path"]).name: row["defect_type"] for row in result["files"]}
@@ -334,5 +334,5 @@ def test_ingest_keeps_the_defect_type_subfolder(tmp_path: Path) -> None:
         f"NG/{digest['ng_002.png']}.png",  # untyped stays directly in NG/
         *(f"GO/{digest[f'go_{i:03d}.png']}.png" for i in range(3)),  # GO subfolders carry no type
     ])
-    listed = {image.path.name: image.defect_type for image in list_images(repo / "data", DataParams())}
+    listed = {image.path.name: image.defect_type for image in list_images(repo / "data", BASE.data)}
     assert listed[f"{digest['ng_001.png']}.png"] == "crack"

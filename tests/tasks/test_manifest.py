@@ -6,7 +6,7 @@ from PIL import Image
 
 from tasks.dataset import assign_split, sha256_of
 from tasks.manifest import build_manifest, inspect_file
-from tasks.params import DataParams, ValidateParams
+from tasks.params import replace
 from tests.bad_files import (
     good_image,
     write_bomb_png,
@@ -15,9 +15,9 @@ from tests.bad_files import (
     write_truncated_jpeg,
     write_zero_byte,
 )
-from tests.conftest import make_image_folder
+from tests.conftest import BASE, make_image_folder
 
-LIMITS = ValidateParams(max_pixels=1_000_000)
+LIMITS = replace(BASE.validate, max_pixels=1_000_000)
 
 
 def test_inspect_good_image(tmp_path):
@@ -71,7 +71,7 @@ def test_manifest_rows_mirror_what_training_reads(tmp_path):
     shutil.copy(data / "GO" / "go_000.png", data / "GO" / "deeper" / "again.png")
     os.symlink(tmp_path / "elsewhere.png", data / "NG" / "outside.png")
     os.symlink(data / "GO" / "go_001.png", data / "NG" / "inside.png")
-    params = DataParams(dir=str(data))
+    params = replace(BASE.data, dir=str(data))
 
     manifest = build_manifest(data, params, LIMITS).set_index("path")
 
@@ -94,7 +94,7 @@ def test_manifest_rows_mirror_what_training_reads(tmp_path):
 
 def test_cache_decodes_only_new_or_changed_files(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=10)
-    params = DataParams(dir=str(data))
+    params = replace(BASE.data, dir=str(data))
     cache = tmp_path / "cache"
 
     first = build_manifest(data, params, LIMITS, cache)
@@ -110,7 +110,8 @@ def test_cache_decodes_only_new_or_changed_files(tmp_path):
     assert "truncated" in grown.loc["GO/go_003.png", "error"]
     assert grown.loc["NG/new.png", "decodable"]
 
-    stricter = build_manifest(data, params, ValidateParams(max_pixels=500), cache)  # a new limit changes verdicts
+    # a new limit changes verdicts
+    stricter = build_manifest(data, params, replace(BASE.validate, max_pixels=500), cache)
     assert stricter.attrs["inspected"] == 21
     assert not stricter["decodable"].any()
 
@@ -118,10 +119,10 @@ def test_cache_decodes_only_new_or_changed_files(tmp_path):
 def test_damaged_cache_is_rebuilt(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=2)
     cache = tmp_path / "cache"
-    build_manifest(data, DataParams(dir=str(data)), LIMITS, cache)
+    build_manifest(data, replace(BASE.data, dir=str(data)), LIMITS, cache)
     (cached,) = cache.iterdir()
     cached.write_text("{not json")
-    manifest = build_manifest(data, DataParams(dir=str(data)), LIMITS, cache)
+    manifest = build_manifest(data, replace(BASE.data, dir=str(data)), LIMITS, cache)
     assert manifest.attrs["inspected"] == 4 and manifest["decodable"].all()
 
 
@@ -130,7 +131,7 @@ def test_workers_inspect_as_one_process_does(tmp_path, monkeypatch):
 
     data = make_image_folder(tmp_path / "data", per_class=15)
     write_truncated_jpeg(data / "GO" / "cut.jpg")
-    params = DataParams(dir=str(data))
+    params = replace(BASE.data, dir=str(data))
     alone = build_manifest(data, params, LIMITS)
     monkeypatch.setattr(tasks.manifest, "_FILES_PER_WORKER", 10)  # 31 files: two workers
     shared = build_manifest(data, params, LIMITS)

@@ -10,14 +10,15 @@ from tasks.model import (
     read_model_metadata,
     save_model,
 )
-from tasks.params import ModelParams, ParamsError
+from tasks.params import ModelParams, ParamsError, replace
+from tests.conftest import BASE
 
 SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
 
 
 def tiny_model_params(**overrides: object) -> ModelParams:
     settings = {"input_size": (32, 32), "conv_filters": (16, 8), "dense_units": 8, **overrides}
-    return ModelParams(**settings)
+    return replace(BASE.model, **settings)
 
 
 def first_kernel(params: ModelParams, seed: int = 3) -> np.ndarray:
@@ -60,7 +61,7 @@ def test_first_layer_init_is_seeded_and_he_normal_differs():
 
 def test_unknown_first_layer_init_is_refused():
     with pytest.raises(ParamsError, match="model.first_layer_init must be one of"):
-        ModelParams(first_layer_init="sobel")
+        replace(BASE.model, first_layer_init="sobel")
 
 
 def test_saved_model_keeps_edge_kernels_and_its_training_record(tmp_path):

@@ -1,7 +1,8 @@
 import pytest
+from pydantic import ValidationError
 
-from flows.params import load_params
-from tasks.params import Params, ParamsError
+from flows.params import load_params, params_from
+from tasks.params import Params, ParamsError, replace
 
 
 def test_project_params_file_loads():
@@ -13,17 +14,17 @@ def test_project_params_file_loads():
 
 def test_unknown_key_is_named():
     with pytest.raises(ParamsError, match=r"train\.epochz"):
-        Params.from_dict({"train": {"epochz": 3}})
+        params_from({"train": {"epochz": 3}})
 
 
 def test_wrong_type_is_named():
     with pytest.raises(ParamsError, match=r"train\.epochs = 'ten'"):
-        Params.from_dict({"train": {"epochs": "ten"}})
+        params_from({"train": {"epochs": "ten"}})
 
 
 def test_positive_class_must_be_label_one():
     with pytest.raises(ParamsError, match="positive_class"):
-        Params.from_dict({"data": {"classes": ["GO", "NG"], "positive_class": "GO"}})
+        params_from({"data": {"classes": ["GO", "NG"], "positive_class": "GO"}})
 
 
 def test_unreadable_params_names_file_and_line(tmp_path):
@@ -36,16 +37,16 @@ def test_unreadable_params_names_file_and_line(tmp_path):
 
 
 def test_nested_augment_section_and_review_band_are_checked():
-    params = Params.from_dict({"train": {"augment": {"flip": True, "shift": 0.1}},
+    params = params_from({"train": {"augment": {"flip": True, "shift": 0.1}},
                                "evaluate": {"review_band": [0.2, 0.8]}})
     assert params.train.augment.flip and params.train.augment.shift == 0.1
     assert params.evaluate.review_band == (0.2, 0.8)
     with pytest.raises(ParamsError, match=r"train\.augment\.flipp"):
-        Params.from_dict({"train": {"augment": {"flipp": True}}})
+        params_from({"train": {"augment": {"flipp": True}}})
     with pytest.raises(ParamsError, match=r"review_band must be null or \[low, high\]"):
-        Params.from_dict({"evaluate": {"review_band": [0.8, 0.2]}})
+        params_from({"evaluate": {"review_band": [0.8, 0.2]}})
     with pytest.raises(ParamsError, match=r"model.color_mode must be one of rgb, grayscale, auto"):
-        Params.from_dict({"model": {"color_mode": "sepia"}})
+        params_from({"model": {"color_mode": "sepia"}})
 
 
 @pytest.mark.parametrize(("section", "values", "message"), [
@@ -60,9 +61,38 @@ def test_nested_augment_section_and_review_band_are_checked():
 ])
 def test_operations_settings_are_checked(section, values, message):
     with pytest.raises(ParamsError, match=message):
-        Params.from_dict({section: values})
+        params_from({section: values})
 
 
 def test_dashboard_links_use_the_public_url_or_host_and_port():
-    assert Params.from_dict({"serve": {"public_url": "http://line-7:8000/"}}).serve.base_url() == "http://line-7:8000"
-    assert Params.from_dict({"serve": {"port": 8080}}).serve.base_url() == "http://127.0.0.1:8080"
+    assert params_from({"serve": {"public_url": "http://line-7:8000/"}}).serve.base_url() == "http://line-7:8000"
+    assert params_from({"serve": {"port": 8080}}).serve.base_url() == "http://127.0.0.1:8080"
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"gate": {"min_delta": -0.01}}, r"gate.min_delta must be >= 0, got -0.01"),
+    ({"demo": {"ng_fraction": 1.0}}, r"demo.ng_fraction must be > 0 and < 1, got 1.0"),
+    ({"train": {"batch_size": 0}}, r"train.batch_size must be >= 1, got 0"),
+    ({"train": {"average_momentum": 1}}, r"train.average_momentum must be null \(off\) or > 0 and < 1, got 1"),
+    ({"model": {"conv_filters": [8, 0]}}, r"model.conv_filters.1 must be >= 1, got 0"),
+    ({"validate": {"severity": {"readabel": "warning"}}}, r"validate.severity must rate each of .*unknown: readabel"),
+])
+def test_every_number_and_choice_is_bounded(changes, message):
+    with pytest.raises(ParamsError, match=message):
+        params_from(changes)
+
+
+def test_a_missing_key_names_the_file_to_add_it_to():
+    raw = load_params("params.yaml").to_dict()
+    del raw["paths"]["candidate"]
+    with pytest.raises(ParamsError, match=r"^mine.yaml: paths.candidate is missing; add it to mine.yaml$"):
+        Params.from_dict(raw, source="mine.yaml")
+
+
+def test_a_changed_copy_is_checked_and_params_stay_frozen():
+    params = load_params("params.yaml")
+    assert replace(params.train, epochs=3).epochs == 3 and params.train.epochs != 3
+    with pytest.raises(ParamsError, match=r"train.epochs must be >= 1, got 0"):
+        replace(params.train, epochs=0)
+    with pytest.raises(ValidationError, match="frozen"):
+        params.train.epochs = 3

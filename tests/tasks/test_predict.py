@@ -6,10 +6,11 @@ import pytest
 from tasks.dataset import list_images, select
 from tasks.errors import FanaoiError
 from tasks.image_check import blocking_rules, inspect_image
-from tasks.params import DataParams, ValidateParams
+from tasks.params import replace
 from tasks.predict import expand_paths, load_champion, predict_files
 from tasks.registry import RegistryError
 from tests.bad_files import HOSTILE_IMAGES
+from tests.conftest import BASE
 from tests.tasks.champion_support import one_version_registry, review_band_registry
 
 EXTENSIONS = (".png", ".jpg")
@@ -42,7 +43,7 @@ def champion(trained_workspace, tmp_path_factory):
 @pytest.fixture
 def validation_images(trained_workspace):
     data_dir = trained_workspace["data_dir"]
-    params = DataParams(dir=str(data_dir), split={"train": 0.6, "validation": 0.25, "test": 0.15})
+    params = replace(BASE.data, dir=str(data_dir), split={"train": 0.6, "validation": 0.25, "test": 0.15})
     return select(list_images(data_dir, params), "validation")
 
 
@@ -51,7 +52,7 @@ def test_champion_predicts_with_its_card(champion, validation_images):
     assert champion.version == "v0001" and champion.threshold == 0.5
     assert champion.class_names == ("GO", "NG")
     assert champion.model_params.input_size == (32, 32) and champion.model_params.color_mode == "rgb"
-    results = predict_files(champion, [image.path for image in validation_images], batch_size=8)
+    results = predict_files(champion, [image.path for image in validation_images], batch_size=8, limits=BASE.validate)
     assert [r["path"] for r in results] == [str(image.path) for image in validation_images]
     assert [r["label"] for r in results] == [image.class_name for image in validation_images]
     assert all(0 <= r["probability"] <= 1 and r["error"] is None for r in results)
@@ -60,19 +61,19 @@ def test_champion_predicts_with_its_card(champion, validation_images):
 @pytest.mark.slow
 def test_batched_and_single_predictions_agree(champion, validation_images):
     paths = [image.path for image in validation_images[:6]]
-    batched = [r["probability"] for r in predict_files(champion, paths, batch_size=64)]
-    single = [predict_files(champion, [path], batch_size=1)[0]["probability"] for path in paths]
+    batched = [r["probability"] for r in predict_files(champion, paths, batch_size=64, limits=BASE.validate)]
+    single = [predict_files(champion, [path], batch_size=1, limits=BASE.validate)[0]["probability"] for path in paths]
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
 @pytest.mark.slow
 def test_threshold_decides_the_label(champion, validation_images):
     path = validation_images[0].path
-    probability = predict_files(champion, [path], 1)[0]["probability"]
+    probability = predict_files(champion, [path], 1, limits=BASE.validate)[0]["probability"]
     below = dataclasses.replace(champion, threshold=probability)
     above = dataclasses.replace(champion, threshold=float(np.nextafter(probability, 2.0)))
-    assert predict_files(below, [path], 1)[0]["label"] == "NG"
-    assert predict_files(above, [path], 1)[0]["label"] == "GO"
+    assert predict_files(below, [path], 1, limits=BASE.validate)[0]["label"] == "NG"
+    assert predict_files(above, [path], 1, limits=BASE.validate)[0]["label"] == "GO"
 
 
 @pytest.mark.slow
@@ -83,7 +84,7 @@ def test_unreadable_files_get_their_own_error(champion, validation_images, tmp_p
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:60])
     files = [tmp_path / "text.png", good, tmp_path / "empty.png", tmp_path / "missing.png", truncated]
-    results = predict_files(champion, files, batch_size=4)
+    results = predict_files(champion, files, batch_size=4, limits=BASE.validate)
     assert [r["error"] is None for r in results] == [False, True, False, False, False]
     assert results[1]["label"] == validation_images[0].class_name
     assert "not an image" in results[0]["error"]
@@ -95,7 +96,7 @@ def test_unreadable_files_get_their_own_error(champion, validation_images, tmp_p
 def test_images_the_check_refuses_get_its_reason_never_a_label(champion, validation_images, tmp_path):
     hostile = [write(tmp_path / name) for name, write in HOSTILE_IMAGES.items()]
     good = validation_images[0].path
-    limits = ValidateParams()
+    limits = BASE.validate
 
     results = predict_files(champion, [*hostile, good], batch_size=4, limits=limits)
 
@@ -121,7 +122,7 @@ def test_review_band_sends_uncertain_parts_to_a_person(
     registry = review_band_registry(trained_workspace["data_dir"], base, tmp_path / "registry", band)
     champion = load_champion(registry)
     assert champion.review_band == pytest.approx(band)
-    results = predict_files(champion, paths, batch_size=8)
+    results = predict_files(champion, paths, batch_size=8, limits=BASE.validate)
     labels = [row["label"] for row in results]
     assert labels == [expected_label(row["probability"], champion.threshold, band) for row in results]
     assert labels.count("REVIEW") >= len(paths) // 3  # the middle half of the scores, ties aside

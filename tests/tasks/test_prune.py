@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import shutil
 
@@ -6,9 +5,9 @@ import numpy as np
 import pytest
 
 from tasks.model import build_model, load_model, read_model_metadata
-from tasks.params import PruneParams
+from tasks.params import replace
 from tasks.prune import PruneError, filter_norms, prune_model, run_prune
-from tests.conftest import TINY_SIZE
+from tests.conftest import BASE, TINY_SIZE
 
 
 @pytest.fixture
@@ -79,10 +78,9 @@ def test_pruning_aoi_cnn_slices_batch_norm_with_its_conv(tiny_data_params):
     removing them must not change any output of a Conv-BN-ReLU, global-pooling model."""
     import keras
 
-    from tasks.params import ModelParams
 
     keras.utils.set_random_seed(5)
-    params = ModelParams(architecture="aoi_cnn", input_size=(TINY_SIZE, TINY_SIZE), conv_filters=(8, 16),
+    params = replace(BASE.model, architecture="aoi_cnn", input_size=(TINY_SIZE, TINY_SIZE), conv_filters=(8, 16),
                          pooling="max")
     model = build_model(params, 0.001)
     silenced = {}
@@ -105,7 +103,7 @@ def test_pruning_aoi_cnn_slices_batch_norm_with_its_conv(tiny_data_params):
 @pytest.fixture
 def tiny_data_params(trained_workspace):
     params = trained_workspace["params"]
-    return dataclasses.replace(params, prune=PruneParams(fine_tune_epochs=1, speed_images=32))
+    return replace(params, prune=replace(BASE.prune, fine_tune_epochs=1, speed_images=32))
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -144,9 +145,10 @@ def test_rollback_restores_the_earlier_bytes(data_dir, base, tmp_path):
 def test_crash_between_write_and_rename_leaves_the_old_champion(data_dir, base, tmp_path, monkeypatch):
     registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
     before = (registry / CHAMPION_MODEL).read_bytes(), (registry / CHAMPION_CARD).read_bytes()
-    params = gate_params(data_dir, registry, min_accuracy=0.0, min_delta=-1.0, max_escape_rate=1.0,
+    # The champion's own model again: a tie, which min_delta 0 promotes.
+    params = gate_params(data_dir, registry, min_accuracy=0.0, min_delta=0.0, max_escape_rate=1.0,
                          max_escape_increase=1.0, max_overkill_increase=1.0)
-    candidate = save_random_model(params, tmp_path / "candidate.h5")
+    candidate = Path(shutil.copy(good_model(data_dir, base), tmp_path / "candidate.h5"))
     result = run_gate(params, candidate, tmp_path / "reports")
     assert result["decision"] == "promote"
 

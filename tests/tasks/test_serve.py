@@ -1,5 +1,4 @@
 import contextlib
-import dataclasses
 import io
 import os
 import select as io_select
@@ -15,11 +14,12 @@ from PIL import Image
 
 from tasks.dataset import list_images, select
 from tasks.image_check import blocking_rules, inspect_image
-from tasks.params import ServeParams
+from tasks.params import replace
 from tasks.predict import load_champion, predict_files
 from tasks.registry import RegistryError, rollback
 from tasks.serve import TOKEN_ENV, create_app, exposure_warning
 from tests.bad_files import HOSTILE_IMAGES
+from tests.conftest import BASE
 from tests.tasks.champion_support import (
     copy_registry,
     flip_weight_bytes,
@@ -40,7 +40,7 @@ def registry(trained_workspace, tmp_path_factory, tmp_path):
 
 def serve_params(trained_workspace, registry, **serve):
     params = gate_params(trained_workspace["data_dir"], registry)
-    return dataclasses.replace(params, serve=ServeParams(**serve))
+    return replace(params, serve=replace(BASE.serve, **serve))
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def upload(client, content, name="fan.png"):
 def test_predict_agrees_with_the_cli_and_the_service_describes_itself(
     trained_workspace, registry, validation_paths
 ):
-    expected = predict_files(load_champion(registry), validation_paths, batch_size=8)
+    expected = predict_files(load_champion(registry), validation_paths, batch_size=8, limits=BASE.validate)
     with TestClient(create_app(serve_params(trained_workspace, registry))) as client:
         for path, row in zip(validation_paths, expected, strict=True):
             answer = upload(client, path.read_bytes())
@@ -217,7 +217,7 @@ def running_server(app):
 
 
 def test_a_real_http_request_on_localhost(trained_workspace, registry, validation_paths):
-    expected = predict_files(load_champion(registry), validation_paths[:1], batch_size=8)[0]
+    expected = predict_files(load_champion(registry), validation_paths[:1], batch_size=8, limits=BASE.validate)[0]
     with running_server(create_app(serve_params(trained_workspace, registry))) as port:
         answer = httpx.post(
             f"http://127.0.0.1:{port}/predict", timeout=30,

@@ -1,5 +1,4 @@
 import csv
-import dataclasses
 import json
 from pathlib import Path
 
@@ -8,8 +7,9 @@ import pytest
 
 from tasks.dataset import DatasetError
 from tasks.model import MAPPING_ATTR
+from tasks.params import replace
 from tasks.train import run_train
-from tests.conftest import make_image_folder, tiny_params
+from tests.conftest import BASE, make_image_folder, tiny_params
 
 
 @pytest.mark.slow
@@ -105,10 +105,10 @@ def champion_project(trained_workspace, tmp_path_factory, tmp_path):
     source = one_version_registry(data_dir, tmp_path_factory.getbasetemp())
     registry = copy_registry(source, tmp_path / "registry")
     params = gate_params(data_dir, registry)
-    train = dataclasses.replace(
+    train = replace(
         params.train, epochs=1, init_from="champion", checkpoint_dir=str(tmp_path / "ckpt")
     )
-    return dataclasses.replace(params, train=train)
+    return replace(params, train=train)
 
 
 @pytest.mark.slow
@@ -132,7 +132,7 @@ def test_warm_start_begins_at_the_champion_weights_and_is_recorded(champion_proj
                 extra_callbacks=[first_layer_at_start(seen)])
     np.testing.assert_array_equal(seen[0], champion)
     random_start = []
-    train_model(*split, params.model, dataclasses.replace(params.train, init_from=None),
+    train_model(*split, params.model, replace(params.train, init_from=None),
                 extra_callbacks=[first_layer_at_start(random_start)])
     assert not np.allclose(random_start[0], champion)
 
@@ -152,7 +152,7 @@ def test_warm_start_begins_at_the_champion_weights_and_is_recorded(champion_proj
 def test_warm_start_without_a_champion_names_the_file_and_the_fix(champion_project, tmp_path):
     from tasks.train import WarmStartError
 
-    params = dataclasses.replace(champion_project, registry=dataclasses.replace(
+    params = replace(champion_project, registry=replace(
         champion_project.registry, dir=str(tmp_path / "empty")))
     with pytest.raises(WarmStartError, match=r"empty/champion.h5: .* no champion.*train.init_from: null"):
         run_train(params, tmp_path / "c.h5", tmp_path / "reports")
@@ -162,7 +162,7 @@ def test_warm_start_without_a_champion_names_the_file_and_the_fix(champion_proje
 def test_warm_start_with_other_shapes_names_the_weight(champion_project, tmp_path):
     from tasks.train import WarmStartError
 
-    params = dataclasses.replace(champion_project, model=dataclasses.replace(
+    params = replace(champion_project, model=replace(
         champion_project.model, conv_filters=(4, 16)))
     with pytest.raises(WarmStartError, match=r"champion.h5: champion v0001 has weight 0 .*\(3, 3, 3, 8\).*"
                                              r"\(3, 3, 3, 4\).*conv_filters"):
@@ -174,11 +174,11 @@ def test_warm_started_run_never_resumes_a_random_init_checkpoint(champion_projec
     from tasks.dataset import list_images, select
     from tasks.train import find_warm_start, train_model
 
-    warm = dataclasses.replace(champion_project.train, epochs=2)
+    warm = replace(champion_project.train, epochs=2)
     images = list_images(champion_project.data.dir, champion_project.data)
     split = (select(images, "train"), select(images, "validation"))
     with pytest.raises(KeyboardInterrupt):
-        train_model(*split, champion_project.model, dataclasses.replace(warm, init_from=None),
+        train_model(*split, champion_project.model, replace(warm, init_from=None),
                     checkpoint_dir=Path(warm.checkpoint_dir), extra_callbacks=[kill_after_epoch(1)])
     messages = []
     _, history = train_model(*split, champion_project.model, warm, checkpoint_dir=Path(warm.checkpoint_dir),
@@ -267,14 +267,13 @@ def test_an_averaged_run_saves_the_weights_its_kept_epoch_was_validated_with(tmp
 
 
 def test_learning_rate_follows_a_cosine_from_the_base_rate():
-    from tasks.params import TrainParams
     from tasks.train import learning_rate_at
 
-    cosine = TrainParams(epochs=10, learning_rate=0.01, lr_schedule="cosine")
+    cosine = replace(BASE.train, epochs=10, learning_rate=0.01, lr_schedule="cosine")
     assert learning_rate_at(0, cosine) == pytest.approx(0.01)
     assert learning_rate_at(5, cosine) == pytest.approx(0.005)
     assert learning_rate_at(9, cosine) < 0.0003
-    assert learning_rate_at(7, TrainParams(learning_rate=0.01)) == 0.01
+    assert learning_rate_at(7, replace(BASE.train, learning_rate=0.01)) == 0.01
 
 
 def test_balanced_class_weights_count_each_class_equally(tmp_path):
@@ -295,16 +294,15 @@ def test_aoi_cnn_trains_with_augmentation_and_its_h5_answers_like_the_model(tmp_
 
     from tasks.dataset import decode_all, list_images, select
     from tasks.model import load_model
-    from tasks.params import AugmentParams, ModelParams
 
     data = make_image_folder(tmp_path / "data", per_class=16)
     base = tiny_params(data, epochs=2)
-    augment = AugmentParams(flip=True, rot90=True, shift=0.1, brightness=0.1, contrast=0.1)
-    params = dataclasses.replace(
+    augment = replace(BASE.train.augment, flip=True, rot90=True, shift=0.1, brightness=0.1, contrast=0.1)
+    params = replace(
         base,
-        model=ModelParams(architecture="aoi_cnn", input_size=(32, 32), color_mode="auto",
+        model=replace(BASE.model, architecture="aoi_cnn", input_size=(32, 32), color_mode="auto",
                           conv_filters=(4, 8), stem_stride=2, dropout=0.2),
-        train=dataclasses.replace(base.train, augment=augment, class_weight="balanced",
+        train=replace(base.train, augment=augment, class_weight="balanced",
                                   lr_schedule="cosine", early_stopping_patience=1),
     )
     summary = run_train(params, tmp_path / "candidate.h5", tmp_path / "reports")
@@ -312,6 +310,6 @@ def test_aoi_cnn_trains_with_augmentation_and_its_h5_answers_like_the_model(tmp_
     loaded = load_model(tmp_path / "candidate.h5")
     assert not [layer.name for layer in loaded.layers if "random" in type(layer).__name__.lower()]
     images = select(list_images(data, params.data), "validation")
-    pixels = decode_all(images, dataclasses.replace(params.model, color_mode="rgb"))
+    pixels = decode_all(images, replace(params.model, color_mode="rgb"))
     first, second = loaded.predict(pixels, verbose=0), loaded.predict(pixels, verbose=0)
     np.testing.assert_array_equal(first, second)  # no dropout, no augmentation at inference

@@ -1,5 +1,4 @@
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
@@ -13,7 +12,7 @@ from PIL import Image
 
 from flows.cli import main
 from tasks.dataset import DatasetError, assign_split, list_images
-from tasks.params import DataParams, Params, ValidateParams
+from tasks.params import DataParams, replace
 from tasks.validate import ValidationFailed, run_validate
 from tests.bad_files import (
     write_bomb_png,
@@ -22,7 +21,7 @@ from tests.bad_files import (
     write_truncated_jpeg,
     write_zero_byte,
 )
-from tests.conftest import copy_with_defect_types, make_image_folder
+from tests.conftest import BASE, copy_with_defect_types, make_image_folder
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -86,7 +85,7 @@ def bad_run(tmp_path_factory):
     (tmp / "private.png").write_bytes((data / "GO" / "go_003.png").read_bytes())
     os.symlink(tmp / "private.png", data / "NG" / "linked.png")
     Image.new("RGB", (32, 32), (255, 255, 255)).save(data / "GO" / "overexposed.png")
-    train_image, near_copy = write_near_duplicate(data, DataParams())
+    train_image, near_copy = write_near_duplicate(data, BASE.data)
     before = snapshot(tmp)
     stdout, stderr = io.StringIO(), io.StringIO()
     reports = tmp / "reports"
@@ -162,9 +161,9 @@ def test_validation_changes_no_file(bad_run):
 
 def test_clean_data_set_passes_with_report_and_page(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=24, seed=4)
-    params = Params(
-        data=DataParams(dir=str(data)),
-        validate=ValidateParams(min_per_class=10, cache_dir=str(tmp_path / "cache")),
+    params = replace(BASE,
+        data=replace(BASE.data, dir=str(data)),
+        validate=replace(BASE.validate, min_per_class=10, cache_dir=str(tmp_path / "cache")),
     )
     lines: list[str] = []
     result = run_validate(params, tmp_path / "reports", report=lines.append)
@@ -186,9 +185,9 @@ def test_empty_class_blocks_and_writes_the_report_first(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=12, seed=5)
     for image in (data / "NG").iterdir():
         image.unlink()
-    params = Params(
-        data=DataParams(dir=str(data)),
-        validate=ValidateParams(min_per_class=10, cache_dir=str(tmp_path / "cache")),
+    params = replace(BASE,
+        data=replace(BASE.data, dir=str(data)),
+        validate=replace(BASE.validate, min_per_class=10, cache_dir=str(tmp_path / "cache")),
     )
     with pytest.raises(ValidationFailed, match=r"NG: class NG has 0 usable image\(s\)"):
         run_validate(params, tmp_path / "reports", report=lambda _: None)
@@ -200,18 +199,18 @@ def test_empty_class_blocks_and_writes_the_report_first(tmp_path):
 def test_severity_from_params_turns_a_block_into_a_warning(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=12, seed=6)
     shutil.copy(data / "GO" / "go_000.png", data / "NG" / "relabelled.png")
-    rules = ValidateParams(
+    rules = replace(BASE.validate,
         min_per_class=10, cache_dir=str(tmp_path / "cache"),
-        severity={"no_label_conflict": "warning"},
+        severity={**BASE.validate.severity, "no_label_conflict": "warning"},
     )
-    params = Params(data=DataParams(dir=str(data)), validate=rules)
+    params = replace(BASE, data=replace(BASE.data, dir=str(data)), validate=rules)
     result = run_validate(params, tmp_path / "reports", report=lambda _: None)
     assert result["valid"] and result["warnings"] == 2
     assert result["expectations"]["no_label_conflict"]["blocking"] is False
 
 
 def test_missing_data_folder_names_the_fix(tmp_path):
-    params = dataclasses.replace(Params(), data=DataParams(dir=str(tmp_path / "nowhere")))
+    params = replace(BASE, data=replace(BASE.data, dir=str(tmp_path / "nowhere")))
     with pytest.raises(DatasetError, match="nowhere: data folder not found.*fanaoi demo-data"):
         run_validate(params, tmp_path / "reports")
 
@@ -226,9 +225,9 @@ def test_defect_type_subfolders_are_counted_not_flagged_while_a_stray_root_folde
     first_crack.rename(data / "NG" / "crack" / "day2" / first_crack.name)
     (data / "rejects").mkdir()
     shutil.copy(source / "NG" / "ng_000.png", data / "rejects" / "ng_000.png")
-    params = Params(
-        data=DataParams(dir=str(data)),
-        validate=ValidateParams(min_per_class=10, cache_dir=str(tmp_path / "cache")),
+    params = replace(BASE,
+        data=replace(BASE.data, dir=str(data)),
+        validate=replace(BASE.validate, min_per_class=10, cache_dir=str(tmp_path / "cache")),
     )
     lines: list[str] = []
     with pytest.raises(ValidationFailed, match=r"data/rejects/?: unexpected folder"):
@@ -237,7 +236,7 @@ def test_defect_type_subfolders_are_counted_not_flagged_while_a_stray_root_folde
     unexpected = [p["path"] for p in report["failing_files"] if p["rule"] == "no_unexpected_folders"]
     assert unexpected == [str(data / "rejects/")]
     assert [p for p in report["failing_files"] if p["rule"] != "no_unexpected_folders"] == []
-    splits = {image.path.relative_to(source).as_posix(): image.split for image in list_images(source, DataParams())}
+    splits = {image.path.relative_to(source).as_posix(): image.split for image in list_images(source, BASE.data)}
     assert report["defect_types"] == {
         kind: {"images": 8, **{split: sum(1 for name in names if splits[f"NG/ng_{name:03d}.png"] == split)
                                for split in ("train", "validation", "test")}}

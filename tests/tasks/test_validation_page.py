@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.params import DataParams, Params, ValidateParams
+from tasks.params import replace
 from tasks.validate import ValidationFailed, run_validate
 from tasks.validation_page import render_validation_page
 from tests.browser_support import external_references, offline_dom, requires_chromium, tables
-from tests.conftest import make_image_folder
+from tests.conftest import BASE, make_image_folder
 
 
 @requires_chromium
@@ -19,9 +19,10 @@ def test_page_of_a_failed_run_shows_every_table_offline(tmp_path):
     for image in sorted((data / "NG").glob("*.png"))[:4]:
         image.rename(data / "NG" / "crack" / image.name)
     (data / "GO" / "empty.png").write_bytes(b"")
-    params = Params(
-        data=DataParams(dir=str(data)),
-        validate=ValidateParams(min_per_class=10, cache_dir=str(tmp_path / "cache")),
+    params = replace(
+        BASE,
+        data=replace(BASE.data, dir=str(data)),
+        validate=replace(BASE.validate, min_per_class=10, cache_dir=str(tmp_path / "cache")),
     )
     with pytest.raises(ValidationFailed, match="zero-byte"):
         run_validate(params, tmp_path / "reports", report=lambda _: None)
