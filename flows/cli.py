@@ -1,17 +1,21 @@
-"""The ``fanaoi`` command line: a thin layer over ``tasks``.
+"""The ``fanaoi`` command line: a thin layer over ``tasks``, one function per command.
 
-Heavy packages (TensorFlow, Great Expectations, Prefect) are imported inside the
+Heavy packages (TensorFlow, Great Expectations, Prefect, DVC) are imported inside the
 commands that need them, so ``fanaoi --help`` answers at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import functools
+import inspect
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
 
 from flows.params import DEFAULT_PARAMS, load_params
 from tasks.errors import FanaoiError, printable
@@ -25,72 +29,166 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (FanaoiError, OSError)
 
 # What `fanaoi gate --no-publish` writes instead of gate.json, the gate stage's DVC metric.
 PREVIEW_REPORT = "gate-preview.json"
+DATABASE_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
 
-Command = Callable[[argparse.Namespace, Params], int]
-COMMANDS: dict[str, Command] = {}
+app = typer.Typer(
+    name="fanaoi", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="FanAOI: retrain, check and publish the GO/NG fan inspection model.",
+)
+
+Model = Annotated[Path | None, typer.Option(help="candidate model (default: paths.candidate)")]
+Reports = Annotated[Path | None, typer.Option(help="reports folder (default: paths.reports)")]
+NoPush = Annotated[bool, typer.Option("--no-push", help="snapshot locally, skip dvc push")]
+Commit = Annotated[bool, typer.Option("--commit", help="git commit data.dvc afterwards")]
+AsJson = Annotated[bool, typer.Option("--json", help="print JSON")]
+Version = Annotated[str | None, typer.Argument(help="registry version, e.g. v0003 or 3 (default: the champion)")]
+FilePath = Annotated[Path | None, typer.Option(metavar="PATH")]
 
 
-def command(name: str) -> Callable[[Command], Command]:
-    def register(function: Command) -> Command:
-        COMMANDS[name] = function
+@app.callback()
+def _options(
+    params: Annotated[Path, typer.Option(help="params file")] = DEFAULT_PARAMS,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="debug logging")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # Prefect's client logs every API request at INFO, DVC every dvc.lock update (twice,
+    # through its own handler too): noise between the epoch lines.
+    for chatty in ("httpx", "dvc"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def command(name: str, *, locked: bool = False) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Register ``function(params, **options)`` as ``fanaoi NAME``, its docstring as its help.
+
+    The command gets params.yaml read, holds the project lock when ``locked`` (commands that
+    read or change data/, its snapshot, the stage outputs or the registry), and turns an
+    expected error into one line on stderr and exit code 1.
+    """
+
+    def register(function: Callable[..., int]) -> Callable[..., int]:
+        signature = inspect.signature(function, eval_str=True)
+
+        @functools.wraps(function)
+        def run(ctx: typer.Context, **options: Any) -> None:
+            root = ctx.find_root()
+            if "ctx" in signature.parameters:
+                options["ctx"] = ctx
+            try:
+                params = load_params(root.params["params"])
+                # `ingest --flow` runs a flow, which takes the lock itself.
+                lock = locked and not options.get("flow")
+                with _project_lock(root, params) if lock else contextlib.nullcontext():
+                    code = function(params, **options)
+            except EXPECTED_ERRORS as exc:
+                print(f"fanaoi {name}: error: {printable(str(exc))}", file=sys.stderr)
+                code = 1
+            except (KeyboardInterrupt, typer.Abort):
+                print(f"fanaoi {name}: interrupted", file=sys.stderr)
+                code = 130
+            raise typer.Exit(code)
+
+        # Typer reads the options from the signature; params is ours to pass, not an option,
+        # and the one context Typer injects (found by its type) tells where the params file is.
+        options = [p for p in signature.parameters.values() if p.name not in ("params", "ctx")]
+        context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        run.__signature__ = signature.replace(parameters=[*options, context])
+        app.command(name)(run)
         return function
 
     return register
 
 
-@command("demo-data")
-def _demo_data(args: argparse.Namespace, params: Params) -> int:
+def _params_path(ctx: typer.Context) -> Path:
+    return Path(ctx.find_root().params["params"])
+
+
+def _project_lock(root: typer.Context, params: Params) -> contextlib.AbstractContextManager[None]:
+    """The project lock; the project is the params file's folder."""
+    from tasks.project_lock import project_lock
+
+    holder = printable(" ".join(["fanaoi", *root.obj]))
+    return project_lock(_params_path(root).resolve().parent, holder, params.lock.timeout)
+
+
+def _stage_paths(params: Params, model: Path | None, reports: Path | None) -> tuple[Path, Path]:
+    """The candidate and reports paths of a stage command: the options, else params' paths."""
+    return Path(model or params.paths.candidate), Path(reports or params.paths.reports)
+
+
+def _draw_demo_data(params: Params, directory: Path, count: int | None = None, seed: int | None = None) -> str:
+    """Draw the demo data set (``count`` and ``seed`` default to params' demo section); says what it drew."""
     from tasks.demo_data import generate_demo_dataset
 
     demo = params.demo
     counts = generate_demo_dataset(
-        Path(args.directory or params.data.dir),
-        count=args.count if args.count is not None else demo.count,
-        seed=args.seed if args.seed is not None else demo.seed,
-        size=demo.size,
-        ng_fraction=demo.ng_fraction,
-        classes=params.data.classes,
+        directory, count=demo.count if count is None else count, seed=demo.seed if seed is None else seed,
+        size=demo.size, ng_fraction=demo.ng_fraction, classes=params.data.classes,
     )
-    print(", ".join(f"{n} {name}" for name, n in counts.items()), "images in", args.directory or params.data.dir)
+    return ", ".join(f"{n} {name}" for name, n in counts.items()) + f" images in {directory}"
+
+
+@command("demo-data", locked=True)
+def _demo_data(
+    params: Params,
+    directory: Annotated[Path | None, typer.Argument(help="output folder (default: data.dir)")] = None,
+    count: Annotated[int | None, typer.Option(help="number of images (default: demo.count)")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed (default: demo.seed)")] = None,
+) -> int:
+    """Draw a synthetic GO/NG fan image data set."""
+    print(_draw_demo_data(params, directory or Path(params.data.dir), count, seed))
     return 0
 
 
-@command("validate")
-def _validate(args: argparse.Namespace, params: Params) -> int:
+@command("validate", locked=True)
+def _validate(
+    params: Params,
+    directory: Annotated[Path | None, typer.Argument(help="data folder (default: data.dir)")] = None,
+    reports: Reports = None,
+) -> int:
+    """Check every file of the data set (Great Expectations); exit 1 if a blocking rule fails."""
     from tasks.params import replace
     from tasks.validate import run_validate
 
-    if args.directory:
-        params = replace(params, data=replace(params.data, dir=args.directory))
-    result = run_validate(params, args.reports, report=print)
-    print(f"report: {Path(args.reports) / 'validation.json'}, page: {result['page']}")
+    if directory:
+        params = replace(params, data=replace(params.data, dir=str(directory)))
+    reports = Path(reports or params.paths.reports)
+    result = run_validate(params, reports, report=print)
+    print(f"report: {reports / 'validation.json'}, page: {result['page']}")
     return 0
 
 
-@command("train")
-def _train(args: argparse.Namespace, params: Params) -> int:
+@command("train", locked=True)
+def _train(params: Params, model: Model = None, reports: Reports = None) -> int:
+    """Train a candidate model on the train split."""
     from tasks.train import run_train
 
-    summary = run_train(params, args.model, args.reports)
+    model, reports = _stage_paths(params, model, reports)
+    summary = run_train(params, model, reports)
     kept = summary["kept_epoch_metrics"]
     print(
-        f"candidate: {args.model}  epoch {summary['kept_epoch']} of {summary['epochs']} kept: accuracy "
+        f"candidate: {model}  epoch {summary['kept_epoch']} of {summary['epochs']} kept: accuracy "
         f"{kept['accuracy']:.4f}, val_accuracy {kept['val_accuracy']:.4f}  ({summary['seconds']:.0f}s)"
     )
     return 0
 
 
-@command("evaluate")
-def _evaluate(args: argparse.Namespace, params: Params) -> int:
+@command("evaluate", locked=True)
+def _evaluate(params: Params, model: Model = None, reports: Reports = None) -> int:
+    """Score the candidate; compare evaluate() with the kept epoch."""
     from tasks.evaluate import run_evaluate
 
-    result = run_evaluate(params, args.model, args.reports)
+    model, reports = _stage_paths(params, model, reports)
+    result = run_evaluate(params, model, reports)
     validation, comparison = result["validation"], result["kept_epoch_vs_evaluate"]
     print(
         f"validation accuracy {validation['accuracy']:.4f}  escape {validation['escape_rate']:.4f}  "
         f"overkill {validation['overkill_rate']:.4f}  review {validation['review_rate']:.4f}  "
         f"threshold {validation['threshold']:.4f}  evaluate-vs-kept-epoch gap "
-        f"{comparison['validation_accuracy_gap']:.4f}  -> {Path(args.reports) / 'evaluation.json'}"
+        f"{comparison['validation_accuracy_gap']:.4f}  -> {reports / 'evaluation.json'}"
     )
     _print_defect_types(validation)
     return 0
@@ -106,47 +204,56 @@ def _print_defect_types(metrics: dict) -> None:
         print(f"  {line}")
 
 
-@command("snapshot")
-def _snapshot(args: argparse.Namespace, params: Params) -> int:
+@command("snapshot", locked=True)
+def _snapshot(params: Params, no_push: NoPush = False, commit: Commit = False) -> int:
+    """dvc add + dvc push the data folder."""
     from tasks.snapshot import commit_command, commit_message, commit_snapshot, snapshot_data
 
     result = snapshot_data(
-        Path("."), params.data.dir, push=not args.no_push, stamp_dir=params.validate.cache_dir,
+        Path("."), params.data.dir, push=not no_push, stamp_dir=params.validate.cache_dir,
     )
     state = "new" if result["changed"] else "unchanged"
     pushed = "pushed to the DVC remote" if result["pushed"] else "not pushed (--no-push)"
     print(f"data snapshot {result['md5']} ({state}), {pushed}")
-    if args.commit and commit_snapshot(Path("."), commit_message(result["md5"]), params.data.dir):
+    if commit and commit_snapshot(Path("."), commit_message(result["md5"]), params.data.dir):
         print(f"committed {params.data.dir}.dvc")
     elif result["changed"]:
         print(f"record it in git: {commit_command(params.data.dir, result['md5'])}")
     return 0
 
 
-@command("ingest")
-def _ingest(args: argparse.Namespace, params: Params) -> int:
+@command("ingest", locked=True)
+def _ingest(
+    params: Params,
+    ctx: typer.Context,
+    *,
+    batch_dir: Annotated[Path, typer.Argument(help="batch folder laid out like the data set")],
+    no_push: NoPush = False,
+    commit: Commit = False,
+    flow: Annotated[bool, typer.Option("--flow", help="run as the Prefect flow ingest-batch (dashboard)")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="print only the files that need attention")] = False,
+) -> int:
+    """Add a labeled batch (GO/, NG/ folders) to the data set, with a verdict per file.
+
+    Exit code 2 when some file was rejected (the accepted ones were still added).
+    """
     from tasks.ingest import ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED, ingest_batch
 
-    if args.flow:
+    if flow:
         from flows.prefect_env import use_offline_defaults
 
         use_offline_defaults()
         from flows.ingest import ingest_batch_flow
 
-        result = ingest_batch_flow(
-            args.batch_dir, args.params, push=not args.no_push, commit=args.commit
-        )
+        result = ingest_batch_flow(str(batch_dir), str(_params_path(ctx)), push=not no_push, commit=commit)
     else:
-        result = ingest_batch(
-            Path(args.batch_dir), params, Path("."), push=not args.no_push, commit=args.commit,
-            report=log.info,
-        )
+        result = ingest_batch(batch_dir, params, Path("."), push=not no_push, commit=commit, report=log.info)
         _announce_batch(params, result)
     fine = (ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED)
     for row in result["files"]:
-        if row["verdict"] == ACCEPTED and not args.quiet:
+        if row["verdict"] == ACCEPTED and not quiet:
             print(f"{ACCEPTED}: {printable(row['path'])} -> {row['stored_as']}")
-        elif row["verdict"] not in fine or not args.quiet:
+        elif row["verdict"] not in fine or not quiet:
             print(f"{row['verdict']}: {printable(row['path'])}: {printable(row['reason'])}")
     print(", ".join(f"{n} {verdict}" for verdict, n in result["counts"].items()) or "empty batch",
           f"-> report {printable(result['report_path'])}")
@@ -157,7 +264,6 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
             print(f"committed {params.data.dir}.dvc")
         elif snapshot["changed"]:
             print(f"record it in git: {result['commit_command']}")
-    # 2: something was rejected (the accepted files were still added); 1: nothing was done.
     return 2 if result["rejected"] else 0
 
 
@@ -183,45 +289,70 @@ def _print_decision(result: dict) -> None:
         print(f"  - {reason}")
 
 
-@command("gate")
-def _gate(args: argparse.Namespace, params: Params) -> int:
+@command("gate", locked=True)
+def _gate(
+    params: Params,
+    no_publish: Annotated[bool, typer.Option("--no-publish", help="decide only: publish and log nothing")] = False,
+    model: Model = None,
+    reports: Reports = None,
+) -> int:
+    """Candidate vs champion: promote (and publish) or reject.
+
+    With --no-publish the report goes to REPORTS/gate-preview.json, not to gate.json (a DVC metric).
+    """
     from tasks.gate import run_gate
     from tasks.registry import publish
 
-    if args.no_publish:
-        result = run_gate(params, args.model, args.reports, record=False, report_file=PREVIEW_REPORT)
+    model, reports = _stage_paths(params, model, reports)
+    if no_publish:
+        result = run_gate(params, model, reports, record=False, report_file=PREVIEW_REPORT)
         _print_decision(result)
-        print(f"report: {Path(args.reports) / PREVIEW_REPORT} (nothing published or logged; "
-              f"{Path(args.reports) / 'gate.json'}, the DVC metric, unchanged)")
+        print(f"report: {reports / PREVIEW_REPORT} (nothing published or logged; "
+              f"{reports / 'gate.json'}, the DVC metric, unchanged)")
         return 0
-    result = run_gate(params, args.model, args.reports)
+    result = run_gate(params, model, reports)
     _print_decision(result)
     if result["decision"] == "promote":
-        card = publish(args.model, result, params, repo_dir=".")
+        card = publish(model, result, params, repo_dir=".")
         print(f"published {card['version']}: {Path(params.registry.dir) / 'champion.h5'}")
     return 0
 
 
-@command("promote")
-def _promote(args: argparse.Namespace, params: Params) -> int:
+@command("promote", locked=True)
+def _promote(
+    params: Params,
+    reason: Annotated[str, typer.Option(help="why; goes to the card and the log")],
+    force: Annotated[bool, typer.Option("--force", help="publish without asking (scripts)")] = False,
+    model: Model = None,
+    reports: Reports = None,
+) -> int:
+    """Publish the candidate whatever the gate says (logged as forced).
+
+    Shows the gate's decision first and asks before publishing, unless --force.
+    """
     from tasks.gate import run_gate
     from tasks.registry import publish
 
-    result = run_gate(params, args.model, args.reports, record=False)
+    model, reports = _stage_paths(params, model, reports)
+    result = run_gate(params, model, reports, record=False)
     _print_decision(result)
-    card = publish(args.model, result, params, repo_dir=".", force_reason=args.reason)
-    print(f"forced {card['version']} (reason: {args.reason}): {Path(params.registry.dir) / 'champion.h5'}")
+    if not force and not typer.confirm(f"publish {model} over this decision?", err=True):
+        print("not published")
+        return 1
+    card = publish(model, result, params, repo_dir=".", force_reason=reason)
+    print(f"forced {card['version']} (reason: {reason}): {Path(params.registry.dir) / 'champion.h5'}")
     return 0
 
 
 @command("champion")
-def _champion(args: argparse.Namespace, params: Params) -> int:
+def _champion(params: Params, as_json: AsJson = False) -> int:
+    """Show the champion's model card (--json: all of it)."""
     import json
 
     from tasks.registry import champion_card
 
     card = champion_card(params.registry.dir)
-    if args.json:
+    if as_json:
         print(json.dumps(card, indent=2))
         return 0
     validation, positive = card["metrics"]["validation"], card["positive_class"]
@@ -242,24 +373,32 @@ def _champion(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _failed_rules(entry: dict) -> list[str]:
+    """The texts of the gate rules a logged rejection failed."""
+    return [reason for reason in entry.get("reasons", []) if reason.endswith("FAIL")]
+
+
 def _history_why(entry: dict) -> str:
     """A rejection shows the rules that failed; an override or a rollback the operator's reason."""
     reasons = entry.get("reasons", [])
     if entry["action"] == "promote":
         return "every rule passed"
-    failed = "; ".join(r for r in reasons if r.endswith("FAIL")) if entry["action"] == "reject" else ""
+    failed = "; ".join(_failed_rules(entry)) if entry["action"] == "reject" else ""
     return failed or (reasons[-1] if reasons else "")
 
 
 @command("history")
-def _history(args: argparse.Namespace, params: Params) -> int:
+def _history(
+    params: Params,
+    at: Annotated[str | None, typer.Option(metavar="TIME", help="ISO 8601, e.g. 2026-11-20T03:00")] = None,
+) -> int:
+    """Every gate decision, promotion and rollback; --at: which version was champion at TIME."""
     from tasks.registry import champion_at, parse_time, read_log
 
-    if args.at:
-        entry = champion_at(params.registry.dir, parse_time(args.at))
-        print(f"champion at {args.at}: " + (
-            f"{entry['version']} ({entry['action']} at {entry['time']})" if entry else "none"
-        ))
+    if at:
+        entry = champion_at(params.registry.dir, parse_time(at))
+        found = f"{entry['version']} ({entry['action']} at {entry['time']})" if entry else "none"
+        print(f"champion at {at}: {found}")
         return 0
     print(f"{'time':26}{'action':9}{'version':8}{'previous':9}{'metric':20}{'escape':8}{'overkill':9}why")
     for entry in read_log(params.registry.dir):
@@ -271,11 +410,16 @@ def _history(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
-@command("rollback")
-def _rollback(args: argparse.Namespace, params: Params) -> int:
+@command("rollback", locked=True)
+def _rollback(
+    params: Params,
+    version: Annotated[str, typer.Argument(help="e.g. v0003 or 3 (see `fanaoi history`)")],
+    reason: Annotated[str | None, typer.Option(help="why; goes to the log")] = None,
+) -> int:
+    """Make an earlier published version the champion again."""
     from tasks.registry import rollback
 
-    card = rollback(params.registry, args.version, args.reason)
+    card = rollback(params.registry, version, reason)
     print(f"champion is now {card['version']}: {Path(params.registry.dir) / 'champion.h5'}")
     return 0
 
@@ -291,10 +435,20 @@ _PRUNE_ROWS = (
 
 
 @command("prune")
-def _prune(args: argparse.Namespace, params: Params) -> int:
+def _prune(
+    params: Params,
+    *,
+    fraction: Annotated[float | None, typer.Option(help="share of filters removed (default: prune.fraction)")] = None,
+    model: Model = None,
+    out: Annotated[Path | None, typer.Option(help="pruned candidate (default: paths.candidate)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="fine-tune epochs (default: prune.fine_tune_epochs)")] = None,
+    reports: Reports = None,
+) -> int:
+    """Remove the weakest Conv2D filters (L1 norm), fine-tune, compare before/after."""
     from tasks.prune import run_prune
 
-    result = run_prune(params, args.model, args.out, args.reports, fraction=args.fraction, epochs=args.epochs)
+    model, reports = _stage_paths(params, model, reports)
+    result = run_prune(params, model, out, reports, fraction=fraction, epochs=epochs)
     print("pruned " + ", ".join(f"{row['layer']} {row['filters_before']}->{row['filters_after']}"
                                 for row in result["layers"])
           + f" filters; accuracy before fine-tuning {result['pruned_not_fine_tuned']['validation_accuracy']:.4f}, "
@@ -307,23 +461,27 @@ def _prune(args: argparse.Namespace, params: Params) -> int:
         change = f"{after / before - 1:+.0%}" if key in ("parameters", "file_bytes", "images_per_second") \
             else f"{after - before:+.4f}"
         print(f"{label:22}{form.format(before):>12}{form.format(after):>12}{change:>10}")
-    print(f"candidate: {result['out']} (report {Path(args.reports) / 'prune.json'}); "
+    print(f"candidate: {result['out']} (report {reports / 'prune.json'}); "
           f"check it against the champion with `fanaoi gate --model {result['out']}`")
     return 0
 
 
 @command("predict")
-def _predict(args: argparse.Namespace, params: Params) -> int:
+def _predict(
+    params: Params,
+    paths: Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_DIR...", help="image files or folders")],
+    as_json: AsJson = False,
+    batch_size: Annotated[int | None, typer.Option(help="default: registry.predict_batch_size")] = None,
+) -> int:
+    """Classify images with the champion; exit 1 when some file could not be classified."""
     import json
 
     from tasks.predict import expand_paths, load_champion, predict_files
 
-    files = expand_paths(args.paths, params.data.extensions)
+    files = expand_paths([str(path) for path in paths], params.data.extensions)
     predictor = load_champion(params.registry.dir)
-    results = predict_files(
-        predictor, files, args.batch_size or params.registry.predict_batch_size, params.validate
-    )
-    if args.json:
+    results = predict_files(predictor, files, batch_size or params.registry.predict_batch_size, params.validate)
+    if as_json:
         print(json.dumps({"champion": predictor.version, "threshold": predictor.threshold,
                           "positive_class": predictor.class_names[1], "results": results}, indent=2))
     else:
@@ -333,27 +491,36 @@ def _predict(args: argparse.Namespace, params: Params) -> int:
                 f"{row['label']}  p({positive})={row['probability']:.4f}"
             )
             print(f"{printable(row['path'])}  {printable(outcome)}")
-    # 1 when some file could not be classified; the others were still printed.
     return 1 if any(row["error"] for row in results) else 0
 
 
-@command("export")
-def _export(args: argparse.Namespace, params: Params) -> int:
+@command("export", locked=True)
+def _export(
+    params: Params,
+    format: Annotated[Literal["tflite", "onnx", "savedmodel"], typer.Option("--format")],  # noqa: A002
+    version: Version = None,
+) -> int:
+    """Convert a registry version to TFLite, ONNX or SavedModel (checked against Keras)."""
     from tasks.export import export_version
 
-    entry = export_version(params, args.format, args.version)
-    print(f"exported {args.version or 'the champion'} as {args.format}: {entry['path']} "
+    entry = export_version(params, format, version)
+    print(f"exported {version or 'the champion'} as {format}: {entry['path']} "
           f"({entry['bytes'] / 1e6:.2f} MB); max abs difference from Keras {entry['max_abs_diff']:.2g} "
           f"on {entry['checked_images']} validation images ({entry['runtime']})")
     return 0
 
 
 @command("serve-model")
-def _serve_model(args: argparse.Namespace, params: Params) -> int:
+def _serve_model(
+    params: Params,
+    host: Annotated[str | None, typer.Option(help="default: serve.host")] = None,
+    port: Annotated[int | None, typer.Option(help="default: serve.port")] = None,
+) -> int:
+    """Serve the champion over HTTP (reloads a new one)."""
     from tasks.serve import run_server
 
-    host = args.host or params.serve.host
-    port = args.port if args.port is not None else params.serve.port
+    host = host or params.serve.host
+    port = params.serve.port if port is None else port
     print(f"serving the champion of {params.registry.dir} on http://{host}:{port} "
           f"(POST /predict, GET /health, GET /model, docs at /docs, "
           f"{params.serve.reports_dir}/ at /reports/)")
@@ -362,12 +529,25 @@ def _serve_model(args: argparse.Namespace, params: Params) -> int:
 
 
 @command("explain")
-def _explain(args: argparse.Namespace, params: Params) -> int:
+def _explain(
+    params: Params,
+    *,
+    version: Version = None,
+    model: FilePath = None,
+    image: FilePath = None,
+    out: Annotated[Path | None, typer.Option(metavar="DIR", help="default: REPORTS/explain/<version or file>")] = None,
+    reports: Reports = None,
+) -> int:
+    """HTML report: filters, feature maps, Grad-CAM on the validation mistakes.
+
+    --model explains a .h5 file instead of a registry version (its curves from REPORTS/history.csv);
+    --image picks the image for the feature maps (default: the first validation image).
+    """
     from tasks.explain import run_explain
 
     summary = run_explain(
-        params, version=args.version, model_path=args.model, image_path=args.image,
-        out_dir=args.out, reports_dir=args.reports, report=log.debug,
+        params, version=version, model_path=model, image_path=image, out_dir=out, reports_dir=reports,
+        report=log.debug,
     )
     shown = len(summary["heatmaps"])
     print(f"{summary['model']}: {len(summary['escapes'])} escape(s), {len(summary['overkills'])} "
@@ -379,33 +559,30 @@ def _explain(args: argparse.Namespace, params: Params) -> int:
 
 
 @command("plots-template")
-def _plots_template(args: argparse.Namespace, params: Params) -> int:
+def _plots_template(params: Params, ctx: typer.Context) -> int:
+    """Write the offline page template of `dvc plots show` (.dvc/config: plots.html_template)."""
     from tasks.plots import configured_plots_template, write_plots_template
 
-    dvc_dir = Path(args.params).resolve().parent / ".dvc"
-    template = write_plots_template(configured_plots_template(dvc_dir))
+    template = write_plots_template(configured_plots_template(_params_path(ctx).resolve().parent / ".dvc"))
     print(f"wrote {template}: `dvc plots show` and `dvc plots diff` now draw without network")
     return 0
 
 
 @command("retrain")
-def _retrain(args: argparse.Namespace, params: Params) -> int:
+def _retrain(params: Params, ctx: typer.Context, no_push: NoPush = False) -> int:
+    """Run the nightly flow once (demo data first if data/ is empty)."""
     from flows.prefect_env import use_offline_defaults
 
-    project = Path(args.params).resolve().parent
-    data_dir = project / params.data.dir
+    params_path = _params_path(ctx).resolve()
+    data_dir = params_path.parent / params.data.dir
     if not data_dir.is_dir() or not any(data_dir.iterdir()):
-        from tasks.demo_data import generate_demo_dataset
-
         demo = params.demo
         print(f"{data_dir} is empty: drawing the demo data set ({demo.count} images, seed {demo.seed})")
-        generate_demo_dataset(data_dir, count=demo.count, seed=demo.seed, size=demo.size,
-                              ng_fraction=demo.ng_fraction, classes=params.data.classes)
+        _draw_demo_data(params, data_dir)
     use_offline_defaults()
     from flows.nightly import nightly_retrain
 
-    state = nightly_retrain(params_path=str(Path(args.params).resolve()), push=not args.no_push,
-                            return_state=True)
+    state = nightly_retrain(params_path=str(params_path), push=not no_push, return_state=True)
     if state.is_cancelled():
         print(f"fanaoi retrain: {state.message}", file=sys.stderr)
         return 1
@@ -430,7 +607,8 @@ def _retrain(args: argparse.Namespace, params: Params) -> int:
 
 
 @command("serve")
-def _serve(args: argparse.Namespace, params: Params) -> int:
+def _serve(params: Params, ctx: typer.Context) -> int:
+    """Serve the nightly deployment on its cron and on ingests (params: nightly)."""
     from flows.prefect_env import use_offline_defaults
 
     use_offline_defaults()
@@ -447,7 +625,7 @@ def _serve(args: argparse.Namespace, params: Params) -> int:
         print(f"alerts: {', '.join(install_alerts(params.alerts))}")
     else:
         print("alerts: none (set alerts.webhook_url or alerts.block to be told when a night fails)")
-    deployment = nightly_deployment(params, Path(args.params))
+    deployment = nightly_deployment(params, _params_path(ctx))
     print(f"serving nightly-retrain/{deployment.name} on cron {params.nightly.cron!r}; "
           f"run it now with `prefect deployment run nightly-retrain/{deployment.name}`")
     serve(deployment)
@@ -455,17 +633,18 @@ def _serve(args: argparse.Namespace, params: Params) -> int:
 
 
 @command("status")
-def _status(args: argparse.Namespace, params: Params) -> int:
+def _status(params: Params, ctx: typer.Context, as_json: AsJson = False) -> int:
+    """Champion, last and next nightly run, new data, and whether they agree."""
     import json
 
     from flows.status import configured_api_url, nightly_runs
     from tasks.status import now_utc, project_status
 
-    project = Path(args.params).resolve().parent
+    project = _params_path(ctx).resolve().parent
     now = now_utc()
     state = project_status(project, params.data.dir, project / params.registry.dir, now)
     state["prefect"] = nightly_runs(configured_api_url(), params.status.api_timeout, now)
-    if args.json:
+    if as_json:
         print(json.dumps(state, indent=2))
         return 0
     for label, text in _status_lines(state):
@@ -530,7 +709,8 @@ def _duration(seconds: float | None) -> str:
 
 
 @command("alerts")
-def _alerts(args: argparse.Namespace, params: Params) -> int:
+def _alerts(params: Params) -> int:
+    """Install the alert automations on the Prefect server (params: alerts)."""
     from flows.prefect_env import use_offline_defaults
 
     use_offline_defaults()
@@ -545,12 +725,12 @@ def _alerts(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
-DATABASE_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
-
-
 @command("server")
-def _server(args: argparse.Namespace, params: Params) -> int:
-    """`prefect server start` on PostgreSQL; the process becomes the server (signals reach it)."""
+def _server(params: Params) -> int:
+    """Start the Prefect server on PostgreSQL (PREFECT_SERVER_DATABASE_CONNECTION_URL; params: server).
+
+    The process becomes the server, so signals reach it.
+    """
     import os
     import socket
 
@@ -583,177 +763,14 @@ def _require_prefect_server(what: str) -> None:
         )
 
 
-def _add_prune_parser(sub: argparse._SubParsersAction) -> None:
-    prune = sub.add_parser(
-        "prune", help="remove the weakest Conv2D filters (L1 norm), fine-tune, compare before/after"
-    )
-    prune.add_argument("--fraction", type=float, help="share of each Conv2D's filters removed "
-                       "(default: prune.fraction)")
-    prune.add_argument("--model", default="models/candidate.h5", help="model to prune (default: %(default)s)")
-    prune.add_argument("--out", default="models/candidate.h5", help="pruned candidate (default: %(default)s)")
-    prune.add_argument("--epochs", type=int, help="fine-tune epochs (default: prune.fine_tune_epochs)")
-    prune.add_argument("--reports", default="reports", help="folder for prune.json")
-
-
-def _add_champion_parsers(sub: argparse._SubParsersAction) -> None:
-    """Commands that use a published model: predict, export, serve-model."""
-    predict = sub.add_parser("predict", help="classify images with the champion")
-    predict.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
-    predict.add_argument("--json", action="store_true", help="results as JSON")
-    predict.add_argument("--batch-size", type=int, help="default: registry.predict_batch_size")
-    export = sub.add_parser("export", help="convert a registry version to TFLite, ONNX or SavedModel (checked)")
-    export.add_argument("--format", required=True, choices=["tflite", "onnx", "savedmodel"])
-    export.add_argument("version", nargs="?", help="e.g. v0003 or 3 (default: the champion)")
-    serve_model = sub.add_parser("serve-model", help="serve the champion over HTTP (reloads a new one)")
-    serve_model.add_argument("--host", help="default: serve.host")
-    serve_model.add_argument("--port", type=int, help="default: serve.port")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fanaoi",
-        description="FanAOI: retrain, check and publish the GO/NG fan inspection model.",
-    )
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    demo = sub.add_parser("demo-data", help="draw a synthetic GO/NG fan image data set")
-    demo.add_argument("directory", nargs="?", help="output folder (default: data.dir)")
-    demo.add_argument("--count", type=int, help="number of images (default: demo.count)")
-    demo.add_argument("--seed", type=int, help="random seed (default: demo.seed)")
-
-    check = sub.add_parser(
-        "validate", help="check every file of the data set (Great Expectations); exit 1 if blocked"
-    )
-    check.add_argument("directory", nargs="?", help="data folder (default: data.dir)")
-    check.add_argument("--reports", default="reports", help="reports folder")
-
-    for name, text in (
-        ("train", "train a candidate model on the train split"),
-        ("evaluate", "score the candidate; compare evaluate() with the kept epoch"),
-    ):
-        stage = sub.add_parser(name, help=text)
-        stage.add_argument("--model", default="models/candidate.h5", help="candidate path")
-        stage.add_argument("--reports", default="reports", help="reports folder")
-
-    snapshot = sub.add_parser("snapshot", help="dvc add + dvc push the data folder")
-    snapshot.add_argument("--no-push", action="store_true", help="record it locally only")
-    snapshot.add_argument("--commit", action="store_true", help="git commit data.dvc")
-
-    ingest = sub.add_parser(
-        "ingest", help="add a labeled batch (GO/, NG/ folders) to the data set, a verdict per file"
-    )
-    ingest.add_argument("batch_dir", help="batch folder laid out like the data set")
-    ingest.add_argument("--no-push", action="store_true", help="snapshot locally, skip dvc push")
-    ingest.add_argument("--commit", action="store_true", help="git commit data.dvc afterwards")
-    ingest.add_argument(
-        "--flow", action="store_true", help="run as the Prefect flow ingest-batch (dashboard)"
-    )
-    ingest.add_argument(
-        "-q", "--quiet", action="store_true", help="print only the files that need attention"
-    )
-
-    gate = sub.add_parser("gate", help="candidate vs champion: promote (and publish) or reject")
-    gate.add_argument(
-        "--no-publish", action="store_true",
-        help=f"decide only: publish and log nothing; the report goes to REPORTS/{PREVIEW_REPORT}, "
-             f"not to gate.json (a DVC metric)",
-    )
-    promote = sub.add_parser("promote", help="publish the candidate whatever the gate says (logged)")
-    promote.add_argument("--force", action="store_true", required=True, help="required: override the gate")
-    promote.add_argument("--reason", required=True, help="why; goes to the card and the log")
-    for stage in (gate, promote):
-        stage.add_argument("--model", default="models/candidate.h5", help="candidate path")
-        stage.add_argument("--reports", default="reports", help="reports folder")
-
-    show = sub.add_parser("champion", help="show the champion's model card")
-    show.add_argument("--json", action="store_true", help="the whole card as JSON")
-    history = sub.add_parser("history", help="every gate decision, promotion and rollback")
-    history.add_argument("--at", metavar="TIME", help="which version was champion at TIME (ISO 8601)")
-    back = sub.add_parser("rollback", help="make an earlier published version the champion again")
-    back.add_argument("version", help="e.g. v0003 or 3 (see `fanaoi history`)")
-    back.add_argument("--reason", help="why; goes to the log")
-    _add_prune_parser(sub)
-    _add_champion_parsers(sub)
-
-    explain = sub.add_parser(
-        "explain", help="HTML report: filters, feature maps, Grad-CAM on the validation mistakes"
-    )
-    explain.add_argument("version", nargs="?", help="registry version, e.g. v0003 (default: the champion)")
-    explain.add_argument("--model", metavar="PATH", help="a .h5 file instead, e.g. models/candidate.h5")
-    explain.add_argument("--image", metavar="PATH", help="image for the feature maps (default: first validation image)")
-    explain.add_argument("--out", metavar="DIR", help="default: REPORTS/explain/<version or file name>")
-    explain.add_argument("--reports", default="reports", help="reports folder (history.csv of --model)")
-    sub.add_parser(
-        "plots-template", help="write the offline page template of `dvc plots show` (.dvc/config: plots.html_template)"
-    )
-
-    retrain = sub.add_parser(
-        "retrain", help="run the nightly flow once (demo data first if data/ is empty)"
-    )
-    retrain.add_argument("--no-push", action="store_true", help="snapshot locally, skip dvc push")
-    _add_operations_parsers(sub)
-    return parser
-
-
-def _add_operations_parsers(sub: argparse._SubParsersAction) -> None:
-    """Commands of the operator: the deployment, alerts, the line's state."""
-    sub.add_parser("serve", help="serve the nightly deployment on its cron and on ingests (params: nightly)")
-    status = sub.add_parser(
-        "status", help="champion, last and next nightly run, new data, and whether they agree"
-    )
-    status.add_argument("--json", action="store_true", help="the same as JSON")
-    sub.add_parser(
-        "alerts", help="install the alert automations on the Prefect server (params: alerts)"
-    )
-    sub.add_parser(
-        "server", help=f"start the Prefect server on PostgreSQL ({DATABASE_ENV}; params: server)"
-    )
-
-
-# Commands that read or change data/, its snapshot, the stage outputs or the registry hold
-# the project lock (tasks.project_lock) while they run. `retrain` and `ingest --flow` run
-# a flow, which takes it itself.
-LOCKED_COMMANDS = frozenset({
-    "demo-data", "validate", "train", "evaluate", "snapshot", "ingest", "gate", "promote",
-    "rollback", "export",
-})
-
-
-def _project_lock(
-    args: argparse.Namespace, params: Params, argv: Sequence[str] | None
-) -> contextlib.AbstractContextManager[None]:
-    """The project lock for a command that needs it; the project is the params file's folder."""
-    if args.command not in LOCKED_COMMANDS or getattr(args, "flow", False):
-        return contextlib.nullcontext()
-    from tasks.project_lock import project_lock
-
-    command = printable(" ".join(["fanaoi", *(sys.argv[1:] if argv is None else argv)]))
-    return project_lock(Path(args.params).resolve().parent, command, params.lock.timeout)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # Prefect's client logs every API request at INFO, DVC every dvc.lock update (twice,
-    # through its own handler too): noise between the epoch lines.
-    for chatty in ("httpx", "dvc"):
-        logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    """Run ``fanaoi ARGV``; returns the exit code (the console script exits with it)."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        params = load_params(args.params)
-        with _project_lock(args, params, argv):
-            return COMMANDS[args.command](args, params)
-    except EXPECTED_ERRORS as exc:
-        print(f"fanaoi {args.command}: error: {printable(str(exc))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"fanaoi {args.command}: interrupted", file=sys.stderr)
-        return 130
+        app(args=args, prog_name="fanaoi", obj=args)
+    except SystemExit as exc:  # every command ends with typer.Exit(code); usage errors exit 2
+        return exc.code if isinstance(exc.code, int) else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The registry commands of the CLI: gate, promote, champion, history, rollback, predict."""
 
+import io
 import json
 
 import pytest
@@ -183,3 +184,17 @@ def test_gate_no_publish_leaves_the_gate_metric_alone(project, capsys):
     out = capsys.readouterr().out
     assert f"report: {reports / 'gate-preview.json'} (nothing published or logged" in out
     assert read_log(project["registry"]) == log_before
+
+
+def test_promote_without_force_asks_and_a_no_publishes_nothing(project, capsys, monkeypatch):
+    champion = project["registry"] / CHAMPION_MODEL
+    before, log_before = champion.read_bytes(), read_log(project["registry"])
+    weak = save_random_model(main_params(project), project["tmp"] / "weak.h5", seed=11)
+    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
+
+    reports = str(project["tmp"] / "reports")
+    assert run(project, "promote", "--reason", "try", "--model", str(weak), "--reports", reports) == 1
+
+    captured = capsys.readouterr()
+    assert "over this decision?" in captured.err and captured.out.rstrip().endswith("not published")
+    assert champion.read_bytes() == before and read_log(project["registry"]) == log_before
