@@ -332,6 +332,7 @@ def test_report_says_unchanged_and_keeps_the_last_decision() -> None:
         "data_changed": False, "published_version": None, "champion_version": "v0003",
         "champion_path": "/r/champion.h5", "candidate_path": "/m/candidate.h5",
         "metrics": [], "kept_epoch_vs_evaluate": {}, "reports_url": "http://127.0.0.1:8000/reports",
+        "reports_dir": "reports",
     }
     text = report_markdown(summary)
     assert "# Nightly retrain: UNCHANGED" in text
@@ -348,6 +349,7 @@ def test_report_links_the_validation_page_when_it_exists(tmp_path: Path, monkeyp
         "data_changed": True, "published_version": None, "champion_version": None,
         "champion_path": None, "candidate_path": "/m/candidate.h5",
         "metrics": [], "kept_epoch_vs_evaluate": {}, "reports_url": "http://line-7:8000/reports",
+        "reports_dir": "reports",
     }
     assert "validation report" not in report_markdown(summary)
     (tmp_path / "reports").mkdir()
@@ -449,7 +451,7 @@ def test_dashboard_gives_escapes_per_defect_type_with_upper_bounds() -> None:
         "data_snapshot": "abc.dir", "data_changed": False, "published_version": None,
         "champion_version": None, "champion_path": None, "candidate_path": "/m/candidate.h5",
         "metrics": [], "defect_types": rows, "kept_epoch_vs_evaluate": {},
-        "reports_url": "http://127.0.0.1:8000/reports",
+        "reports_url": "http://127.0.0.1:8000/reports", "reports_dir": "reports",
     }
     text = report_markdown(summary)
     assert "## Escapes per defect type (validation)" in text
