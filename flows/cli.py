@@ -42,7 +42,6 @@ NoPush = Annotated[bool, typer.Option("--no-push", help="snapshot locally, skip 
 Commit = Annotated[bool, typer.Option("--commit", help="git commit data.dvc afterwards")]
 AsJson = Annotated[bool, typer.Option("--json", help="print JSON")]
 Version = Annotated[str | None, typer.Argument(help="registry version, e.g. v0003 or 3 (default: the champion)")]
-FilePath = Annotated[Path | None, typer.Option(metavar="PATH")]
 
 
 @app.callback()
@@ -64,9 +63,8 @@ def _options(
 def command(name: str, *, locked: bool = False) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Register ``function(params, **options)`` as ``fanaoi NAME``, its docstring as its help.
 
-    The command gets params.yaml read, holds the project lock when ``locked`` (commands that
-    read or change data/, its snapshot, the stage outputs or the registry), and turns an
-    expected error into one line on stderr and exit code 1.
+    Params.yaml is read, the project lock held when ``locked`` (the command changes data/, its
+    snapshot, the stage outputs or the registry), and an expected error is one line, exit 1.
     """
 
     def register(function: Callable[..., int]) -> Callable[..., int]:
@@ -80,8 +78,7 @@ def command(name: str, *, locked: bool = False) -> Callable[[Callable[..., int]]
             try:
                 params = load_params(root.params["params"])
                 # `ingest --flow` runs a flow, which takes the lock itself.
-                lock = locked and not options.get("flow")
-                with _project_lock(root, params) if lock else contextlib.nullcontext():
+                with _project_lock(root, params) if locked and not options.get("flow") else contextlib.nullcontext():
                     code = function(params, **options)
             except EXPECTED_ERRORS as exc:
                 print(f"fanaoi {name}: error: {printable(str(exc))}", file=sys.stderr)
@@ -292,14 +289,13 @@ def _print_decision(result: dict) -> None:
 @command("gate", locked=True)
 def _gate(
     params: Params,
-    no_publish: Annotated[bool, typer.Option("--no-publish", help="decide only: publish and log nothing")] = False,
+    no_publish: Annotated[bool, typer.Option(
+        "--no-publish", help=f"decide only, publish and log nothing: the report goes to REPORTS/{PREVIEW_REPORT}")
+    ] = False,
     model: Model = None,
     reports: Reports = None,
 ) -> int:
-    """Candidate vs champion: promote (and publish) or reject.
-
-    With --no-publish the report goes to REPORTS/gate-preview.json, not to gate.json (a DVC metric).
-    """
+    """Candidate vs champion: promote (and publish) or reject."""
     from tasks.gate import run_gate
     from tasks.registry import publish
 
@@ -326,10 +322,7 @@ def _promote(
     model: Model = None,
     reports: Reports = None,
 ) -> int:
-    """Publish the candidate whatever the gate says (logged as forced).
-
-    Shows the gate's decision first and asks before publishing, unless --force.
-    """
+    """Publish the candidate whatever the gate says (logged as forced); asks first unless --force."""
     from tasks.gate import run_gate
     from tasks.registry import publish
 
@@ -533,16 +526,13 @@ def _explain(
     params: Params,
     *,
     version: Version = None,
-    model: FilePath = None,
-    image: FilePath = None,
+    model: Annotated[Path | None, typer.Option(metavar="PATH", help="a .h5 file instead of a version")] = None,
+    image: Annotated[Path | None, typer.Option(metavar="PATH", help="for the feature maps (default: the first "
+                                                                     "validation image)")] = None,
     out: Annotated[Path | None, typer.Option(metavar="DIR", help="default: REPORTS/explain/<version or file>")] = None,
     reports: Reports = None,
 ) -> int:
-    """HTML report: filters, feature maps, Grad-CAM on the validation mistakes.
-
-    --model explains a .h5 file instead of a registry version (its curves from REPORTS/history.csv);
-    --image picks the image for the feature maps (default: the first validation image).
-    """
+    """HTML report: filters, feature maps, Grad-CAM on the validation mistakes."""
     from tasks.explain import run_explain
 
     summary = run_explain(
@@ -727,10 +717,7 @@ def _alerts(params: Params) -> int:
 
 @command("server")
 def _server(params: Params) -> int:
-    """Start the Prefect server on PostgreSQL (PREFECT_SERVER_DATABASE_CONNECTION_URL; params: server).
-
-    The process becomes the server, so signals reach it.
-    """
+    """Start the Prefect server on PostgreSQL (PREFECT_SERVER_DATABASE_CONNECTION_URL; params: server)."""
     import os
     import socket
 
@@ -749,6 +736,7 @@ def _server(params: Params) -> int:
     print(f"Prefect server on PostgreSQL at {url.split('@')[-1]}: API and dashboard at http://{host}:{server.port}; "
           f"elsewhere set PREFECT_API_URL=http://{host}:{server.port}/api", flush=True)
     prefect = str(Path(sys.executable).parent / "prefect")
+    # The process becomes the server, so signals (Ctrl-C, systemd stop) reach it.
     os.execv(prefect, [prefect, "server", "start", "--host", server.host, "--port", str(server.port)])
 
 
