@@ -366,17 +366,12 @@ def _champion(params: Params, as_json: AsJson = False) -> int:
     return 0
 
 
-def _failed_rules(entry: dict) -> list[str]:
-    """The texts of the gate rules a logged rejection failed."""
-    return [reason for reason in entry.get("reasons", []) if reason.endswith("FAIL")]
-
-
 def _history_why(entry: dict) -> str:
     """A rejection shows the rules that failed; an override or a rollback the operator's reason."""
     reasons = entry.get("reasons", [])
     if entry["action"] == "promote":
         return "every rule passed"
-    failed = "; ".join(_failed_rules(entry)) if entry["action"] == "reject" else ""
+    failed = "; ".join(entry.get("failed", [])) if entry["action"] == "reject" else ""
     return failed or (reasons[-1] if reasons else "")
 
 
