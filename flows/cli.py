@@ -376,7 +376,7 @@ def _history_why(entry: dict) -> str:
     reasons = entry.get("reasons", [])
     if entry["action"] == "promote":
         return "every rule passed"
-    failed = "; ".join(_failed_rules(entry)) if entry["action"] == "reject" else ""
+    failed = "; ".join(entry.get("failed", [])) if entry["action"] == "reject" else ""
     return failed or (reasons[-1] if reasons else "")
 
 
@@ -490,14 +490,14 @@ def _predict(
 @command("export", locked=True)
 def _export(
     params: Params,
-    format: Annotated[Literal["tflite", "onnx", "savedmodel"], typer.Option("--format")],  # noqa: A002
+    target: Annotated[Literal["tflite", "onnx", "savedmodel"], typer.Option("--format")],
     version: Version = None,
 ) -> int:
     """Convert a registry version to TFLite, ONNX or SavedModel (checked against Keras)."""
     from tasks.model.export import export_version
 
-    entry = export_version(params, format, version)
-    print(f"exported {version or 'the champion'} as {format}: {entry['path']} "
+    entry = export_version(params, target, version)
+    print(f"exported {version or 'the champion'} as {target}: {entry['path']} "
           f"({entry['bytes'] / 1e6:.2f} MB); max abs difference from Keras {entry['max_abs_diff']:.2g} "
           f"on {entry['checked_images']} validation images ({entry['runtime']})")
     return 0

@@ -87,9 +87,9 @@ class DataParams(Section):
 
 class DemoParams(Section):
     KEY: ClassVar[str] = "demo"
-    count: Positive
+    count: int = Field(ge=2)
     seed: int = Field(ge=0)
-    size: int = Field(ge=16)
+    size: int = Field(ge=32)  # tasks.data.demo_data.MIN_SIZE: smaller fans lose their blades
     ng_fraction: float = Field(gt=0, lt=1)
 
 
@@ -178,7 +178,7 @@ class GateParams(Section):
     max_escape_rate: Fraction
     max_escape_rate_per_type: float | None = Field(ge=0, le=1)
     significance: float | None = Field(gt=0, lt=1)
-    target_escape_rate: float | None = Field(gt=0, lt=1)
+    target_escape_rate: float | None = Field(ge=0, lt=1)
     smoke_images: Positive
 
 

@@ -87,8 +87,10 @@ def test_a_reject_streak_and_a_timed_out_night_each_send_an_alert(
     prefect_server: PrefectServer, receiver: Receiver, tmp_path: Path
 ) -> None:
     project = make_flow_project(tmp_path)
-    # A floor no model can meet: every night is a rejection, and one is already a streak.
-    update_params(project, {"gate": {"min_accuracy": 1.01}, "alerts": {"reject_streak": 1}})
+    # An untrained model (the weights barely move) under an accuracy floor of 1: every night is
+    # a rejection, and one is already a streak.
+    update_params(project, {"train": {"learning_rate": 1e-12}, "gate": {"min_accuracy": 1.0},
+                            "alerts": {"reject_streak": 1}})
     prefect_server.wait_until_healthy()
 
     for _ in range(2):  # installing again replaces, never duplicates

@@ -15,6 +15,7 @@ from tests.tasks.champion_support import (
     gate_params,
     good_model,
     one_version_registry,
+    save_random_model,
     train_good_model,
 )
 
@@ -151,8 +152,8 @@ def test_unusable_champion_is_reported_and_judged_on_floors(data_dir, base, tmp_
     assert "unusable" in result["reasons"][0] and "floors only" in result["reasons"][0]
     assert [rule["rule"] for rule in result["rules"]] == ["min_accuracy", "max_escape_rate"]
     assert result["decision"] == "promote"  # the floors pass; a failing candidate would not
-    strict = gate_params(data_dir, registry, min_accuracy=1.01)
-    assert run_gate(strict, good_model(data_dir, base), tmp_path / "reports", record=False)["decision"] == "reject"
+    weak = save_random_model(params, tmp_path / "weak.h5")  # below the 0.8 accuracy floor
+    assert run_gate(params, weak, tmp_path / "reports", record=False)["decision"] == "reject"
 
 
 @pytest.mark.slow

@@ -116,7 +116,8 @@ def test_review_band_sends_uncertain_parts_to_a_person(
 ):
     base = tmp_path_factory.getbasetemp()
     paths = [image.path for image in validation_images]
-    plain = predict_files(load_champion(one_version_registry(trained_workspace["data_dir"], base)), paths, 8)
+    plain = predict_files(load_champion(one_version_registry(trained_workspace["data_dir"], base)), paths, 8,
+                          limits=BASE.validate)
     probabilities = sorted(row["probability"] for row in plain)
     band = (probabilities[len(probabilities) // 4], probabilities[3 * len(probabilities) // 4])
     registry = review_band_registry(trained_workspace["data_dir"], base, tmp_path / "registry", band)
