@@ -13,12 +13,9 @@ RSS stays under 1.5 GB, and no answer is 5xx other than 503 at the cap.
 
 from __future__ import annotations
 
-import argparse
 import io
-import logging
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.export_throughput import add_champion_arguments, champion_for_bench  # noqa: E402
-from bench.serve_throughput import free_port, start_service, validation_uploads  # noqa: E402
+from bench.serve_throughput import served_champion  # noqa: E402
 
 CLIENT_COUNTS = (1, 4, 32)
 HOSTILE_CLIENTS = 32
@@ -77,44 +73,29 @@ def describe(answers: list[tuple[int, float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_champion_arguments(parser)
-    parser.add_argument("--requests", type=int, default=200, help="requests per client count")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
-    with tempfile.TemporaryDirectory(prefix="fanaoi-bench-serve-load-") as tmp:
-        root = Path(tmp)
-        params = champion_for_bench(root, args)
-        images = validation_uploads(params)
-        port = free_port()
-        service = start_service(params, root, port)
-        url = f"http://127.0.0.1:{port}/predict"
+    description = __doc__.splitlines()[0]
+    with served_champion(description, 200, "fanaoi-bench-serve-load-") as (args, params, images, url, service):
         bad: list[int] = []
-        try:
-            run_client(url, images, 10)  # warm-up
-            print(f"serve.max_concurrency = {params.serve.max_concurrency}; {args.requests} requests "
-                  f"per row\n\n{'clients':>8}{'ok req/s':>10}{'p50 ms':>9}{'p95 ms':>9}  answers")
-            for clients in CLIENT_COUNTS:
-                wall, answers = load(url, images, clients, args.requests)
-                ok = [seconds for status, seconds in answers if status == 200]
-                cuts = statistics.quantiles(ok, n=20) if len(ok) > 1 else [float("nan")] * 19
-                print(f"{clients:>8}{len(ok) / wall:>10.1f}{cuts[9] * 1000:>9.1f}"
-                      f"{cuts[18] * 1000:>9.1f}  {describe(answers)}")
-                bad += [s for s, _ in answers if s >= 500 and s != 503]
-            canvas = huge_canvas_png()
-            before = peak_rss(service.pid)
-            _, answers = load(url, [canvas], HOSTILE_CLIENTS, HOSTILE_CLIENTS * 4)
+        run_client(url, images, 10)  # warm-up
+        print(f"serve.max_concurrency = {params.serve.max_concurrency}; {args.requests} requests "
+              f"per row\n\n{'clients':>8}{'ok req/s':>10}{'p50 ms':>9}{'p95 ms':>9}  answers")
+        for clients in CLIENT_COUNTS:
+            wall, answers = load(url, images, clients, args.requests)
+            ok = [seconds for status, seconds in answers if status == 200]
+            cuts = statistics.quantiles(ok, n=20) if len(ok) > 1 else [float("nan")] * 19
+            print(f"{clients:>8}{len(ok) / wall:>10.1f}{cuts[9] * 1000:>9.1f}"
+                  f"{cuts[18] * 1000:>9.1f}  {describe(answers)}")
             bad += [s for s, _ in answers if s >= 500 and s != 503]
-            after = peak_rss(service.pid)
-            print(f"\n{HOSTILE_CLIENTS} clients x 4 uploads of a {len(canvas) / 1024:.0f} KB PNG of "
-                  f"7000x7000: {describe(answers)}")
-            print(f"service peak RSS: {before / 1e6:.0f} MB before, {after / 1e6:.0f} MB after "
-                  f"(target < {RSS_TARGET_BYTES / 1e9:.1f} GB): {'OK' if after < RSS_TARGET_BYTES else 'OVER'}")
-            print(f"5xx other than 503: {len(bad)}")
-        finally:
-            service.terminate()
-            service.wait(timeout=30)
+        canvas = huge_canvas_png()
+        before = peak_rss(service.pid)
+        _, answers = load(url, [canvas], HOSTILE_CLIENTS, HOSTILE_CLIENTS * 4)
+        bad += [s for s, _ in answers if s >= 500 and s != 503]
+        after = peak_rss(service.pid)
+        print(f"\n{HOSTILE_CLIENTS} clients x 4 uploads of a {len(canvas) / 1024:.0f} KB PNG of "
+              f"7000x7000: {describe(answers)}")
+        print(f"service peak RSS: {before / 1e6:.0f} MB before, {after / 1e6:.0f} MB after "
+              f"(target < {RSS_TARGET_BYTES / 1e9:.1f} GB): {'OK' if after < RSS_TARGET_BYTES else 'OVER'}")
+        print(f"5xx other than 503: {len(bad)}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -104,42 +106,49 @@ def direct_rate(params: Params, images: list[bytes], count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@contextlib.contextmanager
+def served_champion(
+    description: str, requests: int, prefix: str
+) -> Iterator[tuple[argparse.Namespace, Params, list[bytes], str, subprocess.Popen]]:
+    """The serve benchmarks' set-up: arguments, a champion in a temporary project, its
+    validation uploads, and `fanaoi serve-model` answering at the yielded /predict URL."""
+    parser = argparse.ArgumentParser(description=description)
     add_champion_arguments(parser)
-    parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
+    parser.add_argument("--requests", type=int, default=requests, help="requests per measurement")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-
-    with tempfile.TemporaryDirectory(prefix="fanaoi-bench-serve-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         root = Path(tmp)
         params = champion_for_bench(root, args)
         images = validation_uploads(params)
-        print(f"{len(images)} validation images, {statistics.mean(map(len, images)) / 1024:.1f} KB "
-              f"average PNG; {args.requests} requests per measurement")
-        baseline = direct_rate(params, images, args.requests)
-
         port = free_port()
         service = start_service(params, root, port)
-        url = f"http://127.0.0.1:{port}/predict"
         try:
-            run_client(url, images, 20)  # warm-up: connections, thread pool
-            print(f"\n{'':26}{'req/s':>10}{'vs direct':>10}{'p50 ms':>10}{'p95 ms':>10}")
-            print(f"{'direct (no HTTP)':26}{baseline:>10.1f}{1:>10.2f}")
-            started = time.perf_counter()
-            latencies = run_client(url, images, args.requests)
-            sequential = report("HTTP, 1 client", args.requests, time.perf_counter() - started,
-                                latencies, baseline)
-            share = args.requests // CLIENTS
-            started = time.perf_counter()
-            with ThreadPoolExecutor(CLIENTS) as pool:
-                runs = list(pool.map(lambda _: run_client(url, images, share), range(CLIENTS)))
-            concurrent = report(f"HTTP, {CLIENTS} clients", share * CLIENTS, time.perf_counter() - started,
-                                [s for run in runs for s in run], baseline)
-            print(f"\n{CLIENTS} concurrent clients / 1 client: {concurrent / sequential:.2f}")
+            yield args, params, images, f"http://127.0.0.1:{port}/predict", service
         finally:
             service.terminate()
             service.wait(timeout=30)
+
+
+def main() -> None:
+    with served_champion(__doc__.splitlines()[0], 400, "fanaoi-bench-serve-") as (args, params, images, url, _):
+        print(f"{len(images)} validation images, {statistics.mean(map(len, images)) / 1024:.1f} KB "
+              f"average PNG; {args.requests} requests per measurement")
+        baseline = direct_rate(params, images, args.requests)
+        run_client(url, images, 20)  # warm-up: connections, thread pool
+        print(f"\n{'':26}{'req/s':>10}{'vs direct':>10}{'p50 ms':>10}{'p95 ms':>10}")
+        print(f"{'direct (no HTTP)':26}{baseline:>10.1f}{1:>10.2f}")
+        started = time.perf_counter()
+        latencies = run_client(url, images, args.requests)
+        sequential = report("HTTP, 1 client", args.requests, time.perf_counter() - started,
+                            latencies, baseline)
+        share = args.requests // CLIENTS
+        started = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            runs = list(pool.map(lambda _: run_client(url, images, share), range(CLIENTS)))
+        concurrent = report(f"HTTP, {CLIENTS} clients", share * CLIENTS, time.perf_counter() - started,
+                            [s for run in runs for s in run], baseline)
+        print(f"\n{CLIENTS} concurrent clients / 1 client: {concurrent / sequential:.2f}")
 
 
 if __name__ == "__main__":

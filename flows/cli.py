@@ -113,7 +113,7 @@ def _project_lock(root: typer.Context, params: Params) -> contextlib.AbstractCon
 
 def _stage_paths(params: Params, model: Path | None, reports: Path | None) -> tuple[Path, Path]:
     """The candidate and reports paths of a stage command: the options, else params' paths."""
-    return Path(model or params.paths.candidate), Path(reports or params.paths.reports)
+    return params.paths.chosen(model, reports)
 
 
 def _draw_demo_data(params: Params, directory: Path, count: int | None = None, seed: int | None = None) -> str:
@@ -417,14 +417,10 @@ def _rollback(
     return 0
 
 
-_PRUNE_ROWS = (
-    ("parameters", "parameters", "{:,.0f}"),
-    ("file size (KB)", "file_bytes", "{:,.1f}"),
-    ("predict images/s", "images_per_second", "{:,.0f}"),
-    ("validation accuracy", "validation_accuracy", "{:.4f}"),
-    ("escape rate", "escape_rate", "{:.4f}"),
-    ("overkill rate", "overkill_rate", "{:.4f}"),
-)
+# (label, key, divisor, format): sizes and speed change by a ratio; the rates below by a difference
+_PRUNE_SIZES = (("parameters", "parameters", 1, ",.0f"), ("file size (KB)", "file_bytes", 1024, ",.1f"),
+                ("predict images/s", "images_per_second", 1, ",.0f"))
+_PRUNE_RATES = ("validation accuracy", "escape rate", "overkill rate")
 
 
 @command("prune")
@@ -447,13 +443,12 @@ def _prune(
           + f" filters; accuracy before fine-tuning {result['pruned_not_fine_tuned']['validation_accuracy']:.4f}, "
           f"fine-tuned {result['fine_tune_epochs']} epoch(s)")
     print(f"{'':22}{'before':>12}{'after':>12}{'change':>10}")
-    for label, key, form in _PRUNE_ROWS:
-        before, after = result["before"][key], result["after"][key]
-        if key == "file_bytes":
-            before, after = before / 1024, after / 1024
-        change = f"{after / before - 1:+.0%}" if key in ("parameters", "file_bytes", "images_per_second") \
-            else f"{after - before:+.4f}"
-        print(f"{label:22}{form.format(before):>12}{form.format(after):>12}{change:>10}")
+    for label, key, divisor, form in _PRUNE_SIZES:
+        before, after = result["before"][key] / divisor, result["after"][key] / divisor
+        print(f"{label:22}{before:>12{form}}{after:>12{form}}{after / before - 1:>+10.0%}")
+    for label in _PRUNE_RATES:
+        before, after = (result[when][label.replace(" ", "_")] for when in ("before", "after"))
+        print(f"{label:22}{before:>12.4f}{after:>12.4f}{after - before:>+10.4f}")
     print(f"candidate: {result['out']} (report {reports / 'prune.json'}); "
           f"check it against the champion with `fanaoi gate --model {result['out']}`")
     return 0

@@ -10,12 +10,14 @@ record and neither redoes the other's work. A night with nothing new finishes in
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, State
@@ -103,18 +105,6 @@ def pipeline_status(stamp_dir: str) -> dict[str, list[str]]:
     return pipeline_changes(Path.cwd(), PIPELINE_STAGES, stamp_dir)
 
 
-@task(name="validate", cache_policy=NO_CACHE)
-def validate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
-    """Great Expectations on the manifest of data/; a blocking failure fails the run."""
-    if skipped := _skip_if_current("validate", known):
-        return skipped
-    from tasks.data.validate import run_validate
-
-    result = run_validate(params, report=get_run_logger().info)
-    record_stage(Path.cwd(), "validate")
-    return {"valid": result["valid"], "summary": result["summary"]}
-
-
 @task(name="snapshot", cache_policy=NO_CACHE)
 def snapshot_stage(data_dir: str, push: bool, stamp_dir: str) -> dict[str, Any]:
     """``dvc add`` data/ and ``dvc push`` it: the snapshot id every model card cites."""
@@ -129,28 +119,40 @@ def snapshot_stage(data_dir: str, push: bool, stamp_dir: str) -> dict[str, Any]:
     return result
 
 
-@task(name="train", cache_policy=NO_CACHE)
-def train_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
-    """Fit the candidate; every epoch is logged to this task run."""
-    if skipped := _skip_if_current("train", known):
-        return skipped
-    from tasks.model.train import run_train
+def _recorded_stage(stage: str, runner: str, keep: Callable[[dict[str, Any]], dict[str, Any]], doc: str) -> Task:
+    """The task of a DVC stage: unless DVC reports it current, run ``runner`` ("module:function",
+    imported only then, so a skipped stage loads no TensorFlow or GX) with this task run's
+    logger, record the stage in dvc.lock and return ``keep`` of its result."""
 
-    summary = run_train(params, report=get_run_logger().info)
-    record_stage(Path.cwd(), "train")
-    return {key: summary[key] for key in ("kept_epoch", "kept_epoch_metrics", "seconds")}
+    def run_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
+        if skipped := _skip_if_current(stage, known):
+            return skipped
+        module, function = runner.split(":")
+        result = getattr(importlib.import_module(module), function)(params, report=get_run_logger().info)
+        record_stage(Path.cwd(), stage)
+        return keep(result)
+
+    # Prefect keys a task by its function's qualified name: one per stage, not one for all three.
+    run_stage.__name__ = run_stage.__qualname__ = f"{stage}_stage"
+    run_stage.__doc__ = doc
+    return task(name=stage, cache_policy=NO_CACHE)(run_stage)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
-    """Score the candidate; compare evaluate() with the kept epoch."""
-    if skipped := _skip_if_current("evaluate", known):
-        return skipped
-    from tasks.model.evaluate import run_evaluate
-
-    result = run_evaluate(params, report=get_run_logger().info)
-    record_stage(Path.cwd(), "evaluate")
-    return {"validation_accuracy": result["validation"]["accuracy"]}
+validate_stage = _recorded_stage(
+    "validate", "tasks.data.validate:run_validate",
+    lambda result: {"valid": result["valid"], "summary": result["summary"]},
+    "Great Expectations on the manifest of data/; a blocking failure fails the run.",
+)
+train_stage = _recorded_stage(
+    "train", "tasks.model.train:run_train",
+    lambda summary: {key: summary[key] for key in ("kept_epoch", "kept_epoch_metrics", "seconds")},
+    "Fit the candidate; every epoch is logged to this task run.",
+)
+evaluate_stage = _recorded_stage(
+    "evaluate", "tasks.model.evaluate:run_evaluate",
+    lambda result: {"validation_accuracy": result["validation"]["accuracy"]},
+    "Score the candidate; compare evaluate() with the kept epoch.",
+)
 
 
 @task(name="gate", cache_policy=NO_CACHE)

@@ -10,6 +10,7 @@ import socket
 import types
 import typing
 import warnings
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -203,6 +204,10 @@ class PathsParams(Section):
     KEY: ClassVar[str] = "paths"
     candidate: str
     reports: str
+
+    def chosen(self, candidate: Path | str | None, reports: Path | str | None) -> tuple[Path, Path]:
+        """The candidate model and reports folder a command uses: the ones given, else these."""
+        return Path(candidate or self.candidate), Path(reports or self.reports)
 
 
 # The expectations of the validate stage, each "blocking" or "warning" in params.

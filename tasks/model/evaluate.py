@@ -362,14 +362,11 @@ def model_record(model_path: Path) -> dict[str, Any]:
 
 
 def run_evaluate(
-    params: Params,
-    model_path: Path | str | None = None,
-    reports_dir: Path | str | None = None,
+    params: Params, model_path: Path | str | None = None, reports_dir: Path | str | None = None,
     report: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """The evaluate stage: writes reports/evaluation.json and the plot CSVs."""
-    model_path = Path(model_path or params.paths.candidate)
-    reports_dir = Path(reports_dir or params.paths.reports)
+    model_path, reports_dir = params.paths.chosen(model_path, reports_dir)
     model = load_model(model_path)
     model.compile(loss="binary_crossentropy", metrics=["accuracy"])
     model_params = model_params_from_file(model_path)  # color_mode auto was resolved in training

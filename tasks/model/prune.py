@@ -23,15 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.data.dataset import (
-    LabeledImage,
-    decode_all,
-    labels_of,
-    list_images,
-    make_dataset,
-    require_split,
-    select,
-)
+from tasks.data.dataset import LabeledImage, decode_all, labels_of, list_images, make_dataset, require_split, select
 from tasks.durable import atomic_replace, sha256_of
 from tasks.errors import FanaoiError
 from tasks.model.evaluate import classification_metrics, predict_probabilities

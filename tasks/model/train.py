@@ -428,14 +428,11 @@ def split_counts(images: Sequence[LabeledImage], classes: Sequence[str]) -> dict
 
 
 def run_train(
-    params: Params,
-    model_path: Path | str | None = None,
-    reports_dir: Path | str | None = None,
+    params: Params, model_path: Path | str | None = None, reports_dir: Path | str | None = None,
     report: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """The train stage: list, split, fit, then write the candidate .h5 and its reports."""
-    model_path = Path(model_path or params.paths.candidate)
-    reports_dir = Path(reports_dir or params.paths.reports)
+    model_path, reports_dir = params.paths.chosen(model_path, reports_dir)
     images = list_images(params.data.dir, params.data)
     train_images = select(images, "train")
     validation_images = select(images, "validation")

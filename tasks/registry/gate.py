@@ -221,8 +221,7 @@ def run_gate(
     ``smoke`` holds a few validation images with the candidate's probabilities for the
     publish smoke test.
     """
-    candidate_path = Path(candidate_path or params.paths.candidate)
-    reports_dir = Path(reports_dir or params.paths.reports)
+    candidate_path, reports_dir = params.paths.chosen(candidate_path, reports_dir)
     images = select(list_images(params.data.dir, params.data), "validation")
     require_split(images, "validation", params.data.dir)
     labels = np.asarray(labels_of(images))
