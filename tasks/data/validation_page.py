@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.data.dataset import SPLITS
+from tasks.durable import atomic_write
 from tasks.pages import render_page
 
 
@@ -21,6 +22,7 @@ def render_validation_page(result: dict[str, Any]) -> str:
 
 def write_validation_page(result: dict[str, Any], path: Path) -> Path:
     """Write the page for ``result`` to ``path``; returns the path."""
+    page = render_validation_page(result).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_validation_page(result), encoding="utf-8")
+    atomic_write(path, lambda handle: handle.write(page))
     return path

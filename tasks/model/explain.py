@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.data.dataset import UNTYPED, LabeledImage, decode_image, defect_types_of, list_images, require_split, select
+from tasks.durable import atomic_write
 from tasks.model.charts import history_charts, history_columns, line_chart
 from tasks.model.evaluate import classification_metrics, escape_bounds, predict_probabilities, roc_points
 from tasks.model.explain_pictures import (
@@ -278,8 +279,8 @@ def run_explain(
         "history_note": source.history_note,
         "index": str(out / "index.html"),
     }
-    page = render_html(summary, class_names, roc_points(labels, probabilities), history)
-    (out / "index.html").write_text(page, encoding="utf-8")
+    page = render_html(summary, class_names, roc_points(labels, probabilities), history).encode("utf-8")
+    atomic_write(out / "index.html", lambda handle: handle.write(page))
     summary["seconds"] = round(time.perf_counter() - started, 2)
     report(
         f"{source.name}: {len(summary['escapes'])} escape(s), {len(summary['overkills'])} "

@@ -14,7 +14,6 @@ like any other candidate.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.data.dataset import LabeledImage, decode_all, labels_of, list_images, make_dataset, require_split, select
-from tasks.durable import atomic_replace, sha256_of
+from tasks.durable import atomic_replace, sha256_of, write_json
 from tasks.errors import FanaoiError
 from tasks.model.evaluate import classification_metrics, predict_probabilities
 from tasks.model.network import load_model, model_params_from_file, read_model_metadata, save_model
@@ -277,8 +276,7 @@ def run_prune(
         "after": after,
         "fine_tune_history": history,
     }
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "prune.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(reports_dir / "prune.json", result)
     report(f"wrote {out_path}: {after['parameters']} parameters (was {before['parameters']}), "
            f"validation accuracy {after['validation_accuracy']:.4f} (was {before['validation_accuracy']:.4f})")
     return result
