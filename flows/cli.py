@@ -111,11 +111,6 @@ def _project_lock(root: typer.Context, params: Params) -> contextlib.AbstractCon
     return project_lock(_params_path(root).resolve().parent, holder, params.lock.timeout)
 
 
-def _stage_paths(params: Params, model: Path | None, reports: Path | None) -> tuple[Path, Path]:
-    """The candidate and reports paths of a stage command: the options, else params' paths."""
-    return params.paths.chosen(model, reports)
-
-
 def _draw_demo_data(params: Params, directory: Path, count: int | None = None, seed: int | None = None) -> str:
     """Draw the demo data set (``count`` and ``seed`` default to params' demo section); says what it drew."""
     from tasks.data.demo_data import generate_demo_dataset
@@ -163,7 +158,7 @@ def _train(params: Params, model: Model = None, reports: Reports = None) -> int:
     """Train a candidate model on the train split."""
     from tasks.model.train import run_train
 
-    model, reports = _stage_paths(params, model, reports)
+    model, reports = params.paths.chosen(model, reports)
     summary = run_train(params, model, reports)
     kept = summary["kept_epoch_metrics"]
     print(
@@ -178,7 +173,7 @@ def _evaluate(params: Params, model: Model = None, reports: Reports = None) -> i
     """Score the candidate; compare evaluate() with the kept epoch."""
     from tasks.model.evaluate import run_evaluate
 
-    model, reports = _stage_paths(params, model, reports)
+    model, reports = params.paths.chosen(model, reports)
     result = run_evaluate(params, model, reports)
     validation, comparison = result["validation"], result["kept_epoch_vs_evaluate"]
     print(
@@ -299,7 +294,7 @@ def _gate(
     from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
 
-    model, reports = _stage_paths(params, model, reports)
+    model, reports = params.paths.chosen(model, reports)
     if no_publish:
         result = run_gate(params, model, reports, record=False, report_file=PREVIEW_REPORT)
         _print_decision(result)
@@ -326,7 +321,7 @@ def _promote(
     from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
 
-    model, reports = _stage_paths(params, model, reports)
+    model, reports = params.paths.chosen(model, reports)
     result = run_gate(params, model, reports, record=False)
     _print_decision(result)
     if not force and not typer.confirm(f"publish {model} over this decision?", err=True):
@@ -364,11 +359,6 @@ def _champion(params: Params, as_json: AsJson = False) -> int:
     ):
         print(f"  {key + ':':15}{value}")
     return 0
-
-
-def _failed_rules(entry: dict) -> list[str]:
-    """The texts of the gate rules a logged rejection failed."""
-    return [reason for reason in entry.get("reasons", []) if reason.endswith("FAIL")]
 
 
 def _history_why(entry: dict) -> str:
@@ -436,7 +426,7 @@ def _prune(
     """Remove the weakest Conv2D filters (L1 norm), fine-tune, compare before/after."""
     from tasks.model.prune import run_prune
 
-    model, reports = _stage_paths(params, model, reports)
+    model, reports = params.paths.chosen(model, reports)
     result = run_prune(params, model, out, reports, fraction=fraction, epochs=epochs)
     print("pruned " + ", ".join(f"{row['layer']} {row['filters_before']}->{row['filters_after']}"
                                 for row in result["layers"])
