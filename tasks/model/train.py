@@ -26,7 +26,7 @@ from tasks.data.dataset import (
     resolve_color_mode,
     select,
 )
-from tasks.durable import atomic_write, sha256_of, write_stage_report
+from tasks.durable import atomic_write, sha256_of, write_json, write_stage_report
 from tasks.errors import FanaoiError
 from tasks.model.network import build_model, load_model, read_model_metadata, save_model
 from tasks.params import ModelParams, Params, TrainParams
@@ -265,7 +265,7 @@ def best_epoch_keeper(
                 self._use_average()
                 if self.best_file is not None:
                     self.model.save_weights(self.best_file)
-                    self.best_file.with_suffix(".json").write_text(json.dumps({"epoch": row["epoch"]}))
+                    write_json(self.best_file.with_suffix(".json"), {"epoch": row["epoch"]})
                 else:
                     self.best_weights = self.model.get_weights()
                 self._use_trained()
