@@ -73,9 +73,10 @@ def train_and_score(params: Params) -> dict[str, float]:
     train, validation, test = (select(images, split) for split in ("train", "validation", "test"))
     model_params = resolve_color_mode(train, params.model)
     started = time.perf_counter()
-    model, history = train_model(train, validation, model_params, params.train, report=lambda _: None)
+    model, history = train_model(train, validation, model_params, params.train, report=lambda _: None,
+                                 validation_batch_size=params.evaluate.batch_size)
     seconds = time.perf_counter() - started
-    batch = params.train.batch_size
+    batch = params.evaluate.batch_size
     validation_scores = predict_probabilities(model, validation, model_params, batch)
     chosen = choose_threshold(np.asarray(labels_of(validation)), validation_scores,
                               params.gate.target_escape_rate, params.evaluate.threshold)

@@ -16,7 +16,8 @@ Each measurement runs in a fresh process, interleaved over ``--rounds``, best ke
 settings are TensorFlow's environment variables, e.g.
 ``TF_NUM_INTRAOP_THREADS=2 TF_NUM_INTEROP_THREADS=1 python bench/train_throughput.py``.
 
-    python bench/train_throughput.py [--images 3200] [--epochs 4] [--rounds 2] [--data DIR] [--xla] [--stream]
+    python bench/train_throughput.py [--images 3200] [--epochs 4] [--rounds 2] [--data DIR]
+        [--xla] [--bfloat16] [--one-step] [--stream]
 """
 
 from __future__ import annotations
@@ -60,17 +61,28 @@ class EpochTimer:
         return images / (sum(steady) / len(steady))
 
 
-def fit_rate(params: Params, data, images: int, epochs: int, jit: bool = False) -> float:
+VARIANTS = {  # name -> how fit_rate changes the model from params.yaml's
+    "plain": "as params.yaml says",
+    "xla": "jit_compile=True",
+    "bfloat16": "Keras mixed_bfloat16 policy (bfloat16 compute, float32 weights)",
+    "one-step": "steps_per_execution 1 (a Python call per step)",
+}
+
+
+def fit_rate(params: Params, data, images: int, epochs: int, variant: str = "plain") -> float:
     import keras
 
     keras.utils.set_random_seed(params.train.seed)
-    model = build_model(params.model, params.train.learning_rate, jit_compile=jit)
+    if variant == "bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    steps_per_execution = 1 if variant == "one-step" else params.train.steps_per_execution
+    model = build_model(params.model, params.train.learning_rate, variant == "xla", steps_per_execution)
     timer = EpochTimer()
     model.fit(data, epochs=epochs, callbacks=[timer.callback], verbose=0)
     return timer.steady_rate(images)
 
 
-def seed_recipe_rate(params: Params, data_dir: Path, epochs: int, jit: bool = False) -> tuple[float, int]:
+def seed_recipe_rate(params: Params, data_dir: Path, epochs: int, variant: str = "plain") -> tuple[float, int]:
     import tensorflow as tf
 
     generator = tf.keras.preprocessing.image.ImageDataGenerator(rescale=1 / 255, validation_split=0.2)
@@ -78,11 +90,11 @@ def seed_recipe_rate(params: Params, data_dir: Path, epochs: int, jit: bool = Fa
         str(data_dir), target_size=tuple(params.model.input_size), batch_size=params.train.batch_size,
         class_mode="binary", subset="training", seed=params.train.seed, color_mode=params.model.color_mode,
     )
-    return fit_rate(params, flow, flow.samples, epochs, jit), flow.samples
+    return fit_rate(params, flow, flow.samples, epochs, variant), flow.samples
 
 
 def pipeline_rate(
-    params: Params, data_dir: Path, epochs: int, jit: bool = False, cache_max_mb: float | None = None,
+    params: Params, data_dir: Path, epochs: int, variant: str = "plain", cache_max_mb: float | None = None,
 ) -> tuple[float, int]:
     import numpy as np
 
@@ -92,14 +104,14 @@ def pipeline_rate(
     share = [images[i] for i in order[: int(len(images) * 0.8)]]
     data = make_dataset(share, params.model, params.train.batch_size, shuffle_seed=params.train.seed,
                         cache_max_mb=cache_max_mb)
-    return fit_rate(params, data, len(share), epochs, jit), len(share)
+    return fit_rate(params, data, len(share), epochs, variant), len(share)
 
 
-def streamed_rate(params: Params, data_dir: Path, epochs: int, jit: bool = False) -> tuple[float, int]:
-    return pipeline_rate(params, data_dir, epochs, jit, cache_max_mb=0)
+def streamed_rate(params: Params, data_dir: Path, epochs: int, variant: str = "plain") -> tuple[float, int]:
+    return pipeline_rate(params, data_dir, epochs, variant, cache_max_mb=0)
 
 
-def compute_limit_rate(params: Params, data_dir: Path, epochs: int, jit: bool = False) -> tuple[float, int]:
+def compute_limit_rate(params: Params, data_dir: Path, epochs: int, variant: str = "plain") -> tuple[float, int]:
     """The same model on random tensors already in memory, as many as the pipeline's images."""
     import numpy as np
     import tensorflow as tf
@@ -110,7 +122,7 @@ def compute_limit_rate(params: Params, data_dir: Path, epochs: int, jit: bool = 
     x = rng.random((count, height, width, params.model.channels), dtype=np.float32)
     y = rng.integers(0, 2, count).astype(np.float32)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(params.train.batch_size).cache().prefetch(2)
-    return fit_rate(params, data, count, epochs, jit), count
+    return fit_rate(params, data, count, epochs, variant), count
 
 
 MEASUREMENTS = {
@@ -118,10 +130,10 @@ MEASUREMENTS = {
 }
 
 
-def measure_in_fresh_process(args: argparse.Namespace, data_dir: Path, what: str, jit: bool) -> tuple[float, int]:
-    """Each measurement in its own process: an earlier one's threads and memory do not count."""
+def measure_in_fresh_process(args: argparse.Namespace, data_dir: Path, what: str, variant: str) -> tuple[float, int]:
+    """Each measurement in its own process: an earlier one's threads, memory and dtype policy do not count."""
     command = [sys.executable, __file__, "--params", args.params, "--data", str(data_dir),
-               "--epochs", str(args.epochs), "--measure", what] + (["--jit"] if jit else [])
+               "--epochs", str(args.epochs), "--measure", what, "--variant", variant]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
     return float(output[-2]), int(output[-1])
 
@@ -134,9 +146,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="each measurement's best of this many")
     parser.add_argument("--xla", action="store_true", help="also measure jit_compile=True")
+    parser.add_argument("--bfloat16", action="store_true", help="also measure the mixed_bfloat16 policy")
+    parser.add_argument("--one-step", action="store_true", help="also measure steps_per_execution 1")
     parser.add_argument("--stream", action="store_true", help="also measure the pipeline without its cache")
     parser.add_argument("--measure", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)
-    parser.add_argument("--jit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="plain", help=argparse.SUPPRESS)
     args = parser.parse_args()
     params = load_params(args.params)
     if args.measure:
@@ -144,7 +158,7 @@ def main() -> int:
         params = replace(params, data=replace(params.data, dir=str(data_dir)))
         # model.color_mode auto: decided from the images, as training does
         params = replace(params, model=resolve_color_mode(list_images(data_dir, params.data), params.model))
-        rate, count = MEASUREMENTS[args.measure](params, data_dir, args.epochs, args.jit)
+        rate, count = MEASUREMENTS[args.measure](params, data_dir, args.epochs, args.variant)
         print(f"{rate:.3f} {count}")
         return 0
     with tempfile.TemporaryDirectory() as scratch:
@@ -155,17 +169,18 @@ def main() -> int:
             demo = params.demo
             generate_demo_dataset(data_dir, args.images, demo.seed, demo.size, demo.ng_fraction,
                                   params.data.classes)
-        plans = [("seed", False), ("pipeline", False), ("compute", False)]
-        if args.xla:
-            plans += [("pipeline", True), ("compute", True)]
+        plans = [("seed", "plain"), ("pipeline", "plain"), ("compute", "plain")]
+        extra = [name for name, wanted in (("xla", args.xla), ("bfloat16", args.bfloat16),
+                                           ("one-step", args.one_step)) if wanted]
+        plans += [(what, variant) for variant in extra for what in ("pipeline", "compute")]
         if args.stream:
-            plans += [("streamed", False)]
-        best: dict[tuple[str, bool], float] = {}
+            plans += [("streamed", "plain")]
+        best: dict[tuple[str, str], float] = {}
         for _ in range(args.rounds):  # interleaved, so a noisy minute hits every measurement
             for plan in plans:
                 rate, count = measure_in_fresh_process(args, data_dir, *plan)
                 best[plan] = max(best.get(plan, 0.0), rate)
-        seed, pipeline, compute = best["seed", False], best["pipeline", False], best["compute", False]
+        seed, pipeline, compute = best["seed", "plain"], best["pipeline", "plain"], best["compute", "plain"]
         intra, inter = (os.environ.get(f"TF_NUM_{kind}OP_THREADS", "default") for kind in ("INTRA", "INTER"))
         print(f"{count} images per epoch, {args.epochs} epochs, best of {args.rounds} fresh processes; "
               f"intra/inter-op threads {intra}/{inter}")
@@ -176,12 +191,13 @@ def main() -> int:
         print(f"pipeline / seed recipe   = {pipeline / seed:.2f}   (target >= 1.40)")
         print(f"compute limit / seed     = {compute / seed:.2f}   (the most any input pipeline can gain)")
         if args.stream:
-            streamed = best["streamed", False]
+            streamed = best["streamed", "plain"]
             print(f"streamed (no cache)               {streamed:8.0f} img/s ({streamed / pipeline:.2f} x cached)")
-        if args.xla:
-            xla_pipeline, xla_compute = best["pipeline", True], best["compute", True]
-            print(f"XLA compute limit {xla_compute:8.0f} img/s ({xla_compute / compute:.2f} x plain)")
-            print(f"XLA pipeline      {xla_pipeline:8.0f} img/s ({xla_pipeline / pipeline:.2f} x plain)")
+        for variant in extra:
+            other_pipeline, other_compute = best["pipeline", variant], best["compute", variant]
+            print(f"{VARIANTS[variant]}:")
+            print(f"  compute limit {other_compute:8.0f} img/s ({other_compute / compute:.2f} x plain)")
+            print(f"  pipeline      {other_pipeline:8.0f} img/s ({other_pipeline / pipeline:.2f} x plain)")
     return 0
 
 

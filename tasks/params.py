@@ -149,11 +149,13 @@ class TrainParams(Section):
     cache_max_mb: float = Field(ge=0)
     checkpoint_dir: str
     jit_compile: bool
+    steps_per_execution: Positive
     init_from: Literal["champion"] | None = Field(description="random initialisation")
 
 
 class EvaluateParams(Section):
     KEY: ClassVar[str] = "evaluate"
+    batch_size: Positive
     threshold: Fraction
     review_band: Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)] | None
     max_gap: float = Field(ge=0)

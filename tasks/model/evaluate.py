@@ -371,7 +371,7 @@ def run_evaluate(
     model.compile(loss="binary_crossentropy", metrics=["accuracy"])
     model_params = model_params_from_file(model_path)  # color_mode auto was resolved in training
     images = list_images(params.data.dir, params.data)
-    batch = params.train.batch_size
+    batch = params.evaluate.batch_size
     evaluated: dict[str, dict[str, float]] = {}
     for split in ("train", "validation"):
         subset = select(images, split)

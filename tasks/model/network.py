@@ -26,7 +26,9 @@ class ModelFileError(FanaoiError):
     """A model file is missing or cannot be loaded; the message names it and the fix."""
 
 
-def build_model(params: ModelParams, learning_rate: float, jit_compile: bool = False) -> keras.Model:
+def build_model(
+    params: ModelParams, learning_rate: float, jit_compile: bool = False, steps_per_execution: int = 1
+) -> keras.Model:
     """The classifier that ``model.architecture`` names, compiled for binary classification.
 
     Layers and optimizer are named here: Keras numbers unnamed ones per process
@@ -49,6 +51,7 @@ def build_model(params: ModelParams, learning_rate: float, jit_compile: bool = F
         loss="binary_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )
     return model
 

@@ -145,7 +145,7 @@ def fine_tune(
     history = model.fit(
         make_dataset(train_images, model_params, batch, shuffle_seed=params.train.seed,
                      shuffle_buffer=params.train.shuffle_buffer, cache_max_mb=params.train.cache_max_mb),
-        validation_data=make_dataset(validation_images, model_params, batch,
+        validation_data=make_dataset(validation_images, model_params, params.evaluate.batch_size,
                                      cache_max_mb=params.train.cache_max_mb),
         epochs=epochs, shuffle=False, verbose=0,
     ).history

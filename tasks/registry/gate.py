@@ -163,7 +163,7 @@ def score_champion(
     try:
         if champion.problem:
             raise ModelFileError(champion.problem)
-        probabilities, mapping = _score(champion.model_path, images, params.train.batch_size)
+        probabilities, mapping = _score(champion.model_path, images, params.evaluate.batch_size)
     except ModelFileError as exc:
         log.warning("champion unusable: %s", exc)
         return {"status": "unusable", "version": champion.version, "problem": str(exc)}
@@ -225,7 +225,7 @@ def run_gate(
     images = select(list_images(params.data.dir, params.data), "validation")
     require_split(images, "validation", params.data.dir)
     labels = np.asarray(labels_of(images))
-    probabilities, mapping = _score(candidate_path, images, params.train.batch_size)
+    probabilities, mapping = _score(candidate_path, images, params.evaluate.batch_size)
     if mapping != params.data.class_mapping:
         raise FanaoiError(
             f"{candidate_path}: trained with class mapping {mapping} but data.classes gives "

@@ -226,9 +226,9 @@ def test_the_weight_average_is_what_validation_sees_and_what_is_kept(tmp_path):
     keeper.set_model(model)
     model.stop_training = False
     keeper.on_train_begin()
-    for step, value in enumerate([4.0, 8.0]):  # the average: 4, then 0.5 * 4 + 0.5 * 8
+    for value in [4.0, 8.0]:  # two train steps; the average: 4, then 0.5 * 4 + 0.5 * 8
         dense.set_weights([np.full((1, 1), value), np.zeros(1)])
-        keeper.on_train_batch_end(step)
+        keeper.average.blend()
     keeper.on_test_begin()
     assert dense.get_weights()[0][0, 0] == 6.0  # validation scores the average
     keeper.on_test_end()
@@ -241,7 +241,7 @@ def test_the_weight_average_is_what_validation_sees_and_what_is_kept(tmp_path):
     resumed = best_epoch_keeper(None, rows, checkpoint, average_momentum=0.5)
     resumed.set_model(model)
     resumed.on_train_begin()
-    resumed.on_train_batch_end(0)
+    resumed.average.blend()
     resumed.on_test_begin()
     assert dense.get_weights()[0][0, 0] == 53.0  # the saved average 6 carried on, not restarted
     resumed.on_test_end()
@@ -265,6 +265,24 @@ def test_an_averaged_run_saves_the_weights_its_kept_epoch_was_validated_with(tmp
     comparison = run_evaluate(params, model_path, reports)["kept_epoch_vs_evaluate"]
     assert comparison["evaluate_validation_loss"] == pytest.approx(kept["val_loss"], abs=1e-4)
     assert comparison["evaluate_validation_accuracy"] == pytest.approx(kept["val_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_weight_average_is_taken_every_step_however_many_steps_a_call_runs(tmp_path):
+    import numpy as np
+
+    from tasks.data.dataset import list_images, select
+    from tasks.model.train import train_model
+
+    data = make_image_folder(tmp_path / "data", per_class=16, seed=7)
+    kept = []
+    for steps in (1, 3):  # 3: Keras calls batch-end callbacks every third step
+        params = tiny_params(data, epochs=2, batch_size=4, average_momentum=0.8, steps_per_execution=steps)
+        images = list_images(data, params.data)
+        model, _ = train_model(select(images, "train"), select(images, "validation"), params.model, params.train)
+        kept.append(model.get_weights())
+    for one_step, three_steps in zip(*kept, strict=True):
+        np.testing.assert_allclose(three_steps, one_step, rtol=1e-4, atol=1e-6)
 
 
 def test_learning_rate_follows_a_cosine_from_the_base_rate():
