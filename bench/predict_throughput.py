@@ -45,13 +45,13 @@ def main() -> None:
     parser.add_argument("--registry", help="registry folder (default: registry.dir of --params)")
     parser.add_argument("--data", help="image folder (default: data.dir of --params)")
     parser.add_argument("--images", type=int, default=1000, help="files per pass (repeats if fewer)")
-    parser.add_argument("--batch", type=int, help="default: registry.predict_batch_size")
+    parser.add_argument("--batch", type=int, help="default: evaluate.batch_size")
     parser.add_argument("--latency-samples", type=int, default=50)
     args = parser.parse_args()
 
     params = load_params(args.params)
     registry = args.registry or params.registry.dir
-    batch = args.batch or params.registry.predict_batch_size
+    batch = args.batch or params.evaluate.batch_size
     images = list_images(args.data or params.data.dir, params.data)
     chosen = [images[i % len(images)] for i in range(args.images)]
     files = [image.path for image in chosen]

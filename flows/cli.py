@@ -449,7 +449,7 @@ def _predict(
     params: Params,
     paths: Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_DIR...", help="image files or folders")],
     as_json: AsJson = False,
-    batch_size: Annotated[int | None, typer.Option(help="default: registry.predict_batch_size")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="default: evaluate.batch_size")] = None,
 ) -> int:
     """Classify images with the champion; exit 1 when some file could not be classified."""
     import json
@@ -458,7 +458,7 @@ def _predict(
 
     files = expand_paths([str(path) for path in paths], params.data.extensions)
     predictor = load_champion(params.registry.dir)
-    results = predict_files(predictor, files, batch_size or params.registry.predict_batch_size, params.validate)
+    results = predict_files(predictor, files, batch_size or params.evaluate.batch_size, params.validate)
     if as_json:
         print(json.dumps({"champion": predictor.version, "threshold": predictor.threshold,
                           "positive_class": predictor.class_names[1], "results": results}, indent=2))

@@ -197,7 +197,6 @@ class RegistryParams(Section):
     KEY: ClassVar[str] = "registry"
     dir: str
     lock_timeout: float = Field(ge=0)
-    predict_batch_size: Positive
 
 
 class PathsParams(Section):

@@ -240,7 +240,7 @@ def run_explain(
     require_split(validation, "validation", params.data.dir)
     validation = _relabel(validation, mapping, source.path)
     labels = np.asarray([image.label for image in validation])
-    probabilities = predict_probabilities(model, validation, model_params, params.registry.predict_batch_size)
+    probabilities = predict_probabilities(model, validation, model_params, params.evaluate.batch_size)
     metrics = classification_metrics(labels, probabilities, source.threshold)
     metrics |= escape_bounds(labels, probabilities, source.threshold, defect_types_of(validation))
     wrong = mistakes(validation, labels, probabilities, source.threshold)

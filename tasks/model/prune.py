@@ -188,7 +188,7 @@ def measure(
     params: Params,
 ) -> dict[str, Any]:
     """Parameters, file size and validation metrics of one model."""
-    scores = predict_probabilities(model, validation, model_params, params.registry.predict_batch_size)
+    scores = predict_probabilities(model, validation, model_params, params.evaluate.batch_size)
     metrics = classification_metrics(labels_of(validation), scores, params.evaluate.threshold)
     return {
         "parameters": int(model.count_params()),
@@ -247,7 +247,7 @@ def run_prune(
     report("pruned " + ", ".join(f"{row['layer']} {row['filters_before']}->{row['filters_after']}" for row in layers))
     not_tuned = classification_metrics(
         labels_of(validation),
-        predict_probabilities(pruned, validation, model_params, params.registry.predict_batch_size),
+        predict_probabilities(pruned, validation, model_params, params.evaluate.batch_size),
         params.evaluate.threshold,
     )["accuracy"]
     history = fine_tune(pruned, train_images, validation, model_params, params=params, epochs=epochs, report=report)
@@ -264,7 +264,7 @@ def run_prune(
     after = measure(pruned, out_path, validation, model_params, params)
     speed = speed_batch(validation, model_params, params.prune.speed_images)
     before["images_per_second"], after["images_per_second"] = images_per_second(
-        [model, pruned], speed, params.registry.predict_batch_size
+        [model, pruned], speed, params.evaluate.batch_size
     )
     result = {
         "source": str(model_path), "source_sha256": source_sha256, "out": str(out_path),
