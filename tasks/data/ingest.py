@@ -353,9 +353,7 @@ def existing_hashes(
     """
     known = known or {}
     found = DataHashes(defaultdict(list), {}, 0)
-    order = {name: index for index, name in enumerate(classes)}
-    listed = sorted(_class_files(data_dir, classes), key=lambda row: (order[row[0]], row[1].split("/")))
-    for name, relative, info in listed:
+    for name, relative, info in _class_files(data_dir, classes):
         key = _stat_key(info)
         hit = known.get(relative)
         if hit is not None and tuple(hit[0]) == key:
@@ -365,6 +363,11 @@ def existing_hashes(
             found.read += 1
         found.files[relative] = (key, sha256)
         found.by_sha256[sha256].append((name, f"{data_rel}/{relative}"))
+    # Verdicts name the first copy: class order, then path order, whatever the walk's order.
+    order = {name: index for index, name in enumerate(classes)}
+    for copies in found.by_sha256.values():
+        if len(copies) > 1:
+            copies.sort(key=lambda copy: (order[copy[0]], copy[1].split("/")))
     return found
 
 
