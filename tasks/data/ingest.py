@@ -393,8 +393,7 @@ def record_hashes(
     are unchanged (its hard link moved only the ctime); an accepted file has the sha256
     its copy was checked against. Anything else is left out, so the next ingest reads it.
     """
-    added = {Path(v.stored_as).relative_to(Path(v.stored_as).parts[0]).as_posix(): v.sha256
-             for v in accepted}
+    added = {_in_data(v).as_posix(): v.sha256 for v in accepted}
     files = {}
     for _, relative, info in _class_files(data_dir, classes):
         key = _stat_key(info)
@@ -454,7 +453,7 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
         new_tree = staging / "new"
         _link_tree(data_dir, new_tree)
         for verdict in accepted:
-            target = new_tree / verdict.class_name / type_folder(verdict.defect_type) / Path(verdict.stored_as).name
+            target = new_tree / _in_data(verdict)
             target.parent.mkdir(parents=True, exist_ok=True)
             copy_checked(Path(verdict.path), target, verdict.sha256)
         _write_index(data_dir / INDEX_NAME, new_tree / INDEX_NAME, index_entries)
@@ -463,6 +462,11 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
         swap_in(new_tree, data_dir, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _in_data(accepted: Verdict) -> Path:
+    """Where an accepted file goes, inside the data folder."""
+    return Path(accepted.class_name, type_folder(accepted.defect_type), Path(accepted.stored_as).name)
 
 
 def copy_checked(source: Path, target: Path, sha256: str) -> None:
