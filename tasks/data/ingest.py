@@ -378,8 +378,12 @@ def known_hashes(hashes_dir: Path, data_dir: Path) -> dict[str, tuple[StatKey, s
         stored = json.loads(cache_file(hashes_dir, data_dir, "ingest-hashes").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return known
-    if isinstance(stored, dict) and stored.get("version") == _HASHES_VERSION:
-        known.update((path, (tuple(row[:4]), row[4])) for path, row in stored.get("files", {}).items())
+    try:
+        if stored.get("version") == _HASHES_VERSION:
+            recorded = {path: (tuple(row[:4]), row[4]) for path, row in stored["files"].items()}
+            known.update(recorded)
+    except (AttributeError, IndexError, KeyError, TypeError):  # damaged: those files are read instead
+        log.warning("%s: damaged, ignored", cache_file(hashes_dir, data_dir, "ingest-hashes"))
     return known
 
 

@@ -286,12 +286,15 @@ def cached_hashes(cache_dir: Path | str, data_dir: Path | str) -> dict[str, tupl
     cache of this layout serves, whatever its limits or Pillow version.
     """
     stored = _read_cache(cache_file(cache_dir, data_dir, "manifest"))
-    if stored.get("header", {}).get("version") != _CACHE_VERSION:
+    try:
+        if stored.get("header", {}).get("version") != _CACHE_VERSION:
+            return {}
+        return {
+            relative: (tuple(row[:_STAT_FIELDS]), row[_SHA256])
+            for relative, row in stored.get("files", {}).items() if isinstance(row[_SHA256], str)
+        }
+    except (AttributeError, IndexError, TypeError):  # damaged: the files are read instead
         return {}
-    return {
-        relative: (tuple(row[:_STAT_FIELDS]), row[_SHA256])
-        for relative, row in stored.get("files", {}).items() if isinstance(row[_SHA256], str)
-    }
 
 
 def _load_cache(path: Path, limits: ValidateParams) -> dict[str, list]:

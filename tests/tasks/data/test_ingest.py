@@ -24,6 +24,7 @@ from tasks.data.ingest import (
 )
 from tasks.data.manifest import build_manifest
 from tasks.data.snapshot import data_snapshot_id
+from tasks.durable import cache_file
 from tasks.params import Params, replace
 from tests.bad_files import HOSTILE_IMAGES
 from tests.conftest import BASE, make_image_folder
@@ -438,3 +439,20 @@ def test_an_ingest_records_the_hashes_of_the_folder_it_swapped_in_for_the_next_o
     assert verdicts["kept.png"]["verdict"] == "duplicate"
     assert verdicts["new_bytes.png"]["reason"] == f"already in the data set as data/GO/{victim.name}"
     assert verdicts["old_bytes.png"]["verdict"] == "accepted"
+
+
+def test_damaged_hash_records_are_ignored_and_every_file_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, cache = make_image_folder(tmp_path / "data", per_class=2), tmp_path / ".fanaoi"
+    params = params_for(data)
+    build_manifest(data, params.data, params.validate, cache)
+    for kind, damage in (("manifest", {"header": {"version": 5}, "files": {"GO/go_000.png": 7}}),
+                         ("ingest-hashes", {"version": 1, "files": ["GO/go_000.png"]})):
+        cache_file(cache, data, kind).write_text(json.dumps(damage))
+    read = count_reads(monkeypatch, data)
+
+    in_data = existing_hashes(data, params.data.classes, "data", known_hashes(cache, data))
+
+    assert sorted(read) == ["GO/go_000.png", "GO/go_001.png", "NG/ng_000.png", "NG/ng_001.png"]
+    assert {sha for _, sha in in_data.files.values()} == {sha256_of(p) for p in data.rglob("*.png")}
