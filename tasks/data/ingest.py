@@ -13,6 +13,14 @@ snapshot restores the matching index. Originals are only read, never moved or de
 The new data folder is built beside the old one (hard links to the files already there,
 copies of the accepted ones) and swapped in with one rename: an ingest interrupted at
 any point leaves ``data/`` as it was or complete. Then ``dvc add`` and ``dvc push``.
+
+The duplicate check needs the sha256 of every file already in ``data/``: at 100,000 images,
+reading them all is most of an ingest's own time. A file whose (size, mtime, ctime, inode)
+are those it had when validation or an earlier ingest read it keeps that sha256 (the
+manifest cache, and the ingest's own record under ``validate.cache_dir``); any other file
+is read again. The ctime is what catches a rewrite that sets the mtime back. The hard
+links of the new folder move every old file's ctime, so each ingest records the tree it
+swapped in, with the sha256 it had just checked.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from typing import Any
 
 from tasks.data.dataset import UNTYPED, defect_type_of, is_candidate_file
 from tasks.data.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
+from tasks.data.manifest import cached_hashes
 from tasks.data.snapshot import (
     SnapshotError,
     commit_command,
@@ -45,7 +54,7 @@ from tasks.data.snapshot import (
     require_dvc_repo,
     snapshot_data,
 )
-from tasks.durable import fsync_path, sha256_of, write_json
+from tasks.durable import atomic_write, cache_file, fsync_path, sha256_of, write_json
 from tasks.errors import FanaoiError
 from tasks.params import Params, ValidateParams
 from tasks.project_lock import held_lock
@@ -67,6 +76,10 @@ UNEXPECTED = "unexpected"  # not an image file, outside a class folder, a symlin
 IGNORED = "ignored"  # hidden files such as .DS_Store
 REJECTED = (LABEL_CONFLICT, UNREADABLE, INVALID, UNEXPECTED)
 _COPY_CHUNK = 1 << 20
+_HASHES_VERSION = 1
+
+# (size, mtime_ns, ctime_ns, inode): a file is read again unless all four are as recorded.
+StatKey = tuple[int, int, int, int]
 
 
 class IngestError(FanaoiError):
@@ -105,9 +118,13 @@ def ingest_batch(
     _check_batch_location(batch_dir, data_dir)
     require_dvc_repo(repo_dir)
     started = datetime.now(UTC)
+    hashes_dir = repo_dir / params.validate.cache_dir
     with ingest_lock(data_dir):
         recover_interrupted(data_dir, report)
-        verdicts = judge_batch(batch_dir, data_dir, params, data_rel)
+        in_data = existing_hashes(data_dir, params.data.classes, data_rel, known_hashes(hashes_dir, data_dir))
+        log.info("%s: sha256 of %d file(s) read, %d known from the last validation or ingest",
+                 data_rel, in_data.read, len(in_data.files) - in_data.read)
+        verdicts = judge_batch(batch_dir, data_dir, params, data_rel, in_data)
         result = _summary(batch_dir, data_rel, started, verdicts)
         path = report_path(Path(reports_dir) if reports_dir else repo_dir / "reports" / "ingest",
                            started, batch_dir)
@@ -123,6 +140,7 @@ def ingest_batch(
                 write_report(result, path)
                 raise
             report(f"added {len(accepted)} image(s) to {data_rel}/")
+        record_hashes(hashes_dir, data_dir, params.data.classes, in_data, accepted)
     try:
         _snapshot(result, repo_dir, data_dir, push, commit, stamp_dir=params.validate.cache_dir)
     except SnapshotError as exc:
@@ -163,11 +181,17 @@ class CheckedFile:
     problem: tuple[str, str] | None  # (verdict, reason) when the file is refused
 
 
-def judge_batch(batch_dir: Path, data_dir: Path, params: Params, data_rel: str) -> list[Verdict]:
-    """One verdict per file (or unexpected folder) of the batch; reads, never writes."""
+def judge_batch(
+    batch_dir: Path, data_dir: Path, params: Params, data_rel: str, in_data: DataHashes | None = None,
+) -> list[Verdict]:
+    """One verdict per file (or unexpected folder) of the batch; reads, never writes.
+
+    ``in_data`` is what ``existing_hashes`` found in the data folder (read in full if None).
+    """
     verdicts, candidates = walk_batch(batch_dir, params.data.classes, params.data.extensions)
     checked = [check_batch_file(path, name, params.validate) for path, name in candidates]
-    in_data = existing_hashes(data_dir, params.data.classes, data_rel)
+    if in_data is None:
+        in_data = existing_hashes(data_dir, params.data.classes, data_rel)
     in_batch: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for check in checked:
         if check.problem is None:
@@ -176,7 +200,7 @@ def judge_batch(batch_dir: Path, data_dir: Path, params: Params, data_rel: str) 
              for path, _ in candidates}
     for check in checked:
         verdicts.append(_judge_file(
-            check, in_data=in_data, in_batch=in_batch, data_rel=data_rel,
+            check, in_data=in_data.by_sha256, in_batch=in_batch, data_rel=data_rel,
             defect_type=types[str(check.path)],
         ))
     return verdicts
@@ -309,19 +333,121 @@ def type_folder(defect_type: str | None) -> str:
     return "" if defect_type in (None, UNTYPED) else defect_type
 
 
+@dataclass
+class DataHashes:
+    """The files already in the class folders, by content and by path."""
+
+    by_sha256: dict[str, list[tuple[str, str]]]  # sha256 -> [(class, path from the repository)]
+    files: dict[str, tuple[StatKey, str]]  # path in the data folder -> (stat key when read, sha256)
+    read: int  # files whose bytes were read this time
+
+
 def existing_hashes(
-    data_dir: Path, classes: tuple[str, ...], data_rel: str
-) -> dict[str, list[tuple[str, str]]]:
-    """sha256 -> [(class, path)] for every file already in the class folders."""
-    found: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for name in classes:
-        folder = data_dir / name
-        if not folder.is_dir():
-            continue
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_candidate_file(p)):
-            relative = f"{data_rel}/{path.relative_to(data_dir).as_posix()}"
-            found[sha256_of(path)].append((name, relative))
+    data_dir: Path, classes: tuple[str, ...], data_rel: str,
+    known: dict[str, tuple[StatKey, str]] | None = None,
+) -> DataHashes:
+    """Every file already in the class folders with its sha256, from ``known`` where it still holds.
+
+    ``known`` maps a path in the data folder to the stat key it had when it was hashed; a
+    file whose key differs, or that ``known`` does not list, is read.
+    """
+    known = known or {}
+    found = DataHashes(defaultdict(list), {}, 0)
+    for name, relative, info in _class_files(data_dir, classes):
+        key = _stat_key(info)
+        hit = known.get(relative)
+        if hit is not None and tuple(hit[0]) == key:
+            sha256 = hit[1]
+        else:
+            sha256 = sha256_of(data_dir / relative)
+            found.read += 1
+        found.files[relative] = (key, sha256)
+        found.by_sha256[sha256].append((name, f"{data_rel}/{relative}"))
+    # Verdicts name the first copy: class order, then path order, whatever the walk's order.
+    order = {name: index for index, name in enumerate(classes)}
+    for copies in found.by_sha256.values():
+        if len(copies) > 1:
+            copies.sort(key=lambda copy: (order[copy[0]], copy[1].split("/")))
     return found
+
+
+def known_hashes(hashes_dir: Path, data_dir: Path) -> dict[str, tuple[StatKey, str]]:
+    """The sha256 recorded per file by the last validation and the last ingest (newest wins)."""
+    known = cached_hashes(hashes_dir, data_dir)
+    try:
+        stored = json.loads(cache_file(hashes_dir, data_dir, "ingest-hashes").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return known
+    try:
+        if stored.get("version") == _HASHES_VERSION:
+            recorded = {path: (tuple(row[:4]), row[4]) for path, row in stored["files"].items()}
+            known.update(recorded)
+    except (AttributeError, IndexError, KeyError, TypeError):  # damaged: those files are read instead
+        log.warning("%s: damaged, ignored", cache_file(hashes_dir, data_dir, "ingest-hashes"))
+    return known
+
+
+def record_hashes(
+    hashes_dir: Path, data_dir: Path, classes: tuple[str, ...], before: DataHashes,
+    accepted: list[Verdict],
+) -> None:
+    """Record the sha256 of every file of the folder just swapped in, under its new stat key.
+
+    An old file keeps the sha256 checked before the swap while its size, mtime and inode
+    are unchanged (its hard link moved only the ctime); an accepted file has the sha256
+    its copy was checked against. Anything else is left out, so the next ingest reads it.
+    """
+    added = {_in_data(v).as_posix(): v.sha256 for v in accepted}
+    files = {}
+    for _, relative, info in _class_files(data_dir, classes):
+        key = _stat_key(info)
+        old = before.files.get(relative)
+        if old is not None and (old[0][0], old[0][1], old[0][3]) == (key[0], key[1], key[3]):
+            files[relative] = [*key, old[1]]
+        elif relative in added:
+            files[relative] = [*key, added[relative]]
+    content = json.dumps({"version": _HASHES_VERSION, "files": files}).encode("utf-8")
+    path = cache_file(hashes_dir, data_dir, "ingest-hashes")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda handle: handle.write(content))
+    except OSError as exc:  # only a cache: the next ingest reads the files instead
+        log.warning("%s: cannot record the data set's hashes (%s)", path, exc.strerror or exc)
+
+
+def _stat_key(info: os.stat_result) -> StatKey:
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+
+def _class_files(data_dir: Path, classes: tuple[str, ...]) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(class, path in the data folder, stat) of each file of the class folders, as training lists them.
+
+    Subfolders are searched but symlinked ones not entered, hidden files are skipped, a
+    symlinked file counts as its target. Strings and ``os.scandir``: this runs once per
+    image at every ingest.
+    """
+    for name in classes:
+        pending = [(str(data_dir / name), name)]
+        while pending:
+            folder, prefix = pending.pop()
+            try:
+                listing = os.scandir(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with listing:
+                for entry in listing:
+                    relative = f"{prefix}/{entry.name}"
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((entry.path, relative))
+                        continue
+                    if not is_candidate_file(entry):
+                        continue
+                    try:
+                        info = entry.stat()
+                    except OSError:  # a broken link: not a file training could read
+                        continue
+                    if stat.S_ISREG(info.st_mode):
+                        yield name, relative, info
 
 
 def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dict]) -> None:
@@ -331,7 +457,7 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
         new_tree = staging / "new"
         _link_tree(data_dir, new_tree)
         for verdict in accepted:
-            target = new_tree / verdict.class_name / type_folder(verdict.defect_type) / Path(verdict.stored_as).name
+            target = new_tree / _in_data(verdict)
             target.parent.mkdir(parents=True, exist_ok=True)
             copy_checked(Path(verdict.path), target, verdict.sha256)
         _write_index(data_dir / INDEX_NAME, new_tree / INDEX_NAME, index_entries)
@@ -340,6 +466,11 @@ def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dic
         swap_in(new_tree, data_dir, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _in_data(accepted: Verdict) -> Path:
+    """Where an accepted file goes, inside the data folder."""
+    return Path(accepted.class_name, type_folder(accepted.defect_type), Path(accepted.stored_as).name)
 
 
 def copy_checked(source: Path, target: Path, sha256: str) -> None:
@@ -482,25 +613,31 @@ def _write_index(old: Path, new: Path, entries: list[dict]) -> None:
 
 
 def _link_tree(source: Path, target: Path) -> None:
-    """Mirror ``source`` at ``target`` with hard links (copies where links fail)."""
+    """Mirror ``source`` at ``target`` with hard links (copies where links fail), symlinks as symlinks.
+
+    Strings and ``os.scandir``: this runs once per image at every ingest.
+    """
     target.mkdir()
     if not source.is_dir():
         return
-    for root, dirs, files in os.walk(source):
-        here = target / Path(root).relative_to(source)
-        for name in dirs:
-            (here / name).mkdir()
-        for name in files:
-            if here == target and name == INDEX_NAME:
-                continue
-            src, dst = Path(root, name), here / name
-            if src.is_symlink():
-                dst.symlink_to(os.readlink(src))
-                continue
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
+    pending = [(str(source), str(target))]
+    while pending:
+        folder, mirror = pending.pop()
+        with os.scandir(folder) as listing:
+            for entry in listing:
+                copy = os.path.join(mirror, entry.name)
+                if entry.is_symlink():
+                    os.symlink(os.readlink(entry.path), copy)
+                elif entry.is_dir():
+                    os.mkdir(copy)
+                    pending.append((entry.path, copy))
+                elif mirror == str(target) and entry.name == INDEX_NAME:
+                    continue
+                else:
+                    try:
+                        os.link(entry.path, copy)
+                    except OSError:
+                        shutil.copy2(entry.path, copy)
 
 
 def _exchange(first: Path, second: Path) -> bool:

@@ -9,7 +9,9 @@ predict`` and the HTTP service use as well.
 recursively, hidden files skipped, symlinked folders not followed) and adds a row for
 everything training would skip or refuse, so the validate stage can name each one.
 Inspections are cached by (path, size, mtime): re-validating after a night's batch
-decodes only the new files.
+decodes only the new files. Each row also keeps the file's ctime and inode as they were
+when it was read: ``fanaoi ingest`` trusts a row's sha256 only while those match too
+(``cached_hashes``), since a rewrite that sets the mtime back cannot set the ctime back.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ LOOSE_FILE = "loose_file"  # beside the class folders: training ignores it
 UNEXPECTED_FOLDER = "unexpected_folder"  # not a class: training refuses the data set
 OUTSIDE_LINK = "outside_link"  # symlink leading out of the data folder
 
-_CACHE_VERSION = 4
+_CACHE_VERSION = 5
 _FILES_PER_WORKER = 1000  # below this, starting a worker process (~1 s) costs more than it saves
 
 # dHash: compare neighbouring pixels of a 17x16 grayscale thumbnail -> 256 bits. The usual
@@ -123,6 +125,8 @@ def _failed(path: Path, size: int, digest: str | None, error: str) -> FileCheck:
 
 
 _CHECK_COLUMNS = [f.name for f in dataclasses.fields(FileCheck) if f.name != "path"]
+_STAT_FIELDS = 4  # size, mtime_ns, ctime_ns, inode lead each cached row
+_SHA256 = _STAT_FIELDS + _CHECK_COLUMNS.index("sha256")
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,7 @@ class _Entry:
     class_name: str | None
     detail: str | None = None  # link target, or what an unexpected folder holds
     key: tuple[int, int] | None = None  # (size, mtime_ns) of an image, the cache key
+    since: tuple[int, int] = (-1, -1)  # (ctime_ns, inode) of an image when it was walked
 
 
 def build_manifest(
@@ -149,7 +154,8 @@ def build_manifest(
     entries = list(_walk_data_folder(data_dir, data))
     cache_path = cache_file(cache_dir, data_dir, "manifest") if cache_dir is not None else None
     cached = _load_cache(cache_path, limits) if cache_path else {}
-    # relative path -> [size, mtime_ns, *FileCheck fields]: lists keep the cache compact
+    # relative path -> [size, mtime_ns, ctime_ns, inode, *FileCheck fields]: lists keep the
+    # cache compact
     checks: dict[str, list] = {}
     new = []
     for entry in entries:
@@ -161,7 +167,8 @@ def build_manifest(
         else:
             checks[entry.relative] = hit
     for entry, check in zip(new, _inspect_all([Path(e.path) for e in new], limits), strict=True):
-        checks[entry.relative] = [*entry.key, *(getattr(check, name) for name in _CHECK_COLUMNS)]
+        checks[entry.relative] = [*entry.key, *entry.since,
+                                  *(getattr(check, name) for name in _CHECK_COLUMNS)]
     inspected = len(new)
     if cache_path and (inspected or len(checks) != len(cached)):
         _save_cache(cache_path, limits, checks)
@@ -186,10 +193,10 @@ def _inspect_all(paths: list[Path], limits: ValidateParams) -> list[FileCheck]:
 
 
 def _to_frame(entries: list[_Entry], checks: dict[str, list], data: DataParams) -> pd.DataFrame:
-    missing = [None] * (2 + len(_CHECK_COLUMNS))
+    missing = [None] * (_STAT_FIELDS + len(_CHECK_COLUMNS))
     rows = [
         [entry.relative, entry.kind, entry.class_name, entry.detail,
-         *checks.get(entry.relative, missing)[2:]]
+         *checks.get(entry.relative, missing)[_STAT_FIELDS:]]
         for entry in entries
     ]
     frame = pd.DataFrame(rows, columns=["path", "kind", "class_name", "detail", *_CHECK_COLUMNS])
@@ -264,22 +271,46 @@ def _class_file(
     if not stat.S_ISREG(info.st_mode) or suffix not in extensions:
         yield _Entry(entry.path, relative, OTHER_FILE, class_name)
         return
-    yield _Entry(entry.path, relative, IMAGE, class_name, key=(info.st_size, info.st_mtime_ns))
+    yield _Entry(entry.path, relative, IMAGE, class_name, key=(info.st_size, info.st_mtime_ns),
+                 since=(info.st_ctime_ns, info.st_ino))
 
 
 def _is_inside(path: str, root: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(root)
 
 
+def cached_hashes(cache_dir: Path | str, data_dir: Path | str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """relative path -> ((size, mtime_ns, ctime_ns, inode) when read, sha256) of the last validation.
+
+    The sha256 of a row does not depend on the limits the rows were judged by, so any
+    cache of this layout serves, whatever its limits or Pillow version.
+    """
+    stored = _read_cache(cache_file(cache_dir, data_dir, "manifest"))
+    try:
+        if stored.get("header", {}).get("version") != _CACHE_VERSION:
+            return {}
+        return {
+            relative: (tuple(row[:_STAT_FIELDS]), row[_SHA256])
+            for relative, row in stored.get("files", {}).items() if isinstance(row[_SHA256], str)
+        }
+    except (AttributeError, IndexError, TypeError):  # damaged: the files are read instead
+        return {}
+
+
 def _load_cache(path: Path, limits: ValidateParams) -> dict[str, list]:
     """Rows of an earlier run, or nothing if the file is missing, stale or damaged."""
+    stored = _read_cache(path)
+    if stored.get("header") != _cache_header(limits):
+        return {}
+    return stored.get("files", {})
+
+
+def _read_cache(path: Path) -> dict:
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if stored.get("header") != _cache_header(limits):
-        return {}
-    return stored.get("files", {})
+    return stored if isinstance(stored, dict) else {}
 
 
 def _save_cache(path: Path, limits: ValidateParams, checks: dict[str, list]) -> None:
