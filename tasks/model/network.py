@@ -7,6 +7,7 @@ model file on its own is enough to predict correctly.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ def build_model(
     model.add(keras.Input(shape=(height, width, params.channels), name="image"))
     for layer in builders[params.architecture](params):
         model.add(layer)
+    fuse_batch_norm(model)
     if params.first_layer_init == "edges":
         place_edge_kernels(model.layers[0])
     model.compile(
@@ -113,6 +115,50 @@ def _aoi_layers(params: ModelParams) -> list[keras.layers.Layer]:
         stack.append(layers.Dropout(params.dropout, name="dropout"))
     stack.append(layers.Dense(1, activation="sigmoid", name="output"))
     return stack
+
+
+def fuse_batch_norm(model: keras.Model) -> int:
+    """Train every image BatchNormalization layer with TensorFlow's fused kernel; returns how many.
+
+    Keras 3 builds batch norm in training from separate moment, normalise and update ops;
+    TensorFlow's one fused op (and its fused gradient) does the same arithmetic in about
+    a fifth less time per training step of ``aoi_cnn`` on a 2-core CPU
+    (bench/train_throughput.py). Only the layer instance's ``call`` changes, so the saved
+    .h5 holds a plain BatchNormalization and loads anywhere; inference and any case the
+    fused op does not cover (masks, another axis or dtype) take Keras' own path.
+    """
+    from keras import layers
+
+    count = 0
+    for layer in model.layers:
+        if type(layer) is not layers.BatchNormalization:
+            continue
+        if len(layer.input.shape) == 4 and layer.axis in (-1, 3) and layer.scale and layer.center:
+            layer.call = _fused_call(layer)
+            count += 1
+    return count
+
+
+def _fused_call(layer: keras.layers.BatchNormalization) -> Callable[..., Any]:
+    import tensorflow as tf
+
+    keras_call = layer.call
+
+    def call(inputs, training=None, mask=None):
+        if not (training and layer.trainable) or mask is not None or inputs.dtype != tf.float32:
+            return keras_call(inputs, training=training, mask=mask)
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, layer.gamma, layer.beta, epsilon=layer.epsilon, data_format="NHWC", is_training=True
+        )
+        # The fused op returns the unbiased batch variance; Keras' moving variance
+        # averages the biased one, and a file must not depend on which path trained it.
+        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), variance.dtype)
+        variance = variance * (count - 1.0) / count
+        layer.moving_mean.assign(layer.moving_mean * layer.momentum + mean * (1.0 - layer.momentum))
+        layer.moving_variance.assign(layer.moving_variance * layer.momentum + variance * (1.0 - layer.momentum))
+        return outputs
+
+    return call
 
 
 def edge_kernels() -> np.ndarray:

@@ -26,7 +26,13 @@ from tasks.data.dataset import LabeledImage, decode_all, labels_of, list_images,
 from tasks.durable import atomic_replace, sha256_of, write_json
 from tasks.errors import FanaoiError
 from tasks.model.evaluate import classification_metrics, predict_probabilities
-from tasks.model.network import load_model, model_params_from_file, read_model_metadata, save_model
+from tasks.model.network import (
+    fuse_batch_norm,
+    load_model,
+    model_params_from_file,
+    read_model_metadata,
+    save_model,
+)
 from tasks.params import ImageInput, Params
 
 if TYPE_CHECKING:
@@ -135,6 +141,7 @@ def fine_tune(
     from tasks.model.train import set_seeds
 
     set_seeds(params.train.seed)
+    fuse_batch_norm(model)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=params.prune.learning_rate, name="adam"),
         loss="binary_crossentropy", metrics=["accuracy"],

@@ -85,3 +85,42 @@ def test_a_file_without_training_record_reads_as_empty(tmp_path):
     with h5py.File(path, "a") as handle:
         del handle.attrs[TRAINING_ATTR]
     assert read_model_metadata(path)["training"] == {}
+
+
+def test_batch_norm_trains_with_the_fused_kernel_and_keras_arithmetic(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    params = tiny_model_params(architecture="aoi_cnn", dropout=0.0, color_mode="grayscale")
+    keras.utils.set_random_seed(0)
+    fused = build_model(params, 0.001)
+    plain = keras.models.clone_model(fused)  # rebuilt from config: Keras' own batch norm
+    plain.set_weights(fused.get_weights())
+    images = np.random.default_rng(0).random((2, 32, 32, fused.input_shape[-1]), dtype=np.float32)
+    labels = np.array([[0.0], [1.0]], dtype=np.float32)
+
+    def step(model):
+        with tf.GradientTape() as tape:
+            outputs = model(images, training=True)
+            loss = keras.losses.binary_crossentropy(labels, outputs)
+        return outputs.numpy(), [grad.numpy() for grad in tape.gradient(loss, model.trainable_weights)]
+
+    (fused_out, fused_grads), (plain_out, plain_grads) = step(fused), step(plain)
+    np.testing.assert_allclose(fused_out, plain_out, atol=1e-6)
+    for ours, keras_grad in zip(fused_grads, plain_grads, strict=True):
+        np.testing.assert_allclose(ours, keras_grad, rtol=1e-3, atol=1e-6)
+    norms = [layer for layer in fused.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms
+    for layer in norms:  # moving statistics: biased variance, Keras' momentum
+        twin = plain.get_layer(layer.name)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), twin.moving_mean.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), twin.moving_variance.numpy(), rtol=1e-6)
+
+    traced = tf.function(lambda batch: fused(batch, training=True)).get_concrete_function(
+        tf.TensorSpec((2, 32, 32, fused.input_shape[-1]), tf.float32))
+    assert sum(op.type.startswith("FusedBatchNorm") for op in traced.graph.get_operations()) == len(norms)
+
+    path = save_model(fused, tmp_path / "m.h5", {"GO": 0, "NG": 1}, params)
+    loaded = load_model(path)
+    assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in plain.layers]
+    np.testing.assert_allclose(loaded(images, training=False).numpy(), fused(images, training=False).numpy(), atol=1e-6)
