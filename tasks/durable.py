@@ -10,9 +10,27 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 _HASH_CHUNK = 1 << 20
+
+
+class StatKey(NamedTuple):
+    """What a file's recorded sha256 is trusted by: it holds while all four are as recorded.
+
+    The ctime is what catches a rewrite that sets the mtime back; the inode, a file
+    replaced by another one.
+    """
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+
+def stat_key(info: os.stat_result) -> StatKey:
+    """The ``StatKey`` of a file from its ``stat`` (a symlink's target, if followed)."""
+    return StatKey(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 
 
 def fsync_path(path: Path | str) -> None:

@@ -54,7 +54,7 @@ from tasks.data.snapshot import (
     require_dvc_repo,
     snapshot_data,
 )
-from tasks.durable import atomic_write, cache_file, fsync_path, sha256_of, write_json
+from tasks.durable import StatKey, atomic_write, cache_file, fsync_path, sha256_of, stat_key, write_json
 from tasks.errors import FanaoiError
 from tasks.params import Params, ValidateParams
 from tasks.project_lock import held_lock
@@ -77,9 +77,6 @@ IGNORED = "ignored"  # hidden files such as .DS_Store
 REJECTED = (LABEL_CONFLICT, UNREADABLE, INVALID, UNEXPECTED)
 _COPY_CHUNK = 1 << 20
 _HASHES_VERSION = 1
-
-# (size, mtime_ns, ctime_ns, inode): a file is read again unless all four are as recorded.
-StatKey = tuple[int, int, int, int]
 
 
 class IngestError(FanaoiError):
@@ -354,11 +351,9 @@ def existing_hashes(
     known = known or {}
     found = DataHashes(defaultdict(list), {}, 0)
     for name, relative, info in _class_files(data_dir, classes):
-        key = _stat_key(info)
-        hit = known.get(relative)
-        if hit is not None and tuple(hit[0]) == key:
-            sha256 = hit[1]
-        else:
+        key = stat_key(info)
+        known_key, sha256 = known.get(relative, (None, None))
+        if known_key != key:
             sha256 = sha256_of(data_dir / relative)
             found.read += 1
         found.files[relative] = (key, sha256)
@@ -380,7 +375,7 @@ def known_hashes(hashes_dir: Path, data_dir: Path) -> dict[str, tuple[StatKey, s
         return known
     try:
         if stored.get("version") == _HASHES_VERSION:
-            recorded = {path: (tuple(row[:4]), row[4]) for path, row in stored["files"].items()}
+            recorded = {path: (StatKey(*row[:4]), row[4]) for path, row in stored["files"].items()}
             known.update(recorded)
     except (AttributeError, IndexError, KeyError, TypeError):  # damaged: those files are read instead
         log.warning("%s: damaged, ignored", cache_file(hashes_dir, data_dir, "ingest-hashes"))
@@ -400,10 +395,12 @@ def record_hashes(
     added = {_in_data(v).as_posix(): v.sha256 for v in accepted}
     files = {}
     for _, relative, info in _class_files(data_dir, classes):
-        key = _stat_key(info)
-        old = before.files.get(relative)
-        if old is not None and (old[0][0], old[0][1], old[0][3]) == (key[0], key[1], key[3]):
-            files[relative] = [*key, old[1]]
+        key = stat_key(info)
+        old_key, sha256 = before.files.get(relative, (None, None))
+        if old_key is not None and (old_key.size, old_key.mtime_ns, old_key.inode) == (
+            key.size, key.mtime_ns, key.inode
+        ):
+            files[relative] = [*key, sha256]
         elif relative in added:
             files[relative] = [*key, added[relative]]
     content = json.dumps({"version": _HASHES_VERSION, "files": files}).encode("utf-8")
@@ -413,10 +410,6 @@ def record_hashes(
         atomic_write(path, lambda handle: handle.write(content))
     except OSError as exc:  # only a cache: the next ingest reads the files instead
         log.warning("%s: cannot record the data set's hashes (%s)", path, exc.strerror or exc)
-
-
-def _stat_key(info: os.stat_result) -> StatKey:
-    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 
 
 def _class_files(data_dir: Path, classes: tuple[str, ...]) -> Iterator[tuple[str, str, os.stat_result]]:

@@ -36,7 +36,7 @@ from PIL import Image
 
 from tasks.data.dataset import assign_split, defect_type_of, is_candidate_file
 from tasks.data.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
-from tasks.durable import atomic_write, cache_file
+from tasks.durable import StatKey, atomic_write, cache_file, stat_key
 from tasks.params import DataParams, ValidateParams
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,9 @@ def _failed(path: Path, size: int, digest: str | None, error: str) -> FileCheck:
 
 
 _CHECK_COLUMNS = [f.name for f in dataclasses.fields(FileCheck) if f.name != "path"]
-_STAT_FIELDS = 4  # size, mtime_ns, ctime_ns, inode lead each cached row
+_STAT_FIELDS = len(StatKey._fields)  # a cached row is the file's StatKey, then the check
 _SHA256 = _STAT_FIELDS + _CHECK_COLUMNS.index("sha256")
+_NO_STAT = StatKey(-1, -1, -1, -1)  # a broken link has none; its row says why it cannot be read
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,7 @@ class _Entry:
     kind: str
     class_name: str | None
     detail: str | None = None  # link target, or what an unexpected folder holds
-    key: tuple[int, int] | None = None  # (size, mtime_ns) of an image, the cache key
-    since: tuple[int, int] = (-1, -1)  # (ctime_ns, inode) of an image when it was walked
+    stat: StatKey = _NO_STAT  # of an image, when it was walked
 
 
 def build_manifest(
@@ -162,13 +162,12 @@ def build_manifest(
         if entry.kind != IMAGE:
             continue
         hit = cached.get(entry.relative)
-        if hit is None or (hit[0], hit[1]) != entry.key:
+        if hit is None or not _same_content(StatKey(*hit[:_STAT_FIELDS]), entry.stat):
             new.append(entry)
         else:
             checks[entry.relative] = hit
     for entry, check in zip(new, _inspect_all([Path(e.path) for e in new], limits), strict=True):
-        checks[entry.relative] = [*entry.key, *entry.since,
-                                  *(getattr(check, name) for name in _CHECK_COLUMNS)]
+        checks[entry.relative] = [*entry.stat, *(getattr(check, name) for name in _CHECK_COLUMNS)]
     inspected = len(new)
     if cache_path and (inspected or len(checks) != len(cached)):
         _save_cache(cache_path, limits, checks)
@@ -177,6 +176,14 @@ def build_manifest(
     log.info("manifest of %s: %d entries, %d inspected, %d from cache",
              data_dir, len(frame), inspected, len(checks) - inspected)
     return frame
+
+
+def _same_content(cached: StatKey, now: StatKey) -> bool:
+    """A row is reused on (size, mtime): an ingest's hard links move the ctime of every file.
+
+    The row keeps the ctime and inode it was read with, so ``cached_hashes`` stays strict.
+    """
+    return (cached.size, cached.mtime_ns) == (now.size, now.mtime_ns)
 
 
 def _inspect_all(paths: list[Path], limits: ValidateParams) -> list[FileCheck]:
@@ -263,7 +270,7 @@ def _class_file(
     try:
         info = entry.stat()
     except OSError:  # a broken link: inspecting it reports the read error
-        yield _Entry(entry.path, relative, IMAGE, class_name, key=(-1, -1))
+        yield _Entry(entry.path, relative, IMAGE, class_name)
         return
     if stat.S_ISDIR(info.st_mode):
         return  # a symlinked folder: training does not follow it either
@@ -271,16 +278,15 @@ def _class_file(
     if not stat.S_ISREG(info.st_mode) or suffix not in extensions:
         yield _Entry(entry.path, relative, OTHER_FILE, class_name)
         return
-    yield _Entry(entry.path, relative, IMAGE, class_name, key=(info.st_size, info.st_mtime_ns),
-                 since=(info.st_ctime_ns, info.st_ino))
+    yield _Entry(entry.path, relative, IMAGE, class_name, stat=stat_key(info))
 
 
 def _is_inside(path: str, root: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(root)
 
 
-def cached_hashes(cache_dir: Path | str, data_dir: Path | str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """relative path -> ((size, mtime_ns, ctime_ns, inode) when read, sha256) of the last validation.
+def cached_hashes(cache_dir: Path | str, data_dir: Path | str) -> dict[str, tuple[StatKey, str]]:
+    """relative path -> (StatKey when read, sha256) of the last validation.
 
     The sha256 of a row does not depend on the limits the rows were judged by, so any
     cache of this layout serves, whatever its limits or Pillow version.
@@ -290,7 +296,7 @@ def cached_hashes(cache_dir: Path | str, data_dir: Path | str) -> dict[str, tupl
         if stored.get("header", {}).get("version") != _CACHE_VERSION:
             return {}
         return {
-            relative: (tuple(row[:_STAT_FIELDS]), row[_SHA256])
+            relative: (StatKey(*row[:_STAT_FIELDS]), row[_SHA256])
             for relative, row in stored.get("files", {}).items() if isinstance(row[_SHA256], str)
         }
     except (AttributeError, IndexError, TypeError):  # damaged: the files are read instead
