@@ -33,6 +33,26 @@ def stat_key(info: os.stat_result) -> StatKey:
     return StatKey(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 
 
+def stat_rows(rows: Any, values: int) -> dict[str, list] | None:
+    """A cache's ``{path: [*StatKey, *values]}`` rows as read, or None if any row is not such a list.
+
+    Only the shape is checked: a damaged number never equals a file's stat, so that
+    file is read again.
+    """
+    width = len(StatKey._fields) + values
+    if not isinstance(rows, dict) or any(not isinstance(row, list) or len(row) != width for row in rows.values()):
+        return None
+    return rows
+
+
+def stat_hashes(rows: dict[str, list], sha256_at: int) -> dict[str, tuple[StatKey, str]]:
+    """path -> (StatKey when read, sha256) of ``stat_rows``; a row without a sha256 is left out."""
+    return {
+        path: (StatKey(*row[: len(StatKey._fields)]), row[sha256_at])
+        for path, row in rows.items() if isinstance(row[sha256_at], str)
+    }
+
+
 def fsync_path(path: Path | str) -> None:
     """Flush a file's bytes, or a folder's entries (a rename into it), to the disk."""
     descriptor = os.open(path, os.O_RDONLY)
@@ -74,6 +94,18 @@ def write_json(target: Path, data: Any) -> None:
     text = (json.dumps(data, indent=2) + "\n").encode("utf-8")
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, lambda handle: handle.write(text))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} if the file is missing, unreadable, damaged or not an object.
+
+    For caches: whatever is wrong with one, the caller works from the files instead.
+    """
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def details_path(metrics_path: Path) -> Path:

@@ -54,7 +54,18 @@ from tasks.data.snapshot import (
     require_dvc_repo,
     snapshot_data,
 )
-from tasks.durable import StatKey, atomic_write, cache_file, fsync_path, sha256_of, stat_key, write_json
+from tasks.durable import (
+    StatKey,
+    atomic_write,
+    cache_file,
+    fsync_path,
+    read_json,
+    sha256_of,
+    stat_hashes,
+    stat_key,
+    stat_rows,
+    write_json,
+)
 from tasks.errors import FanaoiError
 from tasks.params import Params, ValidateParams
 from tasks.project_lock import held_lock
@@ -77,6 +88,7 @@ IGNORED = "ignored"  # hidden files such as .DS_Store
 REJECTED = (LABEL_CONFLICT, UNREADABLE, INVALID, UNEXPECTED)
 _COPY_CHUNK = 1 << 20
 _HASHES_VERSION = 1
+_SHA256 = len(StatKey._fields)  # a recorded row is the file's StatKey, then its sha256
 
 
 class IngestError(FanaoiError):
@@ -367,18 +379,17 @@ def existing_hashes(
 
 
 def known_hashes(hashes_dir: Path, data_dir: Path) -> dict[str, tuple[StatKey, str]]:
-    """The sha256 recorded per file by the last validation and the last ingest (newest wins)."""
+    """The sha256 recorded per file by the last validation and the last ingest (the ingest's if both)."""
     known = cached_hashes(hashes_dir, data_dir)
-    try:
-        stored = json.loads(cache_file(hashes_dir, data_dir, "ingest-hashes").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    path = cache_file(hashes_dir, data_dir, "ingest-hashes")
+    stored = read_json(path)
+    if stored.get("version") != _HASHES_VERSION:
         return known
-    try:
-        if stored.get("version") == _HASHES_VERSION:
-            recorded = {path: (StatKey(*row[:4]), row[4]) for path, row in stored["files"].items()}
-            known.update(recorded)
-    except (AttributeError, IndexError, KeyError, TypeError):  # damaged: those files are read instead
-        log.warning("%s: damaged, ignored", cache_file(hashes_dir, data_dir, "ingest-hashes"))
+    rows = stat_rows(stored.get("files"), 1)
+    if rows is None:  # those files are read instead
+        log.warning("%s: damaged, ignored", path)
+    else:
+        known.update(stat_hashes(rows, _SHA256))
     return known
 
 

@@ -36,7 +36,7 @@ from PIL import Image
 
 from tasks.data.dataset import assign_split, defect_type_of, is_candidate_file
 from tasks.data.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
-from tasks.durable import StatKey, atomic_write, cache_file, stat_key
+from tasks.durable import StatKey, atomic_write, cache_file, read_json, stat_hashes, stat_key, stat_rows
 from tasks.params import DataParams, ValidateParams
 
 log = logging.getLogger(__name__)
@@ -291,32 +291,21 @@ def cached_hashes(cache_dir: Path | str, data_dir: Path | str) -> dict[str, tupl
     The sha256 of a row does not depend on the limits the rows were judged by, so any
     cache of this layout serves, whatever its limits or Pillow version.
     """
-    stored = _read_cache(cache_file(cache_dir, data_dir, "manifest"))
-    try:
-        if stored.get("header", {}).get("version") != _CACHE_VERSION:
-            return {}
-        return {
-            relative: (StatKey(*row[:_STAT_FIELDS]), row[_SHA256])
-            for relative, row in stored.get("files", {}).items() if isinstance(row[_SHA256], str)
-        }
-    except (AttributeError, IndexError, TypeError):  # damaged: the files are read instead
+    stored = read_json(cache_file(cache_dir, data_dir, "manifest"))
+    header = stored.get("header")
+    if not isinstance(header, dict) or header.get("version") != _CACHE_VERSION:
         return {}
+    return stat_hashes(_rows(stored), _SHA256)
 
 
 def _load_cache(path: Path, limits: ValidateParams) -> dict[str, list]:
     """Rows of an earlier run, or nothing if the file is missing, stale or damaged."""
-    stored = _read_cache(path)
-    if stored.get("header") != _cache_header(limits):
-        return {}
-    return stored.get("files", {})
+    stored = read_json(path)
+    return _rows(stored) if stored.get("header") == _cache_header(limits) else {}
 
 
-def _read_cache(path: Path) -> dict:
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return stored if isinstance(stored, dict) else {}
+def _rows(stored: dict) -> dict[str, list]:
+    return stat_rows(stored.get("files"), len(_CHECK_COLUMNS)) or {}
 
 
 def _save_cache(path: Path, limits: ValidateParams, checks: dict[str, list]) -> None:
