@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.durable import atomic_write
+from tasks.durable import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,7 @@ def _search(
 
 def _load(path: Path | None, radius: int) -> tuple[dict[str, str], dict[str, list]]:
     """Train hashes and held-out answers of the last run, or nothing if unusable."""
-    if path is None:
-        return {}, {}
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}, {}
+    stored = read_json(path) if path is not None else {}
     if stored.get("header") != {"version": _CACHE_VERSION, "radius": radius}:
         return {}, {}
     return stored.get("train", {}), stored.get("held_out", {})
