@@ -89,9 +89,12 @@ def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
         write(handle)
 
 
-def write_json(target: Path, data: Any) -> None:
-    """``data`` as indented JSON, written whole or not at all (its folder made if missing)."""
-    text = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+def write_json(target: Path, data: Any, indent: int | None = 2) -> None:
+    """``data`` as JSON, written whole or not at all (its folder made if missing).
+
+    ``indent=None`` for a cache: no person reads it, and one line is a quarter smaller.
+    """
+    text = (json.dumps(data, indent=indent) + "\n").encode("utf-8")
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, lambda handle: handle.write(text))
 

@@ -56,7 +56,6 @@ from tasks.data.snapshot import (
 )
 from tasks.durable import (
     StatKey,
-    atomic_write,
     cache_file,
     fsync_path,
     read_json,
@@ -414,11 +413,9 @@ def record_hashes(
             files[relative] = [*key, sha256]
         elif relative in added:
             files[relative] = [*key, added[relative]]
-    content = json.dumps({"version": _HASHES_VERSION, "files": files}).encode("utf-8")
     path = cache_file(hashes_dir, data_dir, "ingest-hashes")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda handle: handle.write(content))
+        write_json(path, {"version": _HASHES_VERSION, "files": files}, indent=None)
     except OSError as exc:  # only a cache: the next ingest reads the files instead
         log.warning("%s: cannot record the data set's hashes (%s)", path, exc.strerror or exc)
 

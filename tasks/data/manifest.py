@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import multiprocessing
 import os
@@ -36,7 +35,7 @@ from PIL import Image
 
 from tasks.data.dataset import assign_split, defect_type_of, is_candidate_file
 from tasks.data.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
-from tasks.durable import StatKey, atomic_write, cache_file, read_json, stat_hashes, stat_key, stat_rows
+from tasks.durable import StatKey, cache_file, read_json, stat_hashes, stat_key, stat_rows, write_json
 from tasks.params import DataParams, ValidateParams
 
 log = logging.getLogger(__name__)
@@ -310,9 +309,7 @@ def _rows(stored: dict) -> dict[str, list]:
 
 def _save_cache(path: Path, limits: ValidateParams, checks: dict[str, list]) -> None:
     """Write whole or not at all, so a killed run leaves the old cache whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"header": _cache_header(limits), "files": checks}).encode("utf-8")
-    atomic_write(path, lambda handle: handle.write(text))
+    write_json(path, {"header": _cache_header(limits), "files": checks}, indent=None)
 
 
 def _cache_header(limits: ValidateParams) -> dict:
