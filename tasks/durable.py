@@ -1,4 +1,7 @@
-"""Make a write survive a power cut before the step that depends on it; tell cheaply what changed."""
+"""Make a write survive a power cut before the step that depends on it; tell cheaply what changed.
+
+Caches are read back without trust: a missing or damaged file reads as empty, never as an error.
+"""
 
 from __future__ import annotations
 
@@ -34,9 +37,9 @@ def stat_key(info: os.stat_result) -> StatKey:
 
 
 def stat_rows(rows: Any, values: int) -> dict[str, list] | None:
-    """A cache's ``{path: [*StatKey, *values]}`` rows as read, or None if any row is not such a list.
+    """A cache's rows ``{path: [*StatKey, then `values` more]}`` as read, or None if any row is not so.
 
-    Only the shape is checked: a damaged number never equals a file's stat, so that
+    Only the shape is checked: a damaged stat value never equals a file's stat, so that
     file is read again.
     """
     width = len(StatKey._fields) + values
