@@ -1,4 +1,7 @@
-"""Make a write survive a power cut before the step that depends on it; tell cheaply what changed."""
+"""Make a write survive a power cut before the step that depends on it; tell cheaply what changed.
+
+Caches are read back without trust: a missing or damaged file reads as empty, never as an error.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,47 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 _HASH_CHUNK = 1 << 20
+
+
+class StatKey(NamedTuple):
+    """What a file's recorded sha256 is trusted by: it holds while all four are as recorded.
+
+    The ctime is what catches a rewrite that sets the mtime back; the inode, a file
+    replaced by another one.
+    """
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+
+def stat_key(info: os.stat_result) -> StatKey:
+    """The ``StatKey`` of a file from its ``stat`` (a symlink's target, if followed)."""
+    return StatKey(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+
+def stat_rows(rows: Any, values: int) -> dict[str, list] | None:
+    """A cache's rows ``{path: [*StatKey, then `values` more]}`` as read, or None if any row is not so.
+
+    Only the shape is checked: a damaged stat value never equals a file's stat, so that
+    file is read again.
+    """
+    width = len(StatKey._fields) + values
+    if not isinstance(rows, dict) or any(not isinstance(row, list) or len(row) != width for row in rows.values()):
+        return None
+    return rows
+
+
+def stat_hashes(rows: dict[str, list], sha256_at: int) -> dict[str, tuple[StatKey, str]]:
+    """path -> (StatKey when read, sha256) of ``stat_rows``; a row without a sha256 is left out."""
+    return {
+        path: (StatKey(*row[: len(StatKey._fields)]), row[sha256_at])
+        for path, row in rows.items() if isinstance(row[sha256_at], str)
+    }
 
 
 def fsync_path(path: Path | str) -> None:
@@ -51,11 +92,26 @@ def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
         write(handle)
 
 
-def write_json(target: Path, data: Any) -> None:
-    """``data`` as indented JSON, written whole or not at all (its folder made if missing)."""
-    text = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+def write_json(target: Path, data: Any, indent: int | None = 2) -> None:
+    """``data`` as JSON, written whole or not at all (its folder made if missing).
+
+    ``indent=None`` for a cache: no person reads it, and one line is a quarter smaller.
+    """
+    text = (json.dumps(data, indent=indent) + "\n").encode("utf-8")
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, lambda handle: handle.write(text))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} if the file is missing, unreadable, damaged or not an object.
+
+    For caches: whatever is wrong with one, the caller works from the files instead.
+    """
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def details_path(metrics_path: Path) -> Path:

@@ -54,7 +54,17 @@ from tasks.data.snapshot import (
     require_dvc_repo,
     snapshot_data,
 )
-from tasks.durable import atomic_write, cache_file, fsync_path, sha256_of, write_json
+from tasks.durable import (
+    StatKey,
+    cache_file,
+    fsync_path,
+    read_json,
+    sha256_of,
+    stat_hashes,
+    stat_key,
+    stat_rows,
+    write_json,
+)
 from tasks.errors import FanaoiError
 from tasks.params import Params, ValidateParams
 from tasks.project_lock import held_lock
@@ -77,9 +87,7 @@ IGNORED = "ignored"  # hidden files such as .DS_Store
 REJECTED = (LABEL_CONFLICT, UNREADABLE, INVALID, UNEXPECTED)
 _COPY_CHUNK = 1 << 20
 _HASHES_VERSION = 1
-
-# (size, mtime_ns, ctime_ns, inode): a file is read again unless all four are as recorded.
-StatKey = tuple[int, int, int, int]
+_SHA256 = len(StatKey._fields)  # a recorded row is the file's StatKey, then its sha256
 
 
 class IngestError(FanaoiError):
@@ -354,11 +362,9 @@ def existing_hashes(
     known = known or {}
     found = DataHashes(defaultdict(list), {}, 0)
     for name, relative, info in _class_files(data_dir, classes):
-        key = _stat_key(info)
-        hit = known.get(relative)
-        if hit is not None and tuple(hit[0]) == key:
-            sha256 = hit[1]
-        else:
+        key = stat_key(info)
+        known_key, sha256 = known.get(relative, (None, None))
+        if known_key != key:
             sha256 = sha256_of(data_dir / relative)
             found.read += 1
         found.files[relative] = (key, sha256)
@@ -372,18 +378,17 @@ def existing_hashes(
 
 
 def known_hashes(hashes_dir: Path, data_dir: Path) -> dict[str, tuple[StatKey, str]]:
-    """The sha256 recorded per file by the last validation and the last ingest (newest wins)."""
+    """The sha256 recorded per file by the last validation and the last ingest (the ingest's if both)."""
     known = cached_hashes(hashes_dir, data_dir)
-    try:
-        stored = json.loads(cache_file(hashes_dir, data_dir, "ingest-hashes").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    path = cache_file(hashes_dir, data_dir, "ingest-hashes")
+    stored = read_json(path)
+    if stored.get("version") != _HASHES_VERSION:
         return known
-    try:
-        if stored.get("version") == _HASHES_VERSION:
-            recorded = {path: (tuple(row[:4]), row[4]) for path, row in stored["files"].items()}
-            known.update(recorded)
-    except (AttributeError, IndexError, KeyError, TypeError):  # damaged: those files are read instead
-        log.warning("%s: damaged, ignored", cache_file(hashes_dir, data_dir, "ingest-hashes"))
+    rows = stat_rows(stored.get("files"), 1)
+    if rows is None:  # those files are read instead
+        log.warning("%s: damaged, ignored", path)
+    else:
+        known.update(stat_hashes(rows, _SHA256))
     return known
 
 
@@ -400,23 +405,19 @@ def record_hashes(
     added = {_in_data(v).as_posix(): v.sha256 for v in accepted}
     files = {}
     for _, relative, info in _class_files(data_dir, classes):
-        key = _stat_key(info)
-        old = before.files.get(relative)
-        if old is not None and (old[0][0], old[0][1], old[0][3]) == (key[0], key[1], key[3]):
-            files[relative] = [*key, old[1]]
+        key = stat_key(info)
+        old_key, sha256 = before.files.get(relative, (None, None))
+        if old_key is not None and (old_key.size, old_key.mtime_ns, old_key.inode) == (
+            key.size, key.mtime_ns, key.inode
+        ):
+            files[relative] = [*key, sha256]
         elif relative in added:
             files[relative] = [*key, added[relative]]
-    content = json.dumps({"version": _HASHES_VERSION, "files": files}).encode("utf-8")
     path = cache_file(hashes_dir, data_dir, "ingest-hashes")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda handle: handle.write(content))
+        write_json(path, {"version": _HASHES_VERSION, "files": files}, indent=None)
     except OSError as exc:  # only a cache: the next ingest reads the files instead
         log.warning("%s: cannot record the data set's hashes (%s)", path, exc.strerror or exc)
-
-
-def _stat_key(info: os.stat_result) -> StatKey:
-    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 
 
 def _class_files(data_dir: Path, classes: tuple[str, ...]) -> Iterator[tuple[str, str, os.stat_result]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import multiprocessing
 import os
@@ -36,7 +35,7 @@ from PIL import Image
 
 from tasks.data.dataset import assign_split, defect_type_of, is_candidate_file
 from tasks.data.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
-from tasks.durable import atomic_write, cache_file
+from tasks.durable import StatKey, cache_file, read_json, stat_hashes, stat_key, stat_rows, write_json
 from tasks.params import DataParams, ValidateParams
 
 log = logging.getLogger(__name__)
@@ -125,8 +124,9 @@ def _failed(path: Path, size: int, digest: str | None, error: str) -> FileCheck:
 
 
 _CHECK_COLUMNS = [f.name for f in dataclasses.fields(FileCheck) if f.name != "path"]
-_STAT_FIELDS = 4  # size, mtime_ns, ctime_ns, inode lead each cached row
+_STAT_FIELDS = len(StatKey._fields)  # a cached row is the file's StatKey, then the check
 _SHA256 = _STAT_FIELDS + _CHECK_COLUMNS.index("sha256")
+_NO_STAT = StatKey(-1, -1, -1, -1)  # a broken link has none; its row says why it cannot be read
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,7 @@ class _Entry:
     kind: str
     class_name: str | None
     detail: str | None = None  # link target, or what an unexpected folder holds
-    key: tuple[int, int] | None = None  # (size, mtime_ns) of an image, the cache key
-    since: tuple[int, int] = (-1, -1)  # (ctime_ns, inode) of an image when it was walked
+    stat: StatKey = _NO_STAT  # of an image, when it was walked
 
 
 def build_manifest(
@@ -162,13 +161,12 @@ def build_manifest(
         if entry.kind != IMAGE:
             continue
         hit = cached.get(entry.relative)
-        if hit is None or (hit[0], hit[1]) != entry.key:
+        if hit is None or not _same_content(StatKey(*hit[:_STAT_FIELDS]), entry.stat):
             new.append(entry)
         else:
             checks[entry.relative] = hit
     for entry, check in zip(new, _inspect_all([Path(e.path) for e in new], limits), strict=True):
-        checks[entry.relative] = [*entry.key, *entry.since,
-                                  *(getattr(check, name) for name in _CHECK_COLUMNS)]
+        checks[entry.relative] = [*entry.stat, *(getattr(check, name) for name in _CHECK_COLUMNS)]
     inspected = len(new)
     if cache_path and (inspected or len(checks) != len(cached)):
         _save_cache(cache_path, limits, checks)
@@ -177,6 +175,14 @@ def build_manifest(
     log.info("manifest of %s: %d entries, %d inspected, %d from cache",
              data_dir, len(frame), inspected, len(checks) - inspected)
     return frame
+
+
+def _same_content(cached: StatKey, now: StatKey) -> bool:
+    """A row is reused on (size, mtime): an ingest's hard links move the ctime of every file.
+
+    The row keeps the ctime and inode it was read with, so ``cached_hashes`` stays strict.
+    """
+    return (cached.size, cached.mtime_ns) == (now.size, now.mtime_ns)
 
 
 def _inspect_all(paths: list[Path], limits: ValidateParams) -> list[FileCheck]:
@@ -263,7 +269,7 @@ def _class_file(
     try:
         info = entry.stat()
     except OSError:  # a broken link: inspecting it reports the read error
-        yield _Entry(entry.path, relative, IMAGE, class_name, key=(-1, -1))
+        yield _Entry(entry.path, relative, IMAGE, class_name)
         return
     if stat.S_ISDIR(info.st_mode):
         return  # a symlinked folder: training does not follow it either
@@ -271,53 +277,39 @@ def _class_file(
     if not stat.S_ISREG(info.st_mode) or suffix not in extensions:
         yield _Entry(entry.path, relative, OTHER_FILE, class_name)
         return
-    yield _Entry(entry.path, relative, IMAGE, class_name, key=(info.st_size, info.st_mtime_ns),
-                 since=(info.st_ctime_ns, info.st_ino))
+    yield _Entry(entry.path, relative, IMAGE, class_name, stat=stat_key(info))
 
 
 def _is_inside(path: str, root: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(root)
 
 
-def cached_hashes(cache_dir: Path | str, data_dir: Path | str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """relative path -> ((size, mtime_ns, ctime_ns, inode) when read, sha256) of the last validation.
+def cached_hashes(cache_dir: Path | str, data_dir: Path | str) -> dict[str, tuple[StatKey, str]]:
+    """relative path -> (StatKey when read, sha256) of the last validation.
 
     The sha256 of a row does not depend on the limits the rows were judged by, so any
     cache of this layout serves, whatever its limits or Pillow version.
     """
-    stored = _read_cache(cache_file(cache_dir, data_dir, "manifest"))
-    try:
-        if stored.get("header", {}).get("version") != _CACHE_VERSION:
-            return {}
-        return {
-            relative: (tuple(row[:_STAT_FIELDS]), row[_SHA256])
-            for relative, row in stored.get("files", {}).items() if isinstance(row[_SHA256], str)
-        }
-    except (AttributeError, IndexError, TypeError):  # damaged: the files are read instead
+    stored = read_json(cache_file(cache_dir, data_dir, "manifest"))
+    header = stored.get("header")
+    if not isinstance(header, dict) or header.get("version") != _CACHE_VERSION:
         return {}
+    return stat_hashes(_rows(stored), _SHA256)
 
 
 def _load_cache(path: Path, limits: ValidateParams) -> dict[str, list]:
     """Rows of an earlier run, or nothing if the file is missing, stale or damaged."""
-    stored = _read_cache(path)
-    if stored.get("header") != _cache_header(limits):
-        return {}
-    return stored.get("files", {})
+    stored = read_json(path)
+    return _rows(stored) if stored.get("header") == _cache_header(limits) else {}
 
 
-def _read_cache(path: Path) -> dict:
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return stored if isinstance(stored, dict) else {}
+def _rows(stored: dict) -> dict[str, list]:
+    return stat_rows(stored.get("files"), len(_CHECK_COLUMNS)) or {}
 
 
 def _save_cache(path: Path, limits: ValidateParams, checks: dict[str, list]) -> None:
     """Write whole or not at all, so a killed run leaves the old cache whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"header": _cache_header(limits), "files": checks}).encode("utf-8")
-    atomic_write(path, lambda handle: handle.write(text))
+    write_json(path, {"header": _cache_header(limits), "files": checks}, indent=None)
 
 
 def _cache_header(limits: ValidateParams) -> dict:

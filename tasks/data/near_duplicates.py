@@ -18,14 +18,13 @@ compared with the train images added since.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tasks.durable import atomic_write
+from tasks.durable import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -163,20 +162,13 @@ def _search(
 
 def _load(path: Path | None, radius: int) -> tuple[dict[str, str], dict[str, list]]:
     """Train hashes and held-out answers of the last run, or nothing if unusable."""
-    if path is None:
-        return {}, {}
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}, {}
+    stored = read_json(path) if path is not None else {}
     if stored.get("header") != {"version": _CACHE_VERSION, "radius": radius}:
         return {}, {}
     return stored.get("train", {}), stored.get("held_out", {})
 
 
 def _save(path: Path, radius: int, train: dict[str, str], held: dict[str, list]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    content = json.dumps({
+    write_json(path, {
         "header": {"version": _CACHE_VERSION, "radius": radius}, "train": train, "held_out": held,
-    }).encode()
-    atomic_write(path, lambda handle: handle.write(content))
+    }, indent=None)

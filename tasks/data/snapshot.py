@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shlex
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.durable import add_file_stats, atomic_write, cache_file
+from tasks.durable import add_file_stats, cache_file, read_json, write_json
 from tasks.errors import FanaoiError
 
 DEFAULT_REMOTE_HINT = "dvc remote add -d local ~/.cache/fanaoi/dvc-remote"
@@ -93,7 +92,7 @@ def snapshot_data(
     stamp_path = (
         cache_file(repo_dir / stamp_dir, repo_dir / data_dir, "snapshot") if stamp_dir is not None else None
     )
-    stamp = _read_stamp(stamp_path)
+    stamp = read_json(stamp_path) if stamp_path else {}
     files = _files_digest(repo_dir / data_dir) if stamp_path else None
     before = data_snapshot_id(repo_dir, data_dir)
     skipped = files is not None and stamp.get("state") == _state(repo_dir, data_dir, files)
@@ -129,14 +128,6 @@ def _state(repo_dir: Path, data_dir: str, files: str) -> str:
     return digest.hexdigest()
 
 
-def _read_stamp(path: Path | None) -> dict:
-    try:
-        stamp = json.loads(path.read_text(encoding="utf-8")) if path else {}
-    except (OSError, ValueError):
-        return {}
-    return stamp if isinstance(stamp, dict) else {}
-
-
 def _write_stamp(
     path: Path | None, repo_dir: Path, data_dir: str, files: str | None, pushed: bool,
 ) -> None:
@@ -146,9 +137,7 @@ def _write_stamp(
     if files is None:
         path.unlink(missing_ok=True)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    content = json.dumps({"state": _state(repo_dir, data_dir, files), "pushed": pushed}).encode()
-    atomic_write(path, lambda handle: handle.write(content))
+    write_json(path, {"state": _state(repo_dir, data_dir, files), "pushed": pushed}, indent=None)
 
 
 def commit_command(data_dir: str = "data", md5: str | None = None) -> str:

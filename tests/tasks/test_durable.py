@@ -3,7 +3,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks.durable import atomic_write, fsync_path, replace_path, sha256_of
+from tasks.durable import (
+    StatKey,
+    atomic_write,
+    fsync_path,
+    read_json,
+    replace_path,
+    sha256_of,
+    stat_hashes,
+    stat_key,
+    stat_rows,
+    write_json,
+)
 
 
 def test_flushes_files_and_folders(tmp_path: Path) -> None:
@@ -48,3 +59,27 @@ def test_sha256_of_reads_big_files_in_chunks(tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(b"x" * (3 << 20))
     assert sha256_of(big) == hashlib.sha256(b"x" * (3 << 20)).hexdigest()
+
+
+@pytest.mark.parametrize("content", [None, b"{not json", b'{"files": {"a": [1', b"[]", b"null", b"\xff\xfe"],
+                         ids=["missing", "not-json", "truncated", "list", "null", "not-utf8"])
+def test_read_json_gives_an_empty_object_for_anything_else(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "cache.json"
+    if content is not None:
+        path.write_bytes(content)
+    assert read_json(path) == {}
+    write_json(path, {"files": {"a": [1, 2]}}, indent=None)
+    assert read_json(path) == {"files": {"a": [1, 2]}}
+
+
+def test_stat_rows_are_read_by_name_and_refused_whole_if_one_is_misshapen(tmp_path: Path) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(b"png")
+    key = stat_key(image.stat())
+    assert (key.size, key.inode) == (3, image.stat().st_ino)
+    rows = {"a.png": [*key, "0" * 64], "gone.png": [*key, None]}
+    assert stat_hashes(stat_rows(rows, 1), 4) == {"a.png": (key, "0" * 64)}
+    assert isinstance(stat_hashes(rows, 4)["a.png"][0], StatKey)
+    for damaged in ([*key], 7, {"0": 1}):
+        assert stat_rows({**rows, "b.png": damaged}, 1) is None
+    assert stat_rows(["a.png"], 1) is None

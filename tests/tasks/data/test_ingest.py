@@ -441,15 +441,22 @@ def test_an_ingest_records_the_hashes_of_the_folder_it_swapped_in_for_the_next_o
     assert verdicts["old_bytes.png"]["verdict"] == "accepted"
 
 
+@pytest.mark.parametrize("manifest, recorded", [
+    ({"header": {"version": 5}, "files": {"GO/go_000.png": 7}},
+     {"version": 1, "files": ["GO/go_000.png"]}),
+    ({"header": {"version": 5}, "files": {"GO/go_000.png": {"5": "0" * 64}}},
+     {"version": 1, "files": {"GO/go_000.png": [1, 2]}}),
+    ({"header": 5, "files": {}}, []),
+    ('{"header": {"version": 5}, "fi', '{"version": 1, "files": {"GO/go_'),
+], ids=["row-not-a-list", "row-an-object", "not-an-object", "truncated"])
 def test_damaged_hash_records_are_ignored_and_every_file_is_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, manifest: object, recorded: object,
 ) -> None:
     data, cache = make_image_folder(tmp_path / "data", per_class=2), tmp_path / ".fanaoi"
     params = params_for(data)
     build_manifest(data, params.data, params.validate, cache)
-    for kind, damage in (("manifest", {"header": {"version": 5}, "files": {"GO/go_000.png": 7}}),
-                         ("ingest-hashes", {"version": 1, "files": ["GO/go_000.png"]})):
-        cache_file(cache, data, kind).write_text(json.dumps(damage))
+    for kind, damage in (("manifest", manifest), ("ingest-hashes", recorded)):
+        cache_file(cache, data, kind).write_text(damage if isinstance(damage, str) else json.dumps(damage))
     read = count_reads(monkeypatch, data)
 
     in_data = existing_hashes(data, params.data.classes, "data", known_hashes(cache, data))

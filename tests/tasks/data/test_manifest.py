@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 
@@ -116,12 +117,26 @@ def test_cache_decodes_only_new_or_changed_files(tmp_path):
     assert not stricter["decodable"].any()
 
 
-def test_damaged_cache_is_rebuilt(tmp_path):
+def damage_rows(text: str, damage) -> str:
+    stored = json.loads(text)
+    stored["files"] = {path: damage(row) for path, row in stored["files"].items()}
+    return json.dumps(stored)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: "{not json",
+    lambda text: text[: len(text) // 2],
+    lambda text: "[]",
+    lambda text: damage_rows(text, lambda row: 7),
+    lambda text: damage_rows(text, lambda row: row[:3]),
+    lambda text: damage_rows(text, lambda row: dict(enumerate(row))),
+], ids=["not-json", "truncated", "not-an-object", "row-not-a-list", "row-too-short", "row-an-object"])
+def test_damaged_cache_is_rebuilt(tmp_path, damage):
     data = make_image_folder(tmp_path / "data", per_class=2)
     cache = tmp_path / "cache"
     build_manifest(data, replace(BASE.data, dir=str(data)), LIMITS, cache)
     (cached,) = cache.iterdir()
-    cached.write_text("{not json")
+    cached.write_text(damage(cached.read_text()))
     manifest = build_manifest(data, replace(BASE.data, dir=str(data)), LIMITS, cache)
     assert manifest.attrs["inspected"] == 4 and manifest["decodable"].all()
 

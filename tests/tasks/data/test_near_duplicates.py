@@ -77,6 +77,16 @@ def test_warm_search_compares_only_new_files_and_matches_a_cold_one(hashes, tmp_
     assert unchanged.nearest == reference.nearest
 
 
+@pytest.mark.parametrize("damage", ["{not json", "[]", "null", '{"header": {"version": 1, "rad'])
+def test_a_damaged_cache_is_ignored(hashes, tmp_path, damage):
+    cache = tmp_path / "leaks.json"
+    cache.write_text(damage)
+    train, held = split(hashes, 0, 300, "t"), split(hashes, 300, 360, "h")
+    found = nearest_train_images(train, held, 8, cache)
+    reference = nearest_train_images(train, held, 8)
+    assert found.compared_in_full == 60 and (found.distance, found.nearest) == (reference.distance, reference.nearest)
+
+
 def test_ties_go_to_the_smallest_path(tmp_path):
     same = "ab" * 32
     found = nearest_train_images({"b.png": same, "a.png": same}, {"h.png": same}, 8)
