@@ -337,7 +337,9 @@ def _read_pixel_cache(path: Path, labels: Sequence[float], model: ImageInput) ->
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    return tf.data.Dataset.zip(pixels, tf.data.Dataset.from_tensor_slices(tf.constant(labels, tf.float32)))
+    pairs = tf.data.Dataset.zip(pixels, tf.data.Dataset.from_tensor_slices(tf.constant(labels, tf.float32)))
+    # A record file has no known length; Keras needs it to end each epoch as with the memory cache.
+    return pairs.apply(tf.data.experimental.assert_cardinality(len(labels)))
 
 
 def augment_image(image: tf.Tensor, seed: tf.Tensor, augment: AugmentParams, square: bool) -> tf.Tensor:
