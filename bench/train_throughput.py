@@ -51,16 +51,20 @@ class EpochTimer:
 
         class Callback(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
-                outer.started = time.perf_counter()
+                outer.started = time.perf_counter(), time.process_time()
 
             def on_epoch_end(self, epoch, logs=None):
-                outer.seconds.append(time.perf_counter() - outer.started)
+                outer.seconds.append(time.perf_counter() - outer.started[0])
+                outer.cpu_seconds.append(time.process_time() - outer.started[1])
 
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []  # of this process, all threads: what other load cannot inflate
         self.callback = Callback()
 
     def steady_rate(self, images: int) -> float:
         steady = self.seconds[1:] or self.seconds
+        steady_cpu = self.cpu_seconds[1:] or self.cpu_seconds
+        print(f"cpu-ms-per-image {1000 * sum(steady_cpu) / len(steady_cpu) / images:.2f}")
         return images / (sum(steady) / len(steady))
 
 
@@ -145,22 +149,24 @@ MEASUREMENTS = {
 
 def measure_in_fresh_process(
     args: argparse.Namespace, data_dir: Path, what: str, variant: str
-) -> tuple[float, int, str]:
+) -> tuple[float, int, str, float]:
     """Each measurement in its own process: an earlier one's threads, memory and dtype policy do not count.
 
-    Returns images/s, images per epoch and the seconds the pipeline took to make (or "").
+    Returns images/s, images per epoch, the seconds the pipeline took to make (or "") and the
+    CPU milliseconds per image of the steady epochs.
     """
     command = [sys.executable, __file__, "--params", args.params, "--data", str(data_dir),
                "--epochs", str(args.epochs), "--measure", what, "--variant", variant]
     lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
     rate, count = lines[-1].split()
     made = next((line.split()[2] for line in lines if line.startswith("made in ")), "")
-    return float(rate), int(count), made
+    cpu = next(float(line.split()[1]) for line in lines if line.startswith("cpu-ms-per-image "))
+    return float(rate), int(count), made, cpu
 
 
 def print_results(
     args: argparse.Namespace, best: dict[tuple[str, str], float], made: dict[tuple[str, str], list[str]],
-    *, count: int, extra: list[str], load_before: float,
+    cpu: dict[tuple[str, str], float], *, count: int, extra: list[str], load_before: float,
 ) -> None:
     """The images/s of each measurement and their ratios, with the load they were taken at."""
     seed, pipeline, compute = best["seed", "plain"], best["pipeline", "plain"], best["compute", "plain"]
@@ -182,6 +188,9 @@ def print_results(
         cached = best["filecache", "plain"]
         print(f"file cache (decoded once, read)   {cached:8.0f} img/s ({cached / pipeline:.2f} x memory cache, "
               f"{cached / compute:.2f} x compute); file written in {' / '.join(made['filecache', 'plain'])} s")
+    print("CPU ms per image (this process, steady epochs; least of the rounds): "
+          + ", ".join(f"{what if variant == 'plain' else f'{what} {variant}'} {ms:.2f}"
+                      for (what, variant), ms in cpu.items()))
     for variant in extra:
         other_pipeline, other_compute = best["pipeline", variant], best["compute", variant]
         print(f"{VARIANTS[variant]}:")
@@ -232,13 +241,15 @@ def main() -> int:
             plans += [("filecache", "plain")]
         best: dict[tuple[str, str], float] = {}
         made: dict[tuple[str, str], list[str]] = {}
+        cpu: dict[tuple[str, str], float] = {}
         load_before = os.getloadavg()[0]
         for _ in range(args.rounds):  # interleaved, so a noisy minute hits every measurement
             for plan in plans:
-                rate, count, seconds = measure_in_fresh_process(args, data_dir, *plan)
+                rate, count, seconds, cpu_ms = measure_in_fresh_process(args, data_dir, *plan)
                 best[plan] = max(best.get(plan, 0.0), rate)
                 made.setdefault(plan, []).append(seconds)
-        print_results(args, best, made, count=count, extra=extra, load_before=load_before)
+                cpu[plan] = min(cpu.get(plan, float("inf")), cpu_ms)
+        print_results(args, best, made, cpu, count=count, extra=extra, load_before=load_before)
     return 0
 
 
