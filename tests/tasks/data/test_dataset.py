@@ -347,3 +347,14 @@ def test_a_write_that_fails_midway_leaves_no_file_and_streams(tmp_path, caplog):
     assert _cache_files(tmp_path / "cache") == []
     batches = [batch for _ in range(2) for batch in dataset.as_numpy_iterator()]
     assert _same_batches(batches, _two_epochs(images))
+
+
+def test_two_pipelines_caching_the_same_images_at_once_share_one_file(tmp_path, caplog):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = _split_images(tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: _from_file(images, tmp_path / "cache"), range(2))
+    assert _same_batches(first, _two_epochs(images)) and _same_batches(second, first)
+    assert "cannot cache" not in caplog.text
+    assert _cache_files(tmp_path / "cache") == [pixel_cache_file(images, CACHE_MODEL, tmp_path / "cache").name]
