@@ -5,8 +5,11 @@ on this machine, on the same image files:
 
 - seed:     ImageDataGenerator(rescale=1/255, validation_split=0.2) + flow_from_directory
 - pipeline: tasks.data.dataset.make_dataset (tf.data: parallel decode, uint8 cache, prefetch)
-- streamed (``--stream``): the same pipeline past train.cache_max_mb: no cache, every
-  epoch decodes the files again
+- streamed (``--stream``): the same pipeline with no cache (cache_max_mb 0, or past it with
+  no cache folder): every epoch decodes the files again
+- file cache (``--file-cache``): the same pipeline past train.cache_max_mb with a cache
+  folder: decoded once into a file before the first epoch (its time printed apart), read
+  from it every epoch
 - compute:  random tensors already in memory, same shapes and batch size
 
 Steady-state images/s exclude the first epoch (graph tracing, file cache warm-up).
@@ -17,7 +20,7 @@ settings are TensorFlow's environment variables, e.g.
 ``TF_NUM_INTRAOP_THREADS=2 TF_NUM_INTEROP_THREADS=1 python bench/train_throughput.py``.
 
     python bench/train_throughput.py [--images 3200] [--epochs 4] [--rounds 2] [--data DIR]
-        [--xla] [--bfloat16] [--one-step] [--stream]
+        [--xla] [--bfloat16] [--one-step] [--stream] [--file-cache]
 """
 
 from __future__ import annotations
@@ -48,16 +51,20 @@ class EpochTimer:
 
         class Callback(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
-                outer.started = time.perf_counter()
+                outer.started = time.perf_counter(), time.process_time()
 
             def on_epoch_end(self, epoch, logs=None):
-                outer.seconds.append(time.perf_counter() - outer.started)
+                outer.seconds.append(time.perf_counter() - outer.started[0])
+                outer.cpu_seconds.append(time.process_time() - outer.started[1])
 
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []  # of this process, all threads: what other load cannot inflate
         self.callback = Callback()
 
     def steady_rate(self, images: int) -> float:
         steady = self.seconds[1:] or self.seconds
+        steady_cpu = self.cpu_seconds[1:] or self.cpu_seconds
+        print(f"cpu-ms-per-image {1000 * sum(steady_cpu) / len(steady_cpu) / images:.2f}")
         return images / (sum(steady) / len(steady))
 
 
@@ -94,7 +101,8 @@ def seed_recipe_rate(params: Params, data_dir: Path, epochs: int, variant: str =
 
 
 def pipeline_rate(
-    params: Params, data_dir: Path, epochs: int, variant: str = "plain", cache_max_mb: float | None = None,
+    params: Params, data_dir: Path, epochs: int, variant: str = "plain", *, cache_max_mb: float | None = None,
+    cache_dir: str | None = None,
 ) -> tuple[float, int]:
     import numpy as np
 
@@ -102,13 +110,21 @@ def pipeline_rate(
     # The same share of files as the seed's 80 % training subset, picked by content hash.
     order = np.random.default_rng(0).permutation(len(images))
     share = [images[i] for i in order[: int(len(images) * 0.8)]]
+    started = time.perf_counter()
     data = make_dataset(share, params.model, params.train.batch_size, shuffle_seed=params.train.seed,
-                        cache_max_mb=cache_max_mb)
+                        cache_max_mb=cache_max_mb, cache_dir=cache_dir)
+    print(f"made in {time.perf_counter() - started:.1f} s")  # the file cache is written here
     return fit_rate(params, data, len(share), epochs, variant), len(share)
 
 
 def streamed_rate(params: Params, data_dir: Path, epochs: int, variant: str = "plain") -> tuple[float, int]:
     return pipeline_rate(params, data_dir, epochs, variant, cache_max_mb=0)
+
+
+def file_cache_rate(params: Params, data_dir: Path, epochs: int, variant: str = "plain") -> tuple[float, int]:
+    """The pipeline over any memory budget, cached to a file in a fresh folder; prints the write time."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("FANAOI_BENCH_CACHE_DIR")) as cache_dir:
+        return pipeline_rate(params, data_dir, epochs, variant, cache_max_mb=1e-6, cache_dir=cache_dir)
 
 
 def compute_limit_rate(params: Params, data_dir: Path, epochs: int, variant: str = "plain") -> tuple[float, int]:
@@ -127,15 +143,59 @@ def compute_limit_rate(params: Params, data_dir: Path, epochs: int, variant: str
 
 MEASUREMENTS = {
     "seed": seed_recipe_rate, "pipeline": pipeline_rate, "compute": compute_limit_rate, "streamed": streamed_rate,
+    "filecache": file_cache_rate,
 }
 
 
-def measure_in_fresh_process(args: argparse.Namespace, data_dir: Path, what: str, variant: str) -> tuple[float, int]:
-    """Each measurement in its own process: an earlier one's threads, memory and dtype policy do not count."""
+def measure_in_fresh_process(
+    args: argparse.Namespace, data_dir: Path, what: str, variant: str
+) -> tuple[float, int, str, float]:
+    """Each measurement in its own process: an earlier one's threads, memory and dtype policy do not count.
+
+    Returns images/s, images per epoch, the seconds the pipeline took to make (or "") and the
+    CPU milliseconds per image of the steady epochs.
+    """
     command = [sys.executable, __file__, "--params", args.params, "--data", str(data_dir),
                "--epochs", str(args.epochs), "--measure", what, "--variant", variant]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
-    return float(output[-2]), int(output[-1])
+    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
+    rate, count = lines[-1].split()
+    made = next((line.split()[2] for line in lines if line.startswith("made in ")), "")
+    cpu = next(float(line.split()[1]) for line in lines if line.startswith("cpu-ms-per-image "))
+    return float(rate), int(count), made, cpu
+
+
+def print_results(
+    args: argparse.Namespace, best: dict[tuple[str, str], float], made: dict[tuple[str, str], list[str]],
+    cpu: dict[tuple[str, str], float], *, count: int, extra: list[str], load_before: float,
+) -> None:
+    """The images/s of each measurement and their ratios, with the load they were taken at."""
+    seed, pipeline, compute = best["seed", "plain"], best["pipeline", "plain"], best["compute", "plain"]
+    intra, inter = (os.environ.get(f"TF_NUM_{kind}OP_THREADS", "default") for kind in ("INTRA", "INTER"))
+    print(f"{count} images per epoch, {args.epochs} epochs, best of {args.rounds} fresh processes; "
+          f"intra/inter-op threads {intra}/{inter}; load (1 min) {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
+    print(f"seed recipe (ImageDataGenerator)  {seed:8.0f} img/s")
+    print(f"tf.data pipeline                  {pipeline:8.0f} img/s")
+    print(f"compute limit (in-memory tensors) {compute:8.0f} img/s")
+    print(f"pipeline / compute limit = {pipeline / compute:.2f}   (target >= 0.90)")
+    print(f"pipeline / seed recipe   = {pipeline / seed:.2f}   (target >= 1.40)")
+    print(f"compute limit / seed     = {compute / seed:.2f}   (the most any input pipeline can gain)")
+    if args.stream:
+        streamed = best["streamed", "plain"]
+        print(f"streamed (no cache)               {streamed:8.0f} img/s ({streamed / pipeline:.2f} x cached, "
+              f"{streamed / compute:.2f} x compute)")
+    if args.file_cache:
+        cached = best["filecache", "plain"]
+        print(f"file cache (decoded once, read)   {cached:8.0f} img/s ({cached / pipeline:.2f} x memory cache, "
+              f"{cached / compute:.2f} x compute); file written in {' / '.join(made['filecache', 'plain'])} s")
+    print("CPU ms per image (this process, steady epochs; least of the rounds): "
+          + ", ".join(f"{what if variant == 'plain' else f'{what} {variant}'} {ms:.2f}"
+                      for (what, variant), ms in cpu.items()))
+    for variant in extra:
+        other_pipeline, other_compute = best["pipeline", variant], best["compute", variant]
+        print(f"{VARIANTS[variant]}:")
+        print(f"  compute limit {other_compute:8.0f} img/s ({other_compute / compute:.2f} x plain)")
+        print(f"  pipeline      {other_pipeline:8.0f} img/s ({other_pipeline / pipeline:.2f} x plain)")
 
 
 def main() -> int:
@@ -149,6 +209,8 @@ def main() -> int:
     parser.add_argument("--bfloat16", action="store_true", help="also measure the mixed_bfloat16 policy")
     parser.add_argument("--one-step", action="store_true", help="also measure steps_per_execution 1")
     parser.add_argument("--stream", action="store_true", help="also measure the pipeline without its cache")
+    parser.add_argument("--file-cache", action="store_true",
+                        help="also measure the pipeline cached to a file (in $FANAOI_BENCH_CACHE_DIR or /tmp)")
     parser.add_argument("--measure", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="plain", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,29 +237,19 @@ def main() -> int:
         plans += [(what, variant) for variant in extra for what in ("pipeline", "compute")]
         if args.stream:
             plans += [("streamed", "plain")]
+        if args.file_cache:
+            plans += [("filecache", "plain")]
         best: dict[tuple[str, str], float] = {}
+        made: dict[tuple[str, str], list[str]] = {}
+        cpu: dict[tuple[str, str], float] = {}
+        load_before = os.getloadavg()[0]
         for _ in range(args.rounds):  # interleaved, so a noisy minute hits every measurement
             for plan in plans:
-                rate, count = measure_in_fresh_process(args, data_dir, *plan)
+                rate, count, seconds, cpu_ms = measure_in_fresh_process(args, data_dir, *plan)
                 best[plan] = max(best.get(plan, 0.0), rate)
-        seed, pipeline, compute = best["seed", "plain"], best["pipeline", "plain"], best["compute", "plain"]
-        intra, inter = (os.environ.get(f"TF_NUM_{kind}OP_THREADS", "default") for kind in ("INTRA", "INTER"))
-        print(f"{count} images per epoch, {args.epochs} epochs, best of {args.rounds} fresh processes; "
-              f"intra/inter-op threads {intra}/{inter}")
-        print(f"seed recipe (ImageDataGenerator)  {seed:8.0f} img/s")
-        print(f"tf.data pipeline                  {pipeline:8.0f} img/s")
-        print(f"compute limit (in-memory tensors) {compute:8.0f} img/s")
-        print(f"pipeline / compute limit = {pipeline / compute:.2f}   (target >= 0.90)")
-        print(f"pipeline / seed recipe   = {pipeline / seed:.2f}   (target >= 1.40)")
-        print(f"compute limit / seed     = {compute / seed:.2f}   (the most any input pipeline can gain)")
-        if args.stream:
-            streamed = best["streamed", "plain"]
-            print(f"streamed (no cache)               {streamed:8.0f} img/s ({streamed / pipeline:.2f} x cached)")
-        for variant in extra:
-            other_pipeline, other_compute = best["pipeline", variant], best["compute", variant]
-            print(f"{VARIANTS[variant]}:")
-            print(f"  compute limit {other_compute:8.0f} img/s ({other_compute / compute:.2f} x plain)")
-            print(f"  pipeline      {other_pipeline:8.0f} img/s ({other_pipeline / pipeline:.2f} x plain)")
+                made.setdefault(plan, []).append(seconds)
+                cpu[plan] = min(cpu.get(plan, float("inf")), cpu_ms)
+        print_results(args, best, made, cpu, count=count, extra=extra, load_before=load_before)
     return 0
 
 

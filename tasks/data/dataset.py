@@ -9,14 +9,17 @@ class folder name defect types (``NG/crack/``); labels stay binary.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
-from tasks.durable import sha256_of
+from tasks.durable import atomic_write, sha256_of
 from tasks.errors import FanaoiError
 from tasks.params import AugmentParams, DataParams, ImageInput, ModelParams, replace
 
@@ -31,6 +34,11 @@ SPLITS = ("train", "validation", "test")
 _SINGLE_CHANNEL_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 # The defect type of a positive-class image that sits directly in the class folder.
 UNTYPED = "untyped"
+# Under the project's cache folder (validate.cache_dir): decoded pixels of splits too large
+# for train.cache_max_mb, one file per split. Bump the version when the file layout or
+# decode_pixels changes, so no file written by older code is read.
+PIXEL_CACHE_FOLDER = "train-cache"
+PIXEL_CACHE_VERSION = 1
 
 
 class DatasetError(FanaoiError):
@@ -187,12 +195,15 @@ def make_dataset(
     shuffle_buffer: int = 4096,
     augment: AugmentParams | None = None,
     cache_max_mb: float | None = None,
+    cache_dir: Path | str | None = None,
 ) -> tf.data.Dataset:
     """tf.data pipeline: parallel read and decode, cache decoded tensors, batch, prefetch.
 
-    The cache keeps uint8 pixels at the input size (``decode_pixels``); past
-    ``cache_max_mb`` (None: no limit; 0 for a single pass) nothing is cached and every
-    epoch decodes the files again, trading time for memory.
+    The cache keeps uint8 pixels at the input size (``decode_pixels``) in memory up to
+    ``cache_max_mb`` (None: no limit; 0 for a single pass, no cache). Past it, with
+    ``cache_dir``, the pixels are decoded once into a file there (``pixel_cache``) that
+    every epoch, and the next run on the same images, reads; without ``cache_dir``, or
+    when the file cannot be written, every epoch decodes the files again.
 
     With ``shuffle_seed`` the order is reshuffled each epoch from that seed, and ``augment``
     (training only) changes each image at random after the cache, from the same seed, so
@@ -208,12 +219,17 @@ def make_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    decoded_mb = len(paths) * model.input_size[0] * model.input_size[1] * model.channels / 1e6
+    decoded_mb = len(paths) * _pixel_bytes(model) / 1e6
     if cache_max_mb is None or decoded_mb <= cache_max_mb:
         dataset = dataset.cache()
     elif cache_max_mb > 0:  # 0: a single pass, where a cache only costs memory
-        log.info("%d images decode to %.0f MB, above train.cache_max_mb %.0f: decoded again "
-                 "every epoch, not cached", len(paths), decoded_mb, cache_max_mb)
+        log.info("%d images decode to %.0f MB, above train.cache_max_mb %.0f: not kept in memory",
+                 len(paths), decoded_mb, cache_max_mb)
+        cached = pixel_cache(images, model, cache_dir, dataset) if cache_dir is not None else None
+        if cached is not None:
+            dataset = _read_pixel_cache(cached, labels, model)
+        else:
+            log.info("%d images decoded again every epoch", len(paths))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(
             min(shuffle_buffer, max(len(paths), 1)), seed=shuffle_seed, reshuffle_each_iteration=True
@@ -233,6 +249,97 @@ def make_dataset(
             deterministic=True,
         )
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _pixel_bytes(model: ImageInput) -> int:
+    """Bytes of one decoded image: uint8 at the input size."""
+    return model.input_size[0] * model.input_size[1] * model.channels
+
+
+def pixel_cache_file(images: Sequence[LabeledImage], model: ImageInput, cache_dir: Path | str) -> Path:
+    """Where the decoded pixels of ``images`` are cached: named by their split and a key.
+
+    The key covers, in order, each image's path, label, size, mtime and content hash, the
+    input size, channels, TensorFlow's version (its resize makes the pixels) and
+    PIXEL_CACHE_VERSION: a file is only ever read for exactly the images that made it.
+    """
+    import tensorflow as tf
+
+    digest = hashlib.sha256(json.dumps(
+        [PIXEL_CACHE_VERSION, tf.__version__, list(model.input_size), model.channels]
+    ).encode())
+    for image in images:
+        info = image.path.stat()
+        digest.update(f"{image.path}\0{image.label}\0{info.st_size}\0{info.st_mtime_ns}\0{image.sha256}\n".encode())
+    return Path(cache_dir) / PIXEL_CACHE_FOLDER / f"{_splits_of(images)}-{digest.hexdigest()[:24]}.u8"
+
+
+def _splits_of(images: Sequence[LabeledImage]) -> str:
+    """The name of a pixel cache's purpose: its split, e.g. "train" (one file each)."""
+    return "+".join(sorted({image.split for image in images}))
+
+
+def pixel_cache(
+    images: Sequence[LabeledImage], model: ImageInput, cache_dir: Path | str, decoded: tf.data.Dataset
+) -> Path | None:
+    """The file of the images' uint8 pixels, in order, written from ``decoded`` if missing.
+
+    Written to a temp file and renamed, under a lock per split (two processes never write
+    the same file; a killed writer's lock is released by the kernel), so a run killed at
+    any point leaves no file that a later run reads. Other files of the same split (older
+    data, a killed writer's temp file) are deleted first: the folder holds one per split.
+    None, with a warning naming the folder and the fix, when the file cannot be written
+    (disk full, no permission): training then decodes every epoch, slower but whole.
+    """
+    from filelock import FileLock
+
+    folder = Path(cache_dir) / PIXEL_CACHE_FOLDER
+    size = len(images) * _pixel_bytes(model)
+    try:
+        target = pixel_cache_file(images, model, cache_dir)
+        split = _splits_of(images)
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(folder / f"{split}.lock"):
+            if target.is_file() and target.stat().st_size == size:
+                log.info("%s: decoded pixels of %d images, reused", target, len(images))
+                return target
+            for other in folder.iterdir():
+                if other.name.lstrip(".").startswith(f"{split}-"):
+                    other.unlink()
+            free = shutil.disk_usage(folder).free
+            if free < size:
+                raise OSError(errno.ENOSPC, f"{size / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free")
+            atomic_write(target, lambda handle: _write_pixels(handle, decoded))
+    except OSError as exc:
+        log.warning(
+            "%s: cannot cache the decoded pixels of %d images there (%s); each epoch decodes them "
+            "again (slower, same model). Free %.0f MB on that disk, or point validate.cache_dir "
+            "at a folder that has it", folder, len(images), exc, size / 1e6,
+        )
+        return None
+    log.info("%s: decoded pixels of %d images cached (%.0f MB)", target, len(images), size / 1e6)
+    return target
+
+
+def _write_pixels(handle: IO[bytes], decoded: tf.data.Dataset) -> None:
+    for pixels in decoded.map(lambda pixel, _: pixel).batch(256).as_numpy_iterator():
+        handle.write(pixels.tobytes())
+
+
+def _read_pixel_cache(path: Path, labels: Sequence[float], model: ImageInput) -> tf.data.Dataset:
+    """(uint8 pixels, label) pairs from a ``pixel_cache`` file, as the decode step gives them."""
+    import tensorflow as tf
+
+    shape = (*model.input_size, model.channels)
+    records = tf.data.FixedLengthRecordDataset(str(path), _pixel_bytes(model), buffer_size=1 << 22)
+    pixels = records.map(
+        lambda record: tf.reshape(tf.io.decode_raw(record, tf.uint8), shape),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    pairs = tf.data.Dataset.zip(pixels, tf.data.Dataset.from_tensor_slices(tf.constant(labels, tf.float32)))
+    # A record file has no known length; Keras needs it to end each epoch as with the memory cache.
+    return pairs.apply(tf.data.experimental.assert_cardinality(len(labels)))
 
 
 def augment_image(image: tf.Tensor, seed: tf.Tensor, augment: AugmentParams, square: bool) -> tf.Tensor:

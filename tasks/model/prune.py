@@ -148,12 +148,12 @@ def fine_tune(
     )
     if epochs == 0:
         return []
-    batch = params.train.batch_size
+    batch, cache_max_mb, cache_dir = params.train.batch_size, params.train.cache_max_mb, params.validate.cache_dir
     history = model.fit(
         make_dataset(train_images, model_params, batch, shuffle_seed=params.train.seed,
-                     shuffle_buffer=params.train.shuffle_buffer, cache_max_mb=params.train.cache_max_mb),
+                     shuffle_buffer=params.train.shuffle_buffer, cache_max_mb=cache_max_mb, cache_dir=cache_dir),
         validation_data=make_dataset(validation_images, model_params, params.evaluate.batch_size,
-                                     cache_max_mb=params.train.cache_max_mb),
+                                     cache_max_mb=cache_max_mb, cache_dir=cache_dir),
         epochs=epochs, shuffle=False, verbose=0,
     ).history
     rows = [{"epoch": index + 1, **{key: float(values[index]) for key, values in history.items()}}

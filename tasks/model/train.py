@@ -360,12 +360,15 @@ def train_model(
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
     warm_start: WarmStart | None = None,
     validation_batch_size: int | None = None,
+    cache_dir: Path | None = None,
 ) -> tuple[keras.Model, list[dict[str, float]]]:
     """Fit a model from random weights, or from the champion's with ``warm_start``.
 
     Returns the model and one row of metrics per epoch. With ``checkpoint_dir`` the state
     is saved after every epoch and a killed run with the same params, initial weights and
     data resumes from its last finished epoch; the folder is removed when training completes.
+    A split above ``train.cache_max_mb`` is cached to a file under ``cache_dir``
+    (``make_dataset``); without it, decoded again every epoch.
     """
     import keras
 
@@ -379,11 +382,11 @@ def train_model(
     train_data = make_dataset(
         train_images, model_params, train_params.batch_size,
         shuffle_seed=train_params.seed, shuffle_buffer=train_params.shuffle_buffer,
-        augment=train_params.augment, cache_max_mb=train_params.cache_max_mb,
+        augment=train_params.augment, cache_max_mb=train_params.cache_max_mb, cache_dir=cache_dir,
     )
     validation_data = make_dataset(
         validation_images, model_params, validation_batch_size or train_params.batch_size,
-        cache_max_mb=train_params.cache_max_mb,
+        cache_max_mb=train_params.cache_max_mb, cache_dir=cache_dir,
     )
     rows: list[dict[str, float]] = []
     checkpoint = None
@@ -466,7 +469,7 @@ def run_train(
     model, history = train_model(
         train_images, validation_images, model_params, params.train,
         checkpoint_dir=Path(params.train.checkpoint_dir), report=report, warm_start=warm_start,
-        validation_batch_size=params.evaluate.batch_size,
+        validation_batch_size=params.evaluate.batch_size, cache_dir=Path(params.validate.cache_dir),
     )
     seconds = time.perf_counter() - started
     kept = best_epoch(history)

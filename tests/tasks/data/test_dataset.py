@@ -1,10 +1,17 @@
+import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tasks.data.dataset import (
+    PIXEL_CACHE_FOLDER,
     UNTYPED,
     DatasetError,
     assign_split,
@@ -13,6 +20,7 @@ from tasks.data.dataset import (
     defect_type_of,
     list_images,
     make_dataset,
+    pixel_cache_file,
     select,
 )
 from tasks.params import replace
@@ -203,3 +211,150 @@ def test_uint8_cache_and_streaming_give_the_predictions_of_float_decoding(tmp_pa
     exact = np.stack([unrounded(i.path) for i in images])
     assert 0 < np.abs(exact - one_by_one).max() <= 0.5 / 255 + 1e-6
     assert np.abs(model.predict(exact, verbose=0) - expected).max() < 1e-3
+
+
+# The file cache past train.cache_max_mb: any tiny image set is above this budget.
+OVER_BUDGET_MB = 0.001
+CACHE_MODEL = replace(BASE.model, input_size=(20, 24), color_mode="rgb")
+
+
+def _split_images(tmp_path, split="train", seed=3):
+    data = make_image_folder(tmp_path / "data", per_class=12, seed=seed)
+    return select(list_images(data, replace(BASE.data, dir=str(data))), split)
+
+
+def _two_epochs(images, **options):
+    dataset = make_dataset(images, CACHE_MODEL, batch_size=4, shuffle_seed=5, **options)
+    return [batch for _ in range(2) for batch in dataset.as_numpy_iterator()]
+
+
+def _from_file(images, cache_dir):
+    return _two_epochs(images, cache_max_mb=OVER_BUDGET_MB, cache_dir=cache_dir)
+
+
+def _same_batches(first, second):
+    return len(first) == len(second) and all(
+        np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, second, strict=True)
+    )
+
+
+def _cache_files(cache_dir):
+    return sorted(p.name for p in (cache_dir / PIXEL_CACHE_FOLDER).iterdir() if p.name.endswith(("u8", ".tmp")))
+
+
+def test_file_cache_gives_the_batches_and_order_of_the_memory_cache(tmp_path):
+    images = _split_images(tmp_path)
+    in_memory = _two_epochs(images, augment=replace(BASE.train.augment, flip=True, brightness=0.1))
+    from_file = _two_epochs(images, augment=replace(BASE.train.augment, flip=True, brightness=0.1),
+                            cache_max_mb=OVER_BUDGET_MB, cache_dir=tmp_path / "cache")
+    assert _same_batches(in_memory, from_file)
+    epoch = len(in_memory) // 2
+    assert not _same_batches(in_memory[:epoch], in_memory[epoch:])  # reshuffled: the order is compared
+    cache = pixel_cache_file(images, CACHE_MODEL, tmp_path / "cache")
+    assert _cache_files(tmp_path / "cache") == [cache.name] and cache.name.startswith("train-")
+    assert cache.stat().st_size == len(images) * 20 * 24 * 3
+
+
+def test_a_second_run_on_the_same_images_reads_the_file(tmp_path):
+    images = _split_images(tmp_path)
+    _from_file(images, tmp_path / "cache")
+    cache = pixel_cache_file(images, CACHE_MODEL, tmp_path / "cache")
+    inode = cache.stat().st_ino
+    cache.write_bytes(bytes([51]) * cache.stat().st_size)  # what a rerun reads, if it reads the file
+    batches = _from_file(images, tmp_path / "cache")
+    assert cache.stat().st_ino == inode
+    assert all(np.allclose(features, 51 / 255) for features, _ in batches)
+
+
+def test_a_changed_image_gets_a_new_cache_and_the_old_one_is_removed(tmp_path):
+    images = _split_images(tmp_path)
+    validation = _split_images(tmp_path, "validation")
+    _from_file(images, tmp_path / "cache")
+    _from_file(validation, tmp_path / "cache")
+    old = pixel_cache_file(images, CACHE_MODEL, tmp_path / "cache")
+    other = make_image_folder(tmp_path / "other", per_class=1, seed=99)
+    shutil.copy(other / "GO" / "go_000.png", images[0].path)  # rewritten in place: same path, new pixels
+    data = images[0].path.parents[1]
+    changed = select(list_images(data, replace(BASE.data, dir=str(data))), "train")
+    new = pixel_cache_file(changed, CACHE_MODEL, tmp_path / "cache")
+    assert new != old
+    assert _same_batches(_from_file(changed, tmp_path / "cache"), _two_epochs(changed))
+    assert _cache_files(tmp_path / "cache") == sorted([new.name, pixel_cache_file(
+        validation, CACHE_MODEL, tmp_path / "cache").name])  # the validation cache is another split's: kept
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+
+import tasks.data.dataset as dataset
+from tasks.params import replace
+from tests.conftest import BASE
+
+
+def write_part_then_die(handle, decoded):
+    handle.write(bytes(1000))
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+dataset._write_pixels = write_part_then_die
+data, cache_dir = Path(sys.argv[1]), Path(sys.argv[2])
+images = dataset.select(dataset.list_images(data, replace(BASE.data, dir=str(data))), "train")
+model = replace(BASE.model, input_size=(20, 24), color_mode="rgb")
+dataset.make_dataset(images, model, 4, cache_max_mb=0.001, cache_dir=cache_dir)
+"""
+
+
+def test_a_run_killed_while_writing_the_cache_does_not_break_the_next(tmp_path):
+    images = _split_images(tmp_path)
+    root = Path(__file__).resolve().parents[3]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path / "data"), str(tmp_path / "cache")],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    leftover = _cache_files(tmp_path / "cache")
+    assert len(leftover) == 1 and leftover[0].startswith(".train-") and leftover[0].endswith(".tmp")
+
+    assert _same_batches(_from_file(images, tmp_path / "cache"), _two_epochs(images))
+    assert _cache_files(tmp_path / "cache") == [pixel_cache_file(images, CACHE_MODEL, tmp_path / "cache").name]
+
+
+def test_no_room_for_the_cache_streams_with_a_warning(tmp_path, caplog, monkeypatch):
+    images = _split_images(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    batches = _from_file(images, tmp_path / "cache")
+    assert _same_batches(batches, _two_epochs(images))
+    assert f"{tmp_path / 'cache' / PIXEL_CACHE_FOLDER}: cannot cache" in caplog.text
+    assert "MB needed, 0 MB free" in caplog.text and "Free 0 MB on that disk" in caplog.text
+    assert _cache_files(tmp_path / "cache") == []
+
+
+def test_a_write_that_fails_midway_leaves_no_file_and_streams(tmp_path, caplog):
+    images = _split_images(tmp_path)
+    size = len(images) * 20 * 24 * 3
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, hard))  # writes past half the file fail
+    try:
+        dataset = make_dataset(images, CACHE_MODEL, batch_size=4, shuffle_seed=5,
+                               cache_max_mb=OVER_BUDGET_MB, cache_dir=tmp_path / "cache")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert "File too large" in caplog.text and "each epoch decodes them again" in caplog.text
+    assert _cache_files(tmp_path / "cache") == []
+    batches = [batch for _ in range(2) for batch in dataset.as_numpy_iterator()]
+    assert _same_batches(batches, _two_epochs(images))
+
+
+def test_two_pipelines_caching_the_same_images_at_once_share_one_file(tmp_path, caplog):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = _split_images(tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: _from_file(images, tmp_path / "cache"), range(2))
+    assert _same_batches(first, _two_epochs(images)) and _same_batches(second, first)
+    assert "cannot cache" not in caplog.text
+    assert _cache_files(tmp_path / "cache") == [pixel_cache_file(images, CACHE_MODEL, tmp_path / "cache").name]

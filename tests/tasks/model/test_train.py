@@ -332,3 +332,21 @@ def test_aoi_cnn_trains_with_augmentation_and_its_h5_answers_like_the_model(tmp_
     pixels = decode_all(images, replace(params.model, color_mode="rgb"))
     first, second = loaded.predict(pixels, verbose=0), loaded.predict(pixels, verbose=0)
     np.testing.assert_array_equal(first, second)  # no dropout, no augmentation at inference
+
+
+@pytest.mark.slow
+def test_splits_past_cache_max_mb_train_from_files_under_the_cache_dir_as_from_memory(tmp_path):
+    from tasks.data.dataset import PIXEL_CACHE_FOLDER
+    from tasks.model.train import read_history
+
+    data = make_image_folder(tmp_path / "data", per_class=16, seed=4)
+    in_memory = tiny_params(data)
+    from_files = replace(in_memory, train=replace(in_memory.train, cache_max_mb=0.001),
+                         validate=replace(in_memory.validate, cache_dir=str(tmp_path / "cache")))
+    run_train(in_memory, tmp_path / "memory.h5", tmp_path / "memory")
+    run_train(from_files, tmp_path / "files.h5", tmp_path / "files")
+    cached = sorted(path.name.split("-")[0] for path in (tmp_path / "cache" / PIXEL_CACHE_FOLDER).glob("*.u8"))
+    assert cached == ["train", "validation"]
+    for files, memory in zip(read_history(tmp_path / "files" / "history.csv"),
+                             read_history(tmp_path / "memory" / "history.csv"), strict=True):
+        assert files == pytest.approx(memory, rel=1e-5)  # the same batches in the same order
