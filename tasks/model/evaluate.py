@@ -136,19 +136,25 @@ def classification_metrics(
 
 
 def calibrate_threshold(labels: np.ndarray, scores: np.ndarray, target_escape_rate: float) -> float:
-    """The NG threshold that meets the target escape rate with the least overkill, midway
-    in the gap of scores where it may lie.
+    """The NG threshold that keeps the escape rate of new NG parts within the target with the
+    least overkill, midway in the gap of scores where it may lie.
 
-    The highest threshold that keeps escapes within the target also rejects the fewest GO
-    parts; every threshold down to the next GO score below it rejects exactly as many. On
-    well separated validation scores that gap is wide, and its top edge sits right under an
-    NG image: new NG parts scored a little lower would pass. The middle of the gap keeps a
-    margin on both sides at no cost on validation.
+    Letting ``a`` of ``n`` validation NG images through at the threshold is not enough: a
+    new NG part scores below the ``(a + 1)``-th lowest NG score with probability
+    ``(a + 1) / (n + 1)`` (its rank among the ``n + 1`` is uniform when validation and line
+    parts come from the same process), so ``a`` is the largest count with that within the
+    target (split-conformal bound). With 233 NG images and 0.005 that is 0, not 1.
+
+    The highest threshold that lets ``a`` through also rejects the fewest GO parts; every
+    threshold down to the next GO score below it rejects exactly as many. On well separated
+    validation scores that gap is wide, and its top edge sits right under an NG image: new
+    NG parts scored a little lower would pass. The middle of the gap keeps a margin on both
+    sides at no cost on validation.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
     positives = np.sort(scores[labels == 1])
-    allowed_escapes = math.floor(target_escape_rate * len(positives) + 1e-9)
+    allowed_escapes = max(math.floor(target_escape_rate * (len(positives) + 1) + 1e-9) - 1, 0)
     if allowed_escapes >= len(positives):
         return 1.0
     highest = float(positives[allowed_escapes])

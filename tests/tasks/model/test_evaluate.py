@@ -151,11 +151,24 @@ def test_run_evaluate_reports_escapes_per_defect_type(trained_workspace, tmp_pat
 def test_calibrated_threshold_meets_the_target_with_least_overkill_midway_in_its_gap():
     labels = np.array([1] * 10 + [0] * 4)
     scores = np.array([0.05, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.01, 0.1, 0.25, 0.6])
-    threshold = calibrate_threshold(labels, scores, target_escape_rate=0.2)  # 2 of 10 may escape
-    assert threshold == pytest.approx((0.25 + 0.3) / 2)  # between the GO at 0.25 and the NG at 0.3
-    assert np.sum((scores < threshold) & (labels == 1)) == 2
-    assert np.sum((scores >= threshold) & (labels == 0)) == 1  # as few as at 0.3, the highest allowed
+    # 0.2 of 11 ranks: a new NG part falls below the 2nd lowest NG score with chance 2/11,
+    # below the 3rd with 3/11 > 0.2, so 1 of these 10 may escape, not 2.
+    threshold = calibrate_threshold(labels, scores, target_escape_rate=0.2)
+    assert threshold == pytest.approx((0.1 + 0.2) / 2)  # between the GO at 0.1 and the NG at 0.2
+    assert np.sum((scores < threshold) & (labels == 1)) == 1
+    assert np.sum((scores >= threshold) & (labels == 0)) == 2  # as few as at 0.2, the highest allowed
+    assert calibrate_threshold(labels, scores, 0.3) == pytest.approx((0.25 + 0.3) / 2)  # 3/11 <= 0.3: 2 escape
     assert calibrate_threshold(labels, scores, 0.0) == pytest.approx((0.01 + 0.05) / 2)
+
+
+def test_calibrated_threshold_lets_through_one_validation_escape_per_target_of_new_parts():
+    # 0.005: one of 233 NG images escaping would leave a new NG part 2/234 = 0.85 % to escape.
+    for count, allowed in ((199, 0), (233, 0), (398, 0), (399, 1), (599, 2)):
+        ng_scores = np.linspace(0.5, 1.0, count)
+        labels = np.array([1] * count + [0] * count)
+        scores = np.concatenate([ng_scores, ng_scores - 1e-4])  # a GO part right under each NG
+        threshold = calibrate_threshold(labels, scores, 0.005)
+        assert np.sum((scores < threshold) & (labels == 1)) == allowed, count
 
 
 def test_separated_scores_get_a_threshold_with_margin_on_both_sides():
