@@ -117,8 +117,8 @@ def _aoi_layers(params: ModelParams) -> list[keras.layers.Layer]:
     return stack
 
 
-def fuse_batch_norm(model: keras.Model) -> int:
-    """Train every image BatchNormalization layer with TensorFlow's fused kernel; returns how many.
+def fuse_batch_norm(model: keras.Model) -> None:
+    """Train every image BatchNormalization layer with TensorFlow's fused kernel.
 
     Keras 3 builds batch norm in training from separate moment, normalise and update ops;
     TensorFlow's one fused op (and its fused gradient) does the same arithmetic in about
@@ -129,14 +129,11 @@ def fuse_batch_norm(model: keras.Model) -> int:
     """
     from keras import layers
 
-    count = 0
     for layer in model.layers:
         if type(layer) is not layers.BatchNormalization:
             continue
         if len(layer.input.shape) == 4 and layer.axis in (-1, 3) and layer.scale and layer.center:
             layer.call = _fused_call(layer)
-            count += 1
-    return count
 
 
 def _fused_call(layer: keras.layers.BatchNormalization) -> Callable[..., Any]:
