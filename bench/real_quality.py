@@ -67,7 +67,7 @@ def train_and_score(params: Params) -> dict[str, float]:
 
     from tasks.data.dataset import labels_of, list_images, resolve_color_mode, select
     from tasks.model.evaluate import choose_threshold, classification_metrics, predict_probabilities
-    from tasks.model.train import best_epoch, train_model
+    from tasks.model.train import kept_epoch, train_model
 
     images = list_images(params.data.dir, params.data)
     train, validation, test = (select(images, split) for split in ("train", "validation", "test"))
@@ -90,7 +90,7 @@ def train_and_score(params: Params) -> dict[str, float]:
         "images_per_second": len(train) * len(history) / seconds,
         "parameters": int(model.count_params()),
         "epochs": len(history),
-        "kept_epoch": int(best_epoch(history)["epoch"]),
+        "kept_epoch": int(kept_epoch(history, params.train.keep_tolerance)["epoch"]),
         "images": {"train": len(train), "validation": len(validation), "test": len(test),
                    "test_ng": int(sum(labels_of(test)))},
     }

@@ -142,6 +142,7 @@ class TrainParams(Section):
     learning_rate: float = Field(gt=0)
     lr_schedule: Literal["constant", "cosine"]
     early_stopping_patience: int | None = Field(ge=1, description="off")
+    keep_tolerance: float = Field(ge=0)
     average_momentum: float | None = Field(gt=0, lt=1, description="off")
     class_weight: Literal["none", "balanced"]
     augment: AugmentParams

@@ -202,16 +202,18 @@ def best_epoch_keeper(
     rows: list[dict[str, float]],
     checkpoint: _Checkpoint | None,
     average_momentum: float | None = None,
+    tolerance: float = 0.0,
 ) -> keras.callbacks.Callback:
-    """Keep the weights of the epoch with the lowest validation loss; stop after ``patience``
-    epochs without improvement; put the kept weights back when training ends.
+    """Keep the weights of the latest epoch whose validation loss is within ``tolerance`` of
+    the lowest (``kept_epoch``); stop after ``patience`` epochs without a lower validation
+    loss; put the kept weights back when training ends.
 
     With ``average_momentum`` the model that is validated, kept and saved is an exponential
     moving average of the weights after every step (Polyak averaging; batch-norm statistics
     included), which evens out where the last steps of an epoch happened to land.
 
     The kept weights go to the checkpoint folder too, so a resumed run still ends with the
-    best epoch's weights even when that epoch ran before the kill; so does the average.
+    kept epoch's weights even when that epoch ran before the kill; so does the average.
     """
     import keras
     import numpy as np
@@ -225,12 +227,13 @@ def best_epoch_keeper(
 
         def on_train_begin(self, logs: dict | None = None) -> None:
             folder = None if checkpoint is None else checkpoint.folder
-            self.best_file = None if folder is None else folder / "best.weights.h5"
+            self.kept_file = None if folder is None else folder / "best.weights.h5"
             self.average_file = None if folder is None else folder / "average.npz"
-            self.best_weights = None
-            self.best = best_epoch(rows) if rows else None
-            if self.best is not None and _kept_epoch(self.best_file) != self.best["epoch"]:
-                self.best = None  # the kept weights are not that epoch's: search again
+            self.kept_weights = None
+            self.lowest = min(rows, key=lambda row: row["val_loss"]) if rows else None
+            self.kept = kept_epoch(rows, tolerance) if rows else None
+            if self.kept is not None and _epoch_saved_in(self.kept_file) != self.kept["epoch"]:
+                self.kept = None  # the saved weights are not that epoch's: the next epoch's replace them
             self.trained_weights = None
             if self.average is not None and rows and self.average_file is not None and self.average_file.exists():
                 with np.load(self.average_file) as saved:
@@ -258,25 +261,27 @@ def best_epoch_keeper(
             if self.average is not None and self.average_file is not None:
                 arrays = {f"w{i}": value for i, value in enumerate(self.average.values())}
                 atomic_write(self.average_file, lambda handle: np.savez(handle, epoch=row["epoch"], **arrays))
-            if self.best is None or row["val_loss"] < self.best["val_loss"]:
-                self.best = row
+            if self.lowest is None or row["val_loss"] < self.lowest["val_loss"]:
+                self.lowest = row
+            if self.kept is None or row["val_loss"] <= self.lowest["val_loss"] + tolerance:
+                self.kept = row
                 self._use_average()
-                if self.best_file is not None:
-                    self.model.save_weights(self.best_file)
-                    write_json(self.best_file.with_suffix(".json"), {"epoch": row["epoch"]})
+                if self.kept_file is not None:
+                    self.model.save_weights(self.kept_file)
+                    write_json(self.kept_file.with_suffix(".json"), {"epoch": row["epoch"]})
                 else:
-                    self.best_weights = self.model.get_weights()
+                    self.kept_weights = self.model.get_weights()
                 self._use_trained()
-            elif patience is not None and row["epoch"] - self.best["epoch"] >= patience:
+            if patience is not None and row["epoch"] - self.lowest["epoch"] >= patience:
                 self.model.stop_training = True
 
         def on_train_end(self, logs: dict | None = None) -> None:
-            if self.best is None:
+            if self.kept is None:
                 return
-            if self.best_file is not None:
-                self.model.load_weights(self.best_file)
+            if self.kept_file is not None:
+                self.model.load_weights(self.kept_file)
             else:
-                self.model.set_weights(self.best_weights)
+                self.model.set_weights(self.kept_weights)
 
     return BestEpoch()
 
@@ -326,11 +331,11 @@ class _WeightAverage:
         return [mean.numpy() for mean in self.means]
 
 
-def _kept_epoch(best_file: Path | None) -> int | None:
-    """The epoch whose weights ``best_file`` holds, per its sidecar; None when unknown."""
-    if best_file is None or not best_file.exists() or not best_file.with_suffix(".json").exists():
+def _epoch_saved_in(weights_file: Path | None) -> int | None:
+    """The epoch whose weights ``weights_file`` holds, per its sidecar; None when unknown."""
+    if weights_file is None or not weights_file.exists() or not weights_file.with_suffix(".json").exists():
         return None
-    return json.loads(best_file.with_suffix(".json").read_text())["epoch"]
+    return json.loads(weights_file.with_suffix(".json").read_text())["epoch"]
 
 
 def learning_rate_at(epoch: int, train_params: TrainParams) -> float:
@@ -400,7 +405,8 @@ def train_model(
     # keeper restores the best weights before BackupAndRestore deletes the checkpoint folder.
     callbacks: list[keras.callbacks.Callback] = [
         _epoch_recorder(train_params.epochs, len(train_images), rows, report, checkpoint),
-        best_epoch_keeper(train_params.early_stopping_patience, rows, checkpoint, train_params.average_momentum),
+        best_epoch_keeper(train_params.early_stopping_patience, rows, checkpoint, train_params.average_momentum,
+                          train_params.keep_tolerance),
     ]
     if checkpoint_dir is not None:
         callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir)))
@@ -418,9 +424,16 @@ def train_model(
     return model, rows
 
 
-def best_epoch(history: Sequence[dict[str, float]]) -> dict[str, float]:
-    """The epoch whose weights training keeps: the lowest validation loss (first on ties)."""
-    return min(history, key=lambda row: row["val_loss"])
+def kept_epoch(history: Sequence[dict[str, float]], tolerance: float = 0.0) -> dict[str, float]:
+    """The epoch whose weights training keeps: the latest whose validation loss is within
+    ``tolerance`` of the lowest (0: the lowest itself, the latest on ties).
+
+    The validation loss of a few hundred images is flat and noisy late in training: the
+    lowest is often an earlier epoch by a margin no larger than that noise, while the later
+    epochs, trained on with a smaller learning rate, score as well or better on new images.
+    """
+    lowest = min(row["val_loss"] for row in history)
+    return max((row for row in history if row["val_loss"] <= lowest + tolerance), key=lambda row: row["epoch"])
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -472,7 +485,7 @@ def run_train(
         validation_batch_size=params.evaluate.batch_size, cache_dir=Path(params.validate.cache_dir),
     )
     seconds = time.perf_counter() - started
-    kept = best_epoch(history)
+    kept = kept_epoch(history, params.train.keep_tolerance)
     save_model(model, model_path, params.data.class_mapping, model_params,
                training={"init": init, "best_epoch": int(kept["epoch"]), "epochs_run": len(history)})
     write_history(history, reports_dir / "history.csv")
@@ -495,6 +508,7 @@ def run_train(
     })
     report(
         f"wrote {model_path} ({summary['parameters']} parameters) in {seconds:.1f}s, "
-        f"weights of epoch {summary['kept_epoch']} of {summary['epochs']} (lowest validation loss)"
+        f"weights of epoch {summary['kept_epoch']} of {summary['epochs']} (the latest within "
+        f"{params.train.keep_tolerance} of the lowest validation loss)"
     )
     return summary

@@ -212,6 +212,44 @@ def test_the_lowest_validation_loss_epoch_is_kept_and_patience_stops_training():
     assert model.get_layer("dense").get_weights()[0][0, 0] == 2.0  # epoch 2's weights
 
 
+def test_the_latest_epoch_within_the_tolerance_is_kept_and_patience_counts_from_the_lowest():
+    import keras
+    import numpy as np
+
+    from tasks.model.train import best_epoch_keeper, kept_epoch
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, name="dense")])
+    rows: list[dict[str, float]] = []
+    keeper = best_epoch_keeper(3, rows, checkpoint=None, tolerance=0.02)
+    keeper.set_model(model)
+    model.stop_training = False
+    keeper.on_train_begin()
+    # 2 is the lowest; 3 ties with it within 0.02; 4 does not; 5 does again; 6 would be
+    # within too, but patience (3 epochs from the lowest, epoch 2) stops after 5.
+    losses = [0.50, 0.30, 0.31, 0.35, 0.315, 0.30]
+    for epoch, val_loss in enumerate(losses):
+        model.get_layer("dense").set_weights([np.full((1, 1), epoch + 1.0), np.zeros(1)])
+        rows.append({"epoch": epoch + 1, "val_loss": val_loss})
+        keeper.on_epoch_end(epoch)
+        if model.stop_training:
+            break
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]
+    keeper.on_train_end()
+    assert model.get_layer("dense").get_weights()[0][0, 0] == 5.0
+    assert kept_epoch(rows, 0.02)["epoch"] == 5
+    assert kept_epoch(rows, 0.0)["epoch"] == 2
+    assert kept_epoch(rows, 0.012)["epoch"] == 3
+
+
+def test_a_new_lowest_loss_moves_the_tolerance_band():
+    from tasks.model.train import kept_epoch
+
+    rows = [{"epoch": 1, "val_loss": 0.30}, {"epoch": 2, "val_loss": 0.31}, {"epoch": 3, "val_loss": 0.10},
+            {"epoch": 4, "val_loss": 0.29}]
+    assert kept_epoch(rows, 0.02)["epoch"] == 3  # epoch 4 was within 0.02 of the lowest before epoch 3 only
+    assert kept_epoch(rows, 0.2)["epoch"] == 4
+
+
 def test_the_weight_average_is_what_validation_sees_and_what_is_kept(tmp_path):
     import keras
     import numpy as np
@@ -254,13 +292,13 @@ def test_the_weight_average_is_what_validation_sees_and_what_is_kept(tmp_path):
 @pytest.mark.slow
 def test_an_averaged_run_saves_the_weights_its_kept_epoch_was_validated_with(tmp_path):
     from tasks.model.evaluate import run_evaluate
-    from tasks.model.train import best_epoch, read_history
+    from tasks.model.train import kept_epoch, read_history
 
     data = make_image_folder(tmp_path / "data", per_class=24, seed=5)
     params = tiny_params(data, epochs=3, average_momentum=0.8)
     model_path, reports = tmp_path / "models" / "candidate.h5", tmp_path / "reports"
     summary = run_train(params, model_path, reports)
-    kept = best_epoch(read_history(reports / "history.csv"))
+    kept = kept_epoch(read_history(reports / "history.csv"), params.train.keep_tolerance)
     assert summary["kept_epoch"] == int(kept["epoch"])
     comparison = run_evaluate(params, model_path, reports)["kept_epoch_vs_evaluate"]
     assert comparison["evaluate_validation_loss"] == pytest.approx(kept["val_loss"], abs=1e-4)
