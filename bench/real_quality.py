@@ -14,7 +14,11 @@ ones), the two recipes alternating per seed. It prints, per recipe, mean ± std 
 test accuracy, escape, overkill and review rates, AUC, training seconds, images/s and
 parameters, then the ratios the model-quality targets are stated in.
 
-    python bench/real_quality.py DATA_DIR [--seeds 3] [--params params.yaml] [--out FILE.json]
+``--per-epoch`` also scores the test split (threshold 0.5) with the weights each epoch's
+validation saw, and prints them beside the validation loss: what any other epoch-keeping
+rule would have scored. Its prediction passes count in the training seconds.
+
+    python bench/real_quality.py DATA_DIR [--seeds 3] [--params params.yaml] [--out FILE.json] [--per-epoch]
 """
 
 from __future__ import annotations
@@ -61,7 +65,29 @@ def recipe_params(params: Params, recipe: str, seed: int, data_dir: str) -> Para
     return replace(params, data=data, train=replace(params.train, seed=seed))
 
 
-def train_and_score(params: Params) -> dict[str, float]:
+def test_scorer(test: list, model_params: ModelParams, batch_size: int, scores: list[dict[str, float]]):
+    """A callback that scores ``test`` at threshold 0.5 whenever validation starts, into ``scores``.
+
+    It runs after train_model's own callbacks, so it sees the weights validation sees (the
+    weight average, when train.average_momentum is on).
+    """
+    import keras
+    import numpy as np
+
+    from tasks.data.dataset import labels_of, make_dataset
+
+    labels = np.asarray(labels_of(test)) == 1
+    dataset = make_dataset(test, model_params, batch_size).map(lambda x, _: x)
+
+    class TestScorer(keras.callbacks.Callback):
+        def on_test_begin(self, logs: dict | None = None) -> None:
+            ng = self.model.predict(dataset, verbose=0).reshape(-1) >= 0.5
+            scores.append({"test_accuracy": float(np.mean(ng == labels)), "test_escapes": int(np.sum(labels & ~ng))})
+
+    return TestScorer()
+
+
+def train_and_score(params: Params, per_epoch: bool = False) -> dict[str, float]:
     """Train on the train split, choose the threshold on validation, score the test split."""
     import numpy as np
 
@@ -72,11 +98,13 @@ def train_and_score(params: Params) -> dict[str, float]:
     images = list_images(params.data.dir, params.data)
     train, validation, test = (select(images, split) for split in ("train", "validation", "test"))
     model_params = resolve_color_mode(train, params.model)
+    batch = params.evaluate.batch_size
+    epoch_scores: list[dict[str, float]] = []
+    scorer = [test_scorer(test, model_params, batch, epoch_scores)] if per_epoch else []
     started = time.perf_counter()
     model, history = train_model(train, validation, model_params, params.train, report=lambda _: None,
-                                 validation_batch_size=params.evaluate.batch_size)
+                                 validation_batch_size=batch, extra_callbacks=scorer)
     seconds = time.perf_counter() - started
-    batch = params.evaluate.batch_size
     validation_scores = predict_probabilities(model, validation, model_params, batch)
     chosen = choose_threshold(np.asarray(labels_of(validation)), validation_scores,
                               params.gate.target_escape_rate, params.evaluate.threshold)
@@ -93,17 +121,29 @@ def train_and_score(params: Params) -> dict[str, float]:
         "kept_epoch": int(kept_epoch(history, params.train.keep_tolerance)["epoch"]),
         "images": {"train": len(train), "validation": len(validation), "test": len(test),
                    "test_ng": int(sum(labels_of(test)))},
+        "per_epoch": [{"epoch": int(row["epoch"]), "val_loss": row["val_loss"], **scores}
+                      for row, scores in zip(history, epoch_scores, strict=True)] if per_epoch else [],
     }
 
 
-def run_in_fresh_process(params_file: str, data_dir: str, recipe: str, seed: int) -> dict[str, float]:
+def run_in_fresh_process(
+    params_file: str, data_dir: str, recipe: str, seed: int, per_epoch: bool = False
+) -> dict[str, float]:
     command = [sys.executable, __file__, data_dir, "--params", params_file,
-               "--worker", json.dumps({"recipe": recipe, "seed": seed})]
+               "--worker", json.dumps({"recipe": recipe, "seed": seed, "per_epoch": per_epoch})]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{recipe} seed {seed} failed:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+def print_epochs(run: dict) -> None:
+    """With --per-epoch: every epoch's validation loss and test score, the kept epoch marked."""
+    for row in run["per_epoch"]:
+        mark = "  <- kept" if row["epoch"] == run["kept_epoch"] else ""
+        print(f"  epoch {row['epoch']:3d}  val loss {row['val_loss']:.4f}  test accuracy {row['test_accuracy']:.4f}  "
+              f"escapes {row['test_escapes']}{mark}", flush=True)
 
 
 def summarize(runs: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
@@ -129,23 +169,26 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", help="write every run's numbers to this JSON file")
+    parser.add_argument("--per-epoch", action="store_true", help="also score the test split after every epoch")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     params = load_params(args.params)
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(train_and_score(recipe_params(params, job["recipe"], job["seed"], args.data_dir))))
+        print(json.dumps(train_and_score(recipe_params(params, job["recipe"], job["seed"], args.data_dir),
+                                         job["per_epoch"])))
         return
     seeds = [params.train.seed + offset for offset in range(args.seeds)]
     results: dict[str, list[dict[str, float]]] = {recipe: [] for recipe in RECIPES}
     for seed in seeds:
         for recipe in RECIPES:
-            run = run_in_fresh_process(args.params, args.data_dir, recipe, seed)
+            run = run_in_fresh_process(args.params, args.data_dir, recipe, seed, args.per_epoch)
             results[recipe].append(run)
             print(f"{recipe} seed {seed}: accuracy {run['accuracy']:.4f} escape {run['escape_rate']:.4f} "
                   f"overkill {run['overkill_rate']:.4f} auc {run['auc']:.4f} {run['seconds']:.0f}s "
                   f"({run['epochs']} epochs, kept {run['kept_epoch']}; threshold {run['threshold']:.3f}: "
                   f"{run['threshold_source']})", flush=True)
+            print_epochs(run)
     images = results["seed"][0]["images"]
     print(f"\n{args.data_dir}: {images['train']} train, {images['validation']} validation, "
           f"{images['test']} test images ({images['test_ng']} NG); seeds {seeds}\n")

@@ -153,7 +153,8 @@ def evaluate_vs_kept_epoch_table(comparison: dict[str, Any]) -> list[str]:
         return []
     epoch = comparison.get("kept_epoch", "kept")
     rows = [
-        f"## evaluate() vs epoch {epoch} (the weights kept: lowest validation loss)",
+        f"## evaluate() vs epoch {epoch} (the weights kept: the latest epoch within train.keep_tolerance "
+        "of the lowest validation loss)",
         "",
         f"| | epoch {epoch} as logged | evaluate() |",
         "|---|---|---|",

@@ -1,6 +1,6 @@
 """The evaluate stage: score the candidate and compare it with the epoch it kept.
 
-Training keeps the weights of the epoch with the lowest validation loss. Keras' logged
+Training keeps the weights of one epoch (``tasks.model.train.kept_epoch``). Keras' logged
 train accuracy for that epoch is an average over batches while the weights were still
 moving (with dropout and augmentation on); ``model.evaluate`` scores the kept weights.
 A large gap between the two on the validation split points at a preprocessing or determinism bug, so it is reported and
