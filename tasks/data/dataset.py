@@ -13,8 +13,9 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import IO, TYPE_CHECKING
@@ -79,9 +80,34 @@ def assign_split(sha256: str, salt: str, fractions: Mapping[str, float]) -> str:
     return SPLITS[-1]
 
 
-def is_candidate_file(path: Path) -> bool:
+def is_candidate_file(path: Path | os.DirEntry) -> bool:
     """Hidden files (.DS_Store, editor swap files) are never data."""
     return not path.name.startswith(".")
+
+
+def walk_files(folder: str, prefix: str) -> Iterator[tuple[os.DirEntry, str]]:
+    """Each entry below ``folder`` that training could list as a file, with its path in the
+    data folder (``prefix``, then its path below ``folder``).
+
+    Like ``Path.rglob`` in training: subfolders are searched, symlinked folders are not
+    entered (they come out as entries, for the caller to judge), hidden files are skipped. A
+    folder that is missing or vanishes during the walk holds nothing. Plain strings and
+    ``os.scandir``: this runs once per image at every validation and ingest.
+    """
+    pending = [(folder, prefix)]
+    while pending:
+        directory, below = pending.pop()
+        try:
+            listing = os.scandir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with listing:
+            for entry in listing:
+                relative = f"{below}/{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((entry.path, relative))
+                elif is_candidate_file(entry):
+                    yield entry, relative
 
 
 def class_folders(data_dir: Path, classes: Sequence[str]) -> dict[str, Path]:

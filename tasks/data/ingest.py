@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.data.dataset import UNTYPED, defect_type_of, is_candidate_file
+from tasks.data.dataset import UNTYPED, defect_type_of, is_candidate_file, walk_files
 from tasks.data.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
 from tasks.data.manifest import cached_hashes
 from tasks.data.snapshot import (
@@ -421,34 +421,17 @@ def record_hashes(
 
 
 def _class_files(data_dir: Path, classes: tuple[str, ...]) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(class, path in the data folder, stat) of each file of the class folders, as training lists them.
-
-    Subfolders are searched but symlinked ones not entered, hidden files are skipped, a
-    symlinked file counts as its target. Strings and ``os.scandir``: this runs once per
-    image at every ingest.
+    """(class, path in the data folder, stat) of each file of the class folders, as training
+    lists them (``walk_files``); a symlinked file counts as its target, a broken one not at all.
     """
     for name in classes:
-        pending = [(str(data_dir / name), name)]
-        while pending:
-            folder, prefix = pending.pop()
+        for entry, relative in walk_files(str(data_dir / name), name):
             try:
-                listing = os.scandir(folder)
-            except (FileNotFoundError, NotADirectoryError):
+                info = entry.stat()
+            except OSError:  # a broken link: not a file training could read
                 continue
-            with listing:
-                for entry in listing:
-                    relative = f"{prefix}/{entry.name}"
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append((entry.path, relative))
-                        continue
-                    if not is_candidate_file(entry):
-                        continue
-                    try:
-                        info = entry.stat()
-                    except OSError:  # a broken link: not a file training could read
-                        continue
-                    if stat.S_ISREG(info.st_mode):
-                        yield name, relative, info
+            if stat.S_ISREG(info.st_mode):
+                yield name, relative, info
 
 
 def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dict]) -> None:

@@ -33,7 +33,7 @@ import pandas as pd
 import PIL
 from PIL import Image
 
-from tasks.data.dataset import assign_split, defect_type_of, is_candidate_file
+from tasks.data.dataset import assign_split, defect_type_of, is_candidate_file, walk_files
 from tasks.data.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
 from tasks.durable import StatKey, cache_file, read_json, stat_hashes, stat_key, stat_rows, write_json
 from tasks.params import DataParams, ValidateParams
@@ -240,27 +240,13 @@ def _walk_data_folder(data_dir: Path, data: DataParams) -> Iterator[_Entry]:
 def _walk_class_folder(
     folder: str, class_name: str, root: Path, data: DataParams
 ) -> Iterator[_Entry]:
-    """Like ``Path.rglob`` in training: subfolders searched, symlinked folders not followed.
-
-    Plain strings and ``os.scandir`` here: this loop runs once per image on every
-    validation, cached or not.
-    """
     extensions = {e.lower() for e in data.extensions}
-    pending = [(folder, class_name + "/")]
-    while pending:
-        directory, prefix = pending.pop()
-        with os.scandir(directory) as listing:
-            for entry in listing:
-                relative = prefix + entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append((entry.path, relative + "/"))
-                elif not is_candidate_file(entry):
-                    continue
-                elif entry.is_symlink() and not _is_inside(entry.path, root):
-                    target = os.path.realpath(entry.path)
-                    yield _Entry(entry.path, relative, OUTSIDE_LINK, class_name, target)
-                else:
-                    yield from _class_file(entry, relative, class_name, extensions)
+    for entry, relative in walk_files(folder, class_name):
+        if entry.is_symlink() and not _is_inside(entry.path, root):
+            target = os.path.realpath(entry.path)
+            yield _Entry(entry.path, relative, OUTSIDE_LINK, class_name, target)
+        else:
+            yield from _class_file(entry, relative, class_name, extensions)
 
 
 def _class_file(

@@ -22,6 +22,7 @@ from tasks.data.dataset import (
     make_dataset,
     pixel_cache_file,
     select,
+    walk_files,
 )
 from tasks.params import replace
 from tests.conftest import BASE, make_image_folder
@@ -89,6 +90,28 @@ def test_non_image_files_are_skipped_with_a_warning(tmp_path, caplog):
     images = list_images(data, replace(BASE.data, dir=str(data)))
     assert len(images) == 4
     assert "skipped 1 file(s)" in caplog.text
+
+
+def test_walk_files_lists_what_training_lists_and_enters_no_symlinked_folder(tmp_path):
+    ng = tmp_path / "NG"
+    (ng / "crack" / "deep").mkdir(parents=True)
+    (ng / "a.png").write_bytes(b"a")
+    (ng / ".DS_Store").write_bytes(b"x")
+    (ng / "crack" / "b.png").write_bytes(b"b")
+    (ng / "crack" / "deep" / "c.png").write_bytes(b"c")
+    (ng / ".hidden").mkdir()
+    (ng / ".hidden" / "d.png").write_bytes(b"d")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "e.png").write_bytes(b"e")
+    (ng / "linked").symlink_to(elsewhere, target_is_directory=True)
+
+    found = sorted(relative for _, relative in walk_files(str(ng), "NG"))
+
+    # Training's rglob sees the same files, a hidden folder's included; the linked folder
+    # is one entry for the caller to judge, its file is not listed.
+    assert found == ["NG/.hidden/d.png", "NG/a.png", "NG/crack/b.png", "NG/crack/deep/c.png", "NG/linked"]
+    assert list(walk_files(str(tmp_path / "missing"), "GO")) == []
 
 
 def test_pipeline_decodes_resizes_and_scales(tmp_path):
