@@ -246,6 +246,7 @@ def make_dataset(
         deterministic=True,
     )
     decoded_mb = len(paths) * _pixel_bytes(model) / 1e6
+    raw = False  # True: the elements are a pixel cache file's records, not yet unpacked
     if cache_max_mb is None or decoded_mb <= cache_max_mb:
         dataset = dataset.cache()
     elif cache_max_mb > 0:  # 0: a single pass, where a cache only costs memory
@@ -254,27 +255,38 @@ def make_dataset(
         cached = pixel_cache(images, model, cache_dir, dataset) if cache_dir is not None else None
         if cached is not None:
             dataset = _read_pixel_cache(cached, labels, model)
+            raw = True
         else:
             log.info("%d images decoded again every epoch", len(paths))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(
             min(shuffle_buffer, max(len(paths), 1)), seed=shuffle_seed, reshuffle_each_iteration=True
         )
+    shape = (*model.input_size, model.channels)
     if augment is not None and augment.active:
         seeds = tf.data.Dataset.random(seed=shuffle_seed or 0, rerandomize_each_iteration=True).batch(2)
         square = model.input_size[0] == model.input_size[1]
         dataset = tf.data.Dataset.zip((dataset, seeds)).map(
-            lambda pair, seed: (augment_image(scale_pixels(pair[0]), seed, augment, square), pair[1]),
+            lambda pair, seed: (
+                augment_image(scale_pixels(_pixels_of(pair[0], raw, shape)), seed, augment, square), pair[1]
+            ),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-    else:
-        dataset = dataset.map(
-            lambda pixels, label: (scale_pixels(pixels), label),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    # Scaled (and a file's records unpacked) a batch at a time: one op per batch, not per image.
+    return dataset.batch(batch_size).map(
+        lambda pixels, label: (scale_pixels(_pixels_of(pixels, raw, (-1, *shape))), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    ).prefetch(tf.data.AUTOTUNE)
+
+
+def _pixels_of(pixels: tf.Tensor, raw: bool, shape: tuple[int, ...]) -> tf.Tensor:
+    """uint8 pixels in ``shape``: as they are, or unpacked from a pixel cache file's records."""
+    import tensorflow as tf
+
+    return tf.reshape(tf.io.decode_raw(pixels, tf.uint8), shape) if raw else pixels
 
 
 def _pixel_bytes(model: ImageInput) -> int:
@@ -353,17 +365,12 @@ def _write_pixels(handle: IO[bytes], decoded: tf.data.Dataset) -> None:
 
 
 def _read_pixel_cache(path: Path, labels: Sequence[float], model: ImageInput) -> tf.data.Dataset:
-    """(uint8 pixels, label) pairs from a ``pixel_cache`` file, as the decode step gives them."""
+    """(record, label) pairs from a ``pixel_cache`` file: each record one image's uint8 pixels
+    as bytes, unpacked by ``_pixels_of`` after the shuffle (a batch at a time)."""
     import tensorflow as tf
 
-    shape = (*model.input_size, model.channels)
     records = tf.data.FixedLengthRecordDataset(str(path), _pixel_bytes(model), buffer_size=1 << 22)
-    pixels = records.map(
-        lambda record: tf.reshape(tf.io.decode_raw(record, tf.uint8), shape),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    pairs = tf.data.Dataset.zip(pixels, tf.data.Dataset.from_tensor_slices(tf.constant(labels, tf.float32)))
+    pairs = tf.data.Dataset.zip(records, tf.data.Dataset.from_tensor_slices(tf.constant(labels, tf.float32)))
     # A record file has no known length; Keras needs it to end each epoch as with the memory cache.
     return pairs.apply(tf.data.experimental.assert_cardinality(len(labels)))
 
