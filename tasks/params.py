@@ -117,6 +117,7 @@ class ModelParams(ImageInput):
     dense_units: Positive
     dropout: float = Field(ge=0, lt=1)
     first_layer_init: Literal["glorot_uniform", "he_normal", "edges"]
+    standardize: bool
 
 
 class AugmentParams(Section):

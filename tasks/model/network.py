@@ -43,11 +43,14 @@ def build_model(
     height, width = params.input_size
     model = keras.Sequential(name=params.architecture)
     model.add(keras.Input(shape=(height, width, params.channels), name="image"))
+    if params.standardize:
+        for layer in standardize_layers((height, width, params.channels)):
+            model.add(layer)
     for layer in builders[params.architecture](params):
         model.add(layer)
     fuse_batch_norm(model)
     if params.first_layer_init == "edges":
-        place_edge_kernels(model.layers[0])
+        place_edge_kernels(next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)))
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate, name="adam"),
         loss="binary_crossentropy",
@@ -56,6 +59,25 @@ def build_model(
         steps_per_execution=steps_per_execution,
     )
     return model
+
+
+def standardize_layers(shape: tuple[int, int, int]) -> list[keras.layers.Layer]:
+    """Each image to zero mean and unit variance over its pixels and channels.
+
+    Keras' own LayerNormalization without a learned scale or shift, over the image
+    flattened and reshaped back: no weights, and the saved .h5, the exports and the service
+    load it with no custom object. (Normalizing over axes [1, 2, 3] directly does not
+    survive the .h5: Keras 3's legacy loader drops an axis list of more than one entry and
+    the loaded layer normalizes over the last axis only.) Its epsilon (1e-3) keeps a flat
+    image's noise from being blown up to full contrast.
+    """
+    from keras import layers
+
+    return [
+        layers.Reshape((-1,), name="standardize_flatten"),
+        layers.LayerNormalization(axis=-1, center=False, scale=False, name="standardize"),
+        layers.Reshape(shape, name="standardize_unflatten"),
+    ]
 
 
 def _first_initializer(params: ModelParams, index: int) -> str:
@@ -186,7 +208,7 @@ def place_edge_kernels(conv: keras.layers.Conv2D) -> int:
     """
     import numpy as np
 
-    kernel, bias = conv.get_weights()
+    kernel, *bias = conv.get_weights()  # aoi_cnn's convolutions have no bias
     height, width, channels, filters = kernel.shape
     if (height, width) != (3, 3):
         raise ValueError(f"edge kernels are 3x3, {conv.name} has {height}x{width} kernels")
@@ -197,7 +219,7 @@ def place_edge_kernels(conv: keras.layers.Conv2D) -> int:
     for index in range(count):
         filt = np.repeat(bank[:, :, None, index] / channels, channels, axis=2)
         kernel[..., index] = filt * target_norm / np.linalg.norm(filt)
-    conv.set_weights([kernel, bias])
+    conv.set_weights([kernel, *bias])
     return count
 
 

@@ -108,6 +108,8 @@ def prune_model(model: keras.Model, fraction: float) -> tuple[keras.Model, list[
         elif isinstance(layer, keras.layers.Flatten):
             if kept is not None:
                 kept = _flattened(layer.input.shape[1:], kept)
+        elif kept is None and not values and isinstance(layer, (keras.layers.Reshape, keras.layers.LayerNormalization)):
+            pass  # the input standardization: no weights, and no pruned channel before it
         elif isinstance(layer, keras.layers.Dense):
             kernel, *bias = values
             values = [kernel if kept is None else kernel[kept], *bias]

@@ -113,7 +113,8 @@ def test_the_cli_exports_the_champion(registry, trained_workspace, tmp_path, cap
 
 @pytest.mark.slow
 def test_an_aoi_cnn_champion_exports_to_every_format_with_the_same_answers(trained_workspace, tmp_path):
-    """BatchNorm in inference mode and global pooling survive TFLite, ONNX and SavedModel."""
+    """The input standardization, BatchNorm in inference mode and global pooling survive TFLite,
+    ONNX and SavedModel."""
     from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
     from tests.tasks.champion_support import train_good_model
@@ -122,7 +123,8 @@ def test_an_aoi_cnn_champion_exports_to_every_format_with_the_same_answers(train
     base = gate_params(trained_workspace["data_dir"], registry, min_accuracy=0.0, max_escape_rate=1.0)
     params = replace(
         base,
-        model=replace(BASE.model, architecture="aoi_cnn", input_size=(32, 32), conv_filters=(8, 16), stem_stride=2),
+        model=replace(BASE.model, architecture="aoi_cnn", input_size=(32, 32), conv_filters=(8, 16), stem_stride=2,
+                      standardize=True),
         train=replace(base.train, epochs=3),
     )
     candidate = train_good_model(params, tmp_path / "candidate.h5")

@@ -79,6 +79,34 @@ def test_saved_model_keeps_edge_kernels_and_its_training_record(tmp_path):
     }
 
 
+def test_standardize_makes_the_answer_independent_of_lighting_and_survives_save(tmp_path):
+    """The input standardization removes a brightness offset exactly and a contrast change up
+    to its epsilon; edge kernels still go into the first convolution; the .h5 keeps it."""
+    import keras
+
+    params = tiny_model_params(architecture="aoi_cnn", conv_filters=(8, 16), stem_stride=2, pooling="max",
+                               standardize=True, first_layer_init="edges")
+    keras.utils.set_random_seed(0)
+    model = build_model(params, 0.001)
+    first_conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    assert cosine(first_conv.get_weights()[0][:, :, 0, 0], SOBEL_X) > 0.999
+    keras.utils.set_random_seed(0)
+    plain = build_model(replace(params, standardize=False), 0.001)
+    images = np.random.default_rng(1).uniform(0.2, 0.6, (6, 32, 32, 3)).astype("float32")
+    brighter, stronger = images + 0.25, (images - 0.4) * 1.5 + 0.4
+
+    def answers(m, x):
+        return m.predict(x, verbose=0).ravel()
+
+    np.testing.assert_allclose(answers(model, brighter), answers(model, images), atol=1e-5)
+    np.testing.assert_allclose(answers(model, stronger), answers(model, images), atol=5e-3)
+    assert np.abs(answers(plain, brighter) - answers(plain, images)).max() > 1e-3
+    path = save_model(model, tmp_path / "m.h5", {"GO": 0, "NG": 1}, params)
+    loaded = load_model(path)
+    assert loaded.get_layer("standardize").count_params() == 0
+    np.testing.assert_allclose(answers(loaded, images), answers(model, images), atol=1e-6)
+
+
 def test_a_file_without_training_record_reads_as_empty(tmp_path):
     params = tiny_model_params()
     path = save_model(build_model(params, 0.001), tmp_path / "old.h5", {"GO": 0, "NG": 1}, params)

@@ -81,7 +81,7 @@ def test_pruning_aoi_cnn_slices_batch_norm_with_its_conv(tiny_data_params):
 
     keras.utils.set_random_seed(5)
     params = replace(BASE.model, architecture="aoi_cnn", input_size=(TINY_SIZE, TINY_SIZE), conv_filters=(8, 16),
-                         pooling="max")
+                     pooling="max", standardize=True)
     model = build_model(params, 0.001)
     silenced = {}
     for layer, indices in zip(conv_layers(model), ([1, 6], [0, 3, 9, 15]), strict=True):
