@@ -93,13 +93,21 @@ def load_warm_start(model: keras.Model, warm_start: WarmStart) -> None:
     """Copy the champion's weights into ``model``; shapes must match layer by layer."""
     source = load_model(warm_start.path)
     fix = (
-        "set model.input_size, color_mode, conv_filters, dense_units and architecture to the "
-        "champion's (see `fanaoi champion --json`), or set train.init_from: null"
+        "set model.input_size, color_mode, conv_filters, dense_units, standardize and architecture "
+        "to the champion's (see `fanaoi champion --json`), or set train.init_from: null"
     )
     if tuple(source.input_shape[1:]) != tuple(model.input_shape[1:]):
         raise WarmStartError(
             f"{warm_start.path}: champion {warm_start.version} takes input "
             f"{tuple(source.input_shape[1:])}, model params build {tuple(model.input_shape[1:])}; {fix}"
+        )
+    # Weightless layers change what the weights mean without changing their shapes: a
+    # champion trained on raw pixels would start a standardized model from the wrong place.
+    their_layers, our_layers = ([layer.name for layer in m.layers] for m in (source, model))
+    if their_layers != our_layers:
+        raise WarmStartError(
+            f"{warm_start.path}: champion {warm_start.version} has layers {', '.join(their_layers)}; "
+            f"model params build {', '.join(our_layers)}; {fix}"
         )
     theirs, ours = source.weights, model.weights
     for index in range(max(len(theirs), len(ours))):

@@ -170,6 +170,16 @@ def test_warm_start_with_other_shapes_names_the_weight(champion_project, tmp_pat
         run_train(params, tmp_path / "c.h5", tmp_path / "reports")
 
 
+def test_warm_start_refuses_a_champion_trained_without_the_standardization(champion_project, tmp_path):
+    from tasks.model.train import WarmStartError
+
+    params = replace(champion_project, model=replace(champion_project.model, standardize=True))
+    with pytest.raises(WarmStartError, match=r"champion v0001 has layers conv1, .*model params build "
+                                             r"standardize_flatten, standardize, .*standardize"):
+        run_train(params, tmp_path / "c.h5", tmp_path / "reports")
+    assert not (tmp_path / "c.h5").exists()
+
+
 @pytest.mark.slow
 def test_warm_started_run_never_resumes_a_random_init_checkpoint(champion_project):
     from tasks.data.dataset import list_images, select
