@@ -90,7 +90,9 @@ def find_warm_start(params: Params) -> WarmStart | None:
 
 
 def load_warm_start(model: keras.Model, warm_start: WarmStart) -> None:
-    """Copy the champion's weights into ``model``; shapes must match layer by layer."""
+    """Copy the champion's weights into ``model``; layers and shapes must match."""
+    import keras
+
     source = load_model(warm_start.path)
     fix = (
         "set model.input_size, color_mode, conv_filters, dense_units, standardize and architecture "
@@ -103,7 +105,9 @@ def load_warm_start(model: keras.Model, warm_start: WarmStart) -> None:
         )
     # Weightless layers change what the weights mean without changing their shapes: a
     # champion trained on raw pixels would start a standardized model from the wrong place.
-    their_layers, our_layers = ([layer.name for layer in m.layers] for m in (source, model))
+    # Dropout is the exception: it passes its input through whenever the model predicts.
+    their_layers, our_layers = ([layer.name for layer in m.layers if not isinstance(layer, keras.layers.Dropout)]
+                                for m in (source, model))
     if their_layers != our_layers:
         raise WarmStartError(
             f"{warm_start.path}: champion {warm_start.version} has layers {', '.join(their_layers)}; "

@@ -180,6 +180,23 @@ def test_warm_start_refuses_a_champion_trained_without_the_standardization(champ
     assert not (tmp_path / "c.h5").exists()
 
 
+def test_warm_start_accepts_a_champion_that_differs_only_in_dropout(champion_project):
+    """Dropout passes its input through at inference: the weights mean the same with or without it."""
+    import numpy as np
+
+    from tasks.data.dataset import list_images, resolve_color_mode
+    from tasks.model.network import build_model, load_model
+    from tasks.model.train import find_warm_start, load_warm_start
+
+    images = list_images(champion_project.data.dir, champion_project.data)
+    model_params = resolve_color_mode(images, replace(champion_project.model, dropout=0.3))
+    model = build_model(model_params, 0.001)
+    warm_start = find_warm_start(champion_project)
+    load_warm_start(model, warm_start)
+    for ours, theirs in zip(model.get_weights(), load_model(warm_start.path).get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 @pytest.mark.slow
 def test_warm_started_run_never_resumes_a_random_init_checkpoint(champion_project):
     from tasks.data.dataset import list_images, select
