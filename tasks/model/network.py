@@ -50,7 +50,7 @@ def build_model(
         model.add(layer)
     fuse_batch_norm(model)
     if params.first_layer_init == "edges":
-        place_edge_kernels(model.get_layer("conv1"))  # every architecture names its first Conv2D so
+        place_edge_kernels(model.get_layer("conv1"))  # the name every architecture gives its first Conv2D
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate, name="adam"),
         loss="binary_crossentropy",
