@@ -97,7 +97,7 @@ def predictors(folder: Path) -> dict[str, Callable[[np.ndarray], object]]:
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
-    from tasks.model.network import load_model
+    from tasks.inference.model_file import load_model
 
     keras_model = load_model(folder / "model.h5")
     interpreter = Interpreter(model_path=str(folder / "exports" / "model.tflite"))
@@ -155,7 +155,7 @@ def main() -> None:
         root = Path(tmp)
         params = champion_for_bench(root, args)
         params = replace(params, export=replace(params.export, check_images=args.images))
-        from tasks.model.network import model_params_from_file
+        from tasks.inference.model_file import model_params_from_file
         from tasks.registry.champion import champion_card
 
         version = champion_card(params.registry.dir)["version"]

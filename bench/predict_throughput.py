@@ -3,7 +3,7 @@
 Measured in one run, on the same image files:
 
 1. the model's compute limit: ``predict_on_batch`` on images already decoded in memory;
-2. ``tasks.registry.predict.predict_files`` (read, decode, resize, batch, predict), in images/s and
+2. ``tasks.inference.predictor.predict_files`` (read, decode, resize, batch, predict), in images/s and
    as a ratio to the compute limit: the input pipeline should not be the bottleneck;
 3. the latency of one image (one file, batch of one): p50 and p95;
 4. the whole command, ``fanaoi predict FILES... --json`` in a fresh process (Python and
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
 from tasks.data.dataset import decode_all, list_images  # noqa: E402
-from tasks.registry.predict import load_champion, predict_files  # noqa: E402
+from tasks.inference.predictor import predict_files  # noqa: E402
+from tasks.registry.champion import load_champion  # noqa: E402
 
 
 def best_of(runs: int, measure: Callable[[], float]) -> float:

@@ -93,7 +93,8 @@ def train_and_score(params: Params, per_epoch: bool = False) -> dict[str, float]
     import numpy as np
 
     from tasks.data.dataset import labels_of, list_images, resolve_color_mode, select
-    from tasks.model.evaluate import choose_threshold, classification_metrics, predict_probabilities
+    from tasks.inference.metrics import choose_threshold, classification_metrics
+    from tasks.inference.predictor import predict_probabilities
     from tasks.model.train import kept_epoch, train_model
 
     images = list_images(params.data.dir, params.data)

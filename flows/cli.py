@@ -188,7 +188,7 @@ def _evaluate(params: Params, model: Model = None, reports: Reports = None) -> i
 
 def _print_defect_types(metrics: dict) -> None:
     """The escape rate's 95 % upper bound, then one line per defect type (NG subfolder)."""
-    from tasks.model.evaluate import defect_type_lines
+    from tasks.inference.metrics import defect_type_lines
 
     if "escape_rate_upper95" in metrics:
         print(f"escape rate 95 % upper bound {metrics['escape_rate_upper95']:.4f}")
@@ -454,7 +454,8 @@ def _predict(
     """Classify images with the champion; exit 1 when some file could not be classified."""
     import json
 
-    from tasks.registry.predict import expand_paths, load_champion, predict_files
+    from tasks.inference.predictor import expand_paths, predict_files
+    from tasks.registry.champion import load_champion
 
     files = expand_paths([str(path) for path in paths], params.data.extensions)
     predictor = load_champion(params.registry.dir)

@@ -2,7 +2,7 @@
 pages of ``reports/`` read-only under GET /reports/.
 
 Uploads pass the pipeline's one image check (tasks.data.image_check) and are decoded and
-thresholded exactly as ``fanaoi predict`` does (tasks.registry.predict's Predictor and
+thresholded exactly as ``fanaoi predict`` does (tasks.inference.predictor's Predictor and
 load_champion, tasks.data.dataset.decode_image), so the service and the CLI give the same
 answer, or refuse with the same reason, for the same file.
 
@@ -35,9 +35,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tasks.data.dataset import decode_image
 from tasks.data.image_check import EMPTY, FORMAT, UNIDENTIFIED, ImageRejected, check_image
 from tasks.errors import FanaoiError
+from tasks.inference.predictor import Predictor
 from tasks.params import Params, ServeParams, ValidateParams, replace
-from tasks.registry.champion import champion_card
-from tasks.registry.predict import Predictor, load_champion
+from tasks.registry.champion import champion_card, load_champion
 from tasks.registry.store import CHAMPION_MODEL, utc_now
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,10 @@ from PIL import Image
 
 from tasks.data.dataset import UNTYPED, LabeledImage, decode_image, defect_types_of, list_images, require_split, select
 from tasks.durable import atomic_write
+from tasks.inference.metrics import classification_metrics, escape_bounds, roc_points
+from tasks.inference.model_file import ModelFileError, load_model, model_params_from_file, read_model_metadata
+from tasks.inference.predictor import predict_probabilities
 from tasks.model.charts import history_charts, history_columns, line_chart
-from tasks.model.evaluate import classification_metrics, escape_bounds, predict_probabilities, roc_points
 from tasks.model.explain_pictures import (
     ExplainError,
     conv_layers,
@@ -35,7 +37,6 @@ from tasks.model.explain_pictures import (
     grad_cam,
     overlay,
 )
-from tasks.model.network import ModelFileError, load_model, model_params_from_file, read_model_metadata
 from tasks.pages import render_page
 from tasks.params import ImageInput, Params
 from tasks.registry.champion import published_version, read_embedded_card

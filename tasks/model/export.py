@@ -27,7 +27,7 @@ import numpy as np
 from tasks.data.dataset import decode_all, list_images, select
 from tasks.durable import replace_path
 from tasks.errors import FanaoiError
-from tasks.model.network import load_model, model_params_from_file
+from tasks.inference.model_file import load_model, model_params_from_file
 from tasks.params import DataParams, ImageInput, Params
 from tasks.registry.champion import published_version, read_embedded_card
 from tasks.registry.publish import update_card

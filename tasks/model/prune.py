@@ -25,14 +25,10 @@ import numpy as np
 from tasks.data.dataset import LabeledImage, decode_all, labels_of, list_images, make_dataset, require_split, select
 from tasks.durable import atomic_replace, sha256_of, write_json
 from tasks.errors import FanaoiError
-from tasks.model.evaluate import classification_metrics, predict_probabilities
-from tasks.model.network import (
-    fuse_batch_norm,
-    load_model,
-    model_params_from_file,
-    read_model_metadata,
-    save_model,
-)
+from tasks.inference.metrics import classification_metrics
+from tasks.inference.model_file import load_model, model_params_from_file, read_model_metadata
+from tasks.inference.predictor import predict_probabilities
+from tasks.model.network import fuse_batch_norm, save_model
 from tasks.params import ImageInput, Params
 
 if TYPE_CHECKING:

@@ -28,7 +28,8 @@ from tasks.data.dataset import (
 )
 from tasks.durable import atomic_write, sha256_of, write_json, write_stage_report
 from tasks.errors import FanaoiError
-from tasks.model.network import build_model, load_model, read_model_metadata, save_model
+from tasks.inference.model_file import load_model, read_model_metadata
+from tasks.model.network import build_model, save_model
 from tasks.params import ModelParams, Params, TrainParams
 from tasks.registry.champion import read_champion
 from tasks.registry.store import CHAMPION_MODEL

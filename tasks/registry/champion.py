@@ -13,7 +13,8 @@ from typing import Any
 
 from tasks.durable import sha256_of
 from tasks.errors import FanaoiError
-from tasks.model.network import ModelFileError
+from tasks.inference.model_file import ModelFileError, image_input_of, load_model
+from tasks.inference.predictor import Predictor, class_names_of
 from tasks.registry.store import (
     CARD_ATTR,
     CHAMPION_CARD,
@@ -171,3 +172,13 @@ def published_version(
             f"{', '.join(list_versions(registry_dir)) or 'none'}" + (f" {hint}" if hint else "")
         )
     return name, folder
+
+
+def load_champion(registry_dir: Path | str) -> Predictor:
+    """The champion of the registry with its card's mapping, preprocessing and threshold."""
+    card = champion_card(registry_dir)
+    return Predictor(
+        load_model(Path(registry_dir) / CHAMPION_MODEL), image_input_of(card["preprocessing"]),
+        class_names_of(card["class_mapping"]), float(card["threshold"]), card["version"],
+        tuple(card["review_band"]) if card.get("review_band") else None,
+    )

@@ -20,8 +20,9 @@ import numpy as np
 from tasks.data.dataset import LabeledImage, labels_of, list_images, require_split, select
 from tasks.durable import write_json, write_stage_report
 from tasks.errors import FanaoiError
-from tasks.model.evaluate import KEY_METRICS, choose_threshold, image_metrics, predict_probabilities, verdicts
-from tasks.model.network import ModelFileError, load_model, model_params_from_file, read_model_metadata
+from tasks.inference.metrics import KEY_METRICS, choose_threshold, image_metrics, verdicts
+from tasks.inference.model_file import ModelFileError, load_model, model_params_from_file, read_model_metadata
+from tasks.inference.predictor import predict_probabilities
 from tasks.params import GateParams, Params
 from tasks.registry.champion import read_champion
 from tasks.registry.decisions import decision_entry, record_decision

@@ -19,7 +19,7 @@ from typing import Any
 
 from tasks.data.snapshot import data_snapshot_id
 from tasks.durable import fsync_path, replace_path, sha256_of, write_json
-from tasks.model.network import read_model_metadata
+from tasks.inference.model_file import read_model_metadata
 from tasks.params import Params
 from tasks.registry.champion import read_champion
 from tasks.registry.decisions import append_log, decision_entry
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 SMOKE_TOLERANCE = 1e-4
 SMOKE_TIMEOUT_SECONDS = 600
-SMOKE_MODULE = "tasks.registry.predict"  # its main scores images in a fresh process (a module, not code text)
+SMOKE_MODULE = "tasks.inference.predictor"  # its main scores images in a fresh process (a module, not code text)
 
 
 class PublishError(RegistryError):

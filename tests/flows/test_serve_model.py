@@ -15,9 +15,10 @@ from PIL import Image
 from flows.serve_model import TOKEN_ENV, create_app, exposure_warning
 from tasks.data.dataset import list_images, select
 from tasks.data.image_check import blocking_rules, inspect_image
+from tasks.inference.predictor import predict_files
 from tasks.params import replace
+from tasks.registry.champion import load_champion
 from tasks.registry.decisions import rollback
-from tasks.registry.predict import load_champion, predict_files
 from tasks.registry.store import RegistryError
 from tests.bad_files import HOSTILE_IMAGES
 from tests.conftest import BASE

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from tasks.data.dataset import list_images, select
+from tasks.inference.predictor import predict_files, predictor_from_file
 from tasks.model.explain import run_explain
 from tasks.model.explain_pictures import feature_grid, filter_grid, grad_cam, normalise_kernel, overlay
 from tasks.params import replace
-from tasks.registry.predict import predict_files, predictor_from_file
 from tests.browser_support import external_references, offline_dom, requires_chromium, tables
 from tests.conftest import BASE, copy_with_defect_types
 
@@ -115,7 +115,7 @@ def test_text_from_file_names_is_escaped(explained, trained_workspace, tmp_path)
 
 
 def test_filter_grid_has_one_normalised_cell_per_first_layer_filter(trained_workspace):
-    from tasks.model.network import load_model
+    from tasks.inference.model_file import load_model
 
     model = load_model(trained_workspace["model_path"])
     kernels = model.layers[0].get_weights()[0]
@@ -138,8 +138,8 @@ def test_normalise_kernel_of_a_constant_kernel_is_black():
 
 
 def test_grad_cam_map_has_the_image_size_and_values_in_unit_range(trained_workspace):
+    from tasks.inference.model_file import load_model
     from tasks.model.explain import decode_file
-    from tasks.model.network import load_model
 
     params = trained_workspace["params"]
     model = load_model(trained_workspace["model_path"])

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from flows.cli import main
+from tasks.inference.model_file import load_model, model_params_from_file
 from tasks.model.export import RUNNERS, ExportError, check_images, export_version
-from tasks.model.network import load_model, model_params_from_file
 from tasks.params import replace
 from tasks.registry.champion import read_champion, read_embedded_card
 from tasks.registry.store import RegistryError

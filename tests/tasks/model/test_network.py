@@ -2,14 +2,8 @@ import h5py
 import numpy as np
 import pytest
 
-from tasks.model.network import (
-    TRAINING_ATTR,
-    build_model,
-    edge_kernels,
-    load_model,
-    read_model_metadata,
-    save_model,
-)
+from tasks.inference.model_file import TRAINING_ATTR, load_model, read_model_metadata
+from tasks.model.network import build_model, edge_kernels, save_model
 from tasks.params import ModelParams, ParamsError, replace
 from tests.conftest import BASE
 

@@ -4,7 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from tasks.model.network import build_model, load_model, read_model_metadata
+from tasks.inference.model_file import load_model, read_model_metadata
+from tasks.model.network import build_model
 from tasks.model.prune import PruneError, filter_norms, prune_model, run_prune
 from tasks.params import replace
 from tests.conftest import BASE, TINY_SIZE

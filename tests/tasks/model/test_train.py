@@ -6,7 +6,7 @@ import h5py
 import pytest
 
 from tasks.data.dataset import DatasetError
-from tasks.model.network import MAPPING_ATTR
+from tasks.inference.model_file import MAPPING_ATTR
 from tasks.model.train import run_train
 from tasks.params import replace
 from tests.conftest import BASE, make_image_folder, tiny_params
@@ -116,7 +116,7 @@ def test_warm_start_begins_at_the_champion_weights_and_is_recorded(champion_proj
     import numpy as np
 
     from tasks.data.dataset import list_images, select
-    from tasks.model.network import load_model, read_model_metadata
+    from tasks.inference.model_file import load_model, read_model_metadata
     from tasks.model.train import find_warm_start, train_model
     from tasks.registry.gate import run_gate
     from tasks.registry.publish import build_card
@@ -185,7 +185,8 @@ def test_warm_start_accepts_a_champion_that_differs_only_in_dropout(champion_pro
     import numpy as np
 
     from tasks.data.dataset import list_images, resolve_color_mode
-    from tasks.model.network import build_model, load_model
+    from tasks.inference.model_file import load_model
+    from tasks.model.network import build_model
     from tasks.model.train import find_warm_start, load_warm_start
 
     images = list_images(champion_project.data.dir, champion_project.data)
@@ -377,7 +378,7 @@ def test_aoi_cnn_trains_with_augmentation_and_its_h5_answers_like_the_model(tmp_
     import numpy as np
 
     from tasks.data.dataset import decode_all, list_images, select
-    from tasks.model.network import load_model
+    from tasks.inference.model_file import load_model
 
     data = make_image_folder(tmp_path / "data", per_class=16)
     base = tiny_params(data, epochs=2)

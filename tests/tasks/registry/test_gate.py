@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 
 from tasks.data.dataset import list_images, select
-from tasks.model.evaluate import escape_upper_bound
+from tasks.inference.metrics import escape_upper_bound
 from tasks.params import ParamsError, replace
 from tasks.registry.decisions import read_log
 from tasks.registry.gate import decide, mcnemar_exact, run_gate
@@ -166,7 +166,7 @@ def test_calibrated_threshold_goes_into_the_result(data_dir, base, tmp_path):
 
 
 def test_missing_candidate_is_a_clear_error(data_dir, tmp_path):
-    from tasks.model.network import ModelFileError
+    from tasks.inference.model_file import ModelFileError
 
     with pytest.raises(ModelFileError, match="candidate.h5: model file not found"):
         run_gate(gate_params(data_dir, tmp_path / "registry"), tmp_path / "candidate.h5", tmp_path)
@@ -213,8 +213,8 @@ def test_per_type_ceiling_must_be_a_rate():
 
 @pytest.mark.slow
 def test_gate_rejects_a_candidate_that_lets_one_defect_type_through(data_dir, base, tmp_path):
-    from tasks.model.evaluate import predict_probabilities
-    from tasks.model.network import load_model
+    from tasks.inference.model_file import load_model
+    from tasks.inference.predictor import predict_probabilities
 
     typed_data = copy_with_defect_types(data_dir, tmp_path / "data")
     params = gate_params(typed_data, tmp_path / "registry", max_escape_rate_per_type=0.1)

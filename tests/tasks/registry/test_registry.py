@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tasks.data.dataset import sha256_of
-from tasks.model.network import load_model
+from tasks.inference.model_file import load_model
 from tasks.registry.champion import champion_card, read_champion
 from tasks.registry.decisions import champion_at, parse_time, read_log, reject_streak, rollback
 from tasks.registry.gate import run_gate

@@ -6,8 +6,9 @@ import pytest
 from tasks.data.dataset import list_images, select
 from tasks.data.image_check import blocking_rules, inspect_image
 from tasks.errors import FanaoiError
+from tasks.inference.predictor import expand_paths, predict_files
 from tasks.params import replace
-from tasks.registry.predict import expand_paths, load_champion, predict_files
+from tasks.registry.champion import load_champion
 from tasks.registry.store import RegistryError
 from tests.bad_files import HOSTILE_IMAGES
 from tests.conftest import BASE

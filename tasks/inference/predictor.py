@@ -1,4 +1,4 @@
-"""Classify images with the champion, using the card's class mapping, preprocessing and threshold.
+"""Score images with a model file: the scoring pass of evaluate, the gate, predict and the service.
 
 Every file first passes the pipeline's one image check (tasks.data.image_check, the limits of
 params' validate section): what ingest would refuse gets that reason as its error, never
@@ -22,19 +22,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.data.dataset import decode_image, is_candidate_file
+from tasks.data.dataset import LabeledImage, decode_image, is_candidate_file, make_dataset
 from tasks.data.image_check import ImageRejected, check_file
 from tasks.errors import FanaoiError
-from tasks.model.evaluate import REVIEW, verdicts
-from tasks.model.network import image_input_of, load_model, model_params_from_file, read_model_metadata
+from tasks.inference.metrics import REVIEW, verdicts
+from tasks.inference.model_file import load_model, model_params_from_file, read_model_metadata
 from tasks.params import ImageInput, ValidateParams
-from tasks.registry.champion import champion_card
-from tasks.registry.store import CHAMPION_MODEL
 
 if TYPE_CHECKING:
     import keras
 
+
 REVIEW_LABEL = "REVIEW"  # the label for parts a person must look at
+
 
 # TensorFlow wraps op errors in "{{function_node ...}} message [Op:ReadFile] name:".
 _TF_DECORATION = re.compile(r"\{\{function_node [^}]*\}\}|\s*\[Op:\w+\].*$", re.DOTALL)
@@ -58,7 +58,7 @@ class Predictor:
         return REVIEW_LABEL if verdict == REVIEW else self.class_names[verdict]
 
 
-def _class_names(mapping: dict[str, int]) -> tuple[str, str]:
+def class_names_of(mapping: dict[str, int]) -> tuple[str, str]:
     by_label = {label: name for name, label in mapping.items()}
     return by_label[0], by_label[1]
 
@@ -68,17 +68,7 @@ def predictor_from_file(model_path: Path | str, threshold: float) -> Predictor:
     model_path = Path(model_path)
     mapping = read_model_metadata(model_path)["class_mapping"]
     return Predictor(
-        load_model(model_path), model_params_from_file(model_path), _class_names(mapping), threshold
-    )
-
-
-def load_champion(registry_dir: Path | str) -> Predictor:
-    """The champion of the registry with its card's mapping, preprocessing and threshold."""
-    card = champion_card(registry_dir)
-    return Predictor(
-        load_model(Path(registry_dir) / CHAMPION_MODEL), image_input_of(card["preprocessing"]),
-        _class_names(card["class_mapping"]), float(card["threshold"]), card["version"],
-        tuple(card["review_band"]) if card.get("review_band") else None,
+        load_model(model_path), model_params_from_file(model_path), class_names_of(mapping), threshold
     )
 
 
@@ -175,7 +165,7 @@ def predict_files(
 
 
 def smoke_main(argv: Sequence[str]) -> None:
-    """``python -m tasks.registry.predict PARENT_PID MODEL IMAGE...``: the publish smoke test's fresh
+    """``python -m tasks.inference.predictor PARENT_PID MODEL IMAGE...``: the publish smoke test's fresh
     process loads the file and prints the images' probabilities as JSON.
 
     It dies with its parent (Linux PR_SET_PDEATHSIG), and gives up at once if the parent is
@@ -188,6 +178,16 @@ def smoke_main(argv: Sequence[str]) -> None:
     predictor = predictor_from_file(argv[1], threshold=0.5)
     probabilities = probabilities_of(predictor, [Path(p) for p in argv[2:]], batch_size=32)
     sys.stdout.write(json.dumps([float(p) for p in probabilities]) + "\n")
+
+
+def predict_probabilities(
+    model: keras.Model, images: Sequence[LabeledImage], model_params: ImageInput, batch_size: int
+) -> np.ndarray:
+    """Sigmoid output (probability of the positive class) for each image, in order."""
+    if not images:
+        return np.zeros(0, dtype=np.float32)
+    dataset = make_dataset(images, model_params, batch_size, cache_max_mb=0).map(lambda x, _: x)
+    return model.predict(dataset, verbose=0).reshape(-1).astype(np.float32)
 
 
 if __name__ == "__main__":
