@@ -10,14 +10,13 @@ record and neither redoes the other's work. A night with nothing new finishes in
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import Task, flow, get_run_logger, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, State
@@ -119,45 +118,62 @@ def snapshot_stage(data_dir: str, push: bool, stamp_dir: str) -> dict[str, Any]:
     return result
 
 
-def _recorded_stage(stage: str, runner: str, keep: Callable[[dict[str, Any]], dict[str, Any]], doc: str) -> Task:
-    """The task of a DVC stage: unless DVC reports it current, run ``runner`` ("module:function",
-    imported only then, so a skipped stage loads no TensorFlow or GX) with this task run's
-    logger, record the stage in dvc.lock and return ``keep`` of its result."""
+def _recorded(stage: str, known: dict[str, list[str]] | None, run: Callable[[], Any]) -> Any:
+    """Unless DVC reports ``stage`` current, ``run()`` it and record it in dvc.lock.
 
-    def run_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
-        if skipped := _skip_if_current(stage, known):
-            return skipped
-        module, function = runner.split(":")
-        result = getattr(importlib.import_module(module), function)(params, report=get_run_logger().info)
-        record_stage(Path.cwd(), stage)
-        return keep(result)
-
-    # Prefect keys a task by its function's qualified name: one per stage, not one for all three.
-    run_stage.__name__ = run_stage.__qualname__ = f"{stage}_stage"
-    run_stage.__doc__ = doc
-    return task(name=stage, cache_policy=NO_CACHE)(run_stage)
+    Each stage imports its module inside ``run``: a skipped stage loads no TensorFlow or GX.
+    """
+    if skipped := _skip_if_current(stage, known):
+        return skipped
+    result = run()
+    record_stage(Path.cwd(), stage)
+    return result
 
 
-validate_stage = _recorded_stage(
-    "validate", "tasks.data.validate:run_validate",
-    lambda result: {"valid": result["valid"], "summary": result["summary"]},
-    "Great Expectations on the manifest of data/; a blocking failure fails the run.",
-)
-train_stage = _recorded_stage(
-    "train", "tasks.model.train:run_train",
-    lambda summary: {key: summary[key] for key in ("kept_epoch", "kept_epoch_metrics", "seconds")},
-    "Fit the candidate; every epoch is logged to this task run.",
-)
-evaluate_stage = _recorded_stage(
-    "evaluate", "tasks.model.evaluate:run_evaluate",
-    lambda result: {"validation_accuracy": result["validation"]["accuracy"]},
-    "Score the candidate; compare evaluate() with the kept epoch.",
-)
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
+    """Great Expectations on the manifest of data/; a blocking failure fails the run."""
+
+    def run() -> dict[str, Any]:
+        from tasks.data.validate import run_validate
+
+        result = run_validate(params, report=get_run_logger().info)
+        return {"valid": result["valid"], "summary": result["summary"]}
+
+    return _recorded("validate", known, run)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
+    """Fit the candidate; every epoch is logged to this task run."""
+
+    def run() -> dict[str, Any]:
+        from tasks.model.train import run_train
+
+        summary = run_train(params, report=get_run_logger().info)
+        return {key: summary[key] for key in ("kept_epoch", "kept_epoch_metrics", "seconds")}
+
+    return _recorded("train", known, run)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
+    """Score the candidate once; choose its threshold; compare evaluate() with the kept epoch."""
+
+    def run() -> dict[str, Any]:
+        from tasks.model.evaluate import run_evaluate
+
+        return run_evaluate(params, report=get_run_logger().info)
+
+    return _recorded("evaluate", known, run)
 
 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate_stage(params: Params, known: dict[str, list[str]] | None = None) -> dict[str, Any] | State:
-    """Candidate vs champion on the same validation split: promote or reject, with reasons."""
+    """Candidate vs champion on the same validation split: promote or reject, with reasons.
+
+    Not recorded here: ``publish_stage`` records it once the decision is carried out.
+    """
     if skipped := _skip_if_current("gate", known):
         return skipped
     from tasks.registry.gate import run_gate
@@ -272,14 +288,14 @@ def _run_pipeline(params: Params, push: bool, deadline: float | None) -> dict[st
             params.data.dir, push, params.validate.cache_dir,
         )
         run(train_stage, params)
-        run(evaluate_stage, params)
+        evaluation = run(evaluate_stage, params)
         gate = run(gate_stage, params)
         check_deadline(deadline)
         card = publish_stage.with_options(**retrying)(params, gate) if stages["gate"] else None
     except FanaoiError as exc:
         report_failure(str(exc), stages, validation_lines(params.paths.reports, reports_base_url(params)))
         raise
-    summary = summarize(params, stages, snapshot, card)
+    summary = summarize(params, stages, snapshot, card, gate=gate, evaluation=evaluation)
     if summary["decision"] == "reject":
         alert_on_reject_streak(params, summary)
     if not any(stages.values()):
@@ -306,14 +322,16 @@ def alert_on_reject_streak(params: Params, summary: dict[str, Any]) -> None:
 
 
 def summarize(
-    params: Params, stages: dict[str, bool], snapshot: dict[str, Any], card: dict[str, Any] | None
+    params: Params, stages: dict[str, bool], snapshot: dict[str, Any], card: dict[str, Any] | None, *,
+    gate: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What the run decided and where the models are, from the reports the stages wrote."""
+    """What the run decided and where the models are: from what the stages returned, or, for a
+    stage skipped as current, from the report it wrote when it last ran."""
     from tasks.registry.champion import read_champion
     from tasks.registry.store import CHAMPION_MODEL
 
-    gate = _read_report(params, "gate.json") or {}
-    evaluation = _read_report(params, "evaluation.json") or {}
+    gate = gate or _read_report(params, "gate.json") or {}
+    evaluation = evaluation or _read_report(params, "evaluation.json") or {}
     champion = read_champion(params.registry.dir)
     registry = Path(params.registry.dir).resolve()
     return {

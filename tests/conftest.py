@@ -75,16 +75,25 @@ def make_image_folder(
 
 
 def tiny_params(data_dir: Path, **train_overrides: object) -> Params:
-    """Params for tests: 32x32 input, small model, two epochs, big validation share."""
+    """Params for tests: 32x32 input, small model, two epochs, big validation share, reports beside data/."""
     tiny_train = {"epochs": 2, "batch_size": 16, "checkpoint_dir": str(data_dir.parent / "ckpt")}
     train = replace(BASE.train, **{**tiny_train, **train_overrides})
     return replace(
         BASE,
         data=replace(BASE.data, dir=str(data_dir), split={"train": 0.6, "validation": 0.25, "test": 0.15}),
+        paths=replace(BASE.paths, reports=str(data_dir.parent / "reports")),  # beside data/, as in a project
         model=replace(BASE.model, input_size=(TINY_SIZE, TINY_SIZE), conv_filters=(8, 16), dense_units=16),
         train=train,
         evaluate=replace(BASE.evaluate, max_gap=1.0, max_overfit=1.0),
     )
+
+
+def write_manifest(params: Params, reports: Path) -> Path:
+    """Run the validate stage into ``reports``: the stages after it read its manifest there."""
+    from tasks.data.validate import run_validate
+
+    run_validate(params, reports, report=lambda _: None)
+    return reports
 
 
 @pytest.fixture
@@ -104,7 +113,7 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, obj
     data_dir = make_image_folder(root / "data", per_class=40, seed=1)
     params = tiny_params(data_dir, epochs=3)
     model_path = root / "models" / "candidate.h5"
-    reports = root / "reports"
+    reports = write_manifest(params, root / "reports")
     summary = run_train(params, model_path, reports)
     return {
         "root": root, "data_dir": data_dir, "params": params,

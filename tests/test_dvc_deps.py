@@ -107,5 +107,6 @@ def test_each_stage_depends_on_every_module_it_runs(stage: str) -> None:
 
 def test_imports_are_followed_through_function_bodies_and_python_m() -> None:
     gate = stage_code("fanaoi gate")
-    assert {"tasks/registry/gate.py", "tasks/registry/store.py", "tasks/inference/predictor.py", "tasks/params.py"} <= gate
+    assert {"tasks/registry/gate.py", "tasks/registry/store.py", "tasks/inference/predictor.py",
+            "tasks/params.py"} <= gate
     assert "tasks/model/train.py" in stage_code("fanaoi evaluate")

@@ -54,6 +54,7 @@ class LabeledImage:
     sha256: str
     split: str
     defect_type: str | None = None  # see defect_type_of; None for the negative class
+    mode: str | None = None  # Pillow's mode when the manifest recorded it; None: not looked at yet
 
 
 def defect_type_of(relative: PurePath | str, positive_class: str) -> str | None:
@@ -408,16 +409,19 @@ def augment_image(image: tf.Tensor, seed: tf.Tensor, augment: AugmentParams, squ
 def resolve_color_mode(images: Sequence[LabeledImage], model: ModelParams) -> ModelParams:
     """``color_mode: auto`` becomes grayscale when every image is single-channel, else rgb.
 
-    Reads image headers only (Pillow opens lazily), so it costs a file open per image.
+    The modes come from the manifest; an image listed without one costs a header read.
     """
     from PIL import Image
 
     if model.color_mode != "auto":
         return model
     for image in images:
-        with Image.open(image.path) as opened:
-            if opened.mode not in _SINGLE_CHANNEL_MODES:
-                return replace(model, color_mode="rgb")
+        mode = image.mode
+        if mode is None:
+            with Image.open(image.path) as opened:
+                mode = opened.mode
+        if mode not in _SINGLE_CHANNEL_MODES:
+            return replace(model, color_mode="rgb")
     return replace(model, color_mode="grayscale")
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from tasks.data.dataset import SPLITS, UNTYPED, DatasetError
 from tasks.data.image_check import format_reason, mode_reason, side_reason
+from tasks.data.image_manifest import manifest_path, write_image_manifest
 from tasks.data.manifest import (
     IMAGE,
     LOOSE_FILE,
@@ -73,6 +74,7 @@ def run_validate(
     result = summarize(files, classes, outcomes, rules, data_dir)
     result["page"] = str(reports_dir / VALIDATION_PAGE)
     write_stage_report(reports_dir / "validation.json", result, validation_metrics(result))
+    write_image_manifest(usable_images(files), params.data, manifest_path(reports_dir))
     write_validation_page(result, reports_dir / VALIDATION_PAGE)
     for problem in result["failing_files"]:
         report(f"{problem['severity']}: {problem['path']}: {problem['reason']} [{problem['rule']}]")
@@ -269,7 +271,7 @@ def summarize(
             })
     problems.sort(key=lambda p: (p["severity"] != "blocking", p["path"], p["rule"]))
     blocking = sum(p["severity"] == "blocking" for p in problems)
-    usable = files[(files["kind"] == IMAGE) & files["readable"].fillna(False).astype(bool)]
+    usable = usable_images(files)
     result = {
         "valid": blocking == 0,
         "entries": len(files),
@@ -293,6 +295,11 @@ def summarize(
     }
     result["summary"] = _summary_line(result, data_dir)
     return result
+
+
+def usable_images(files: pd.DataFrame) -> pd.DataFrame:
+    """The images later stages use: in a class folder and readable (the manifest file's rows)."""
+    return files[(files["kind"] == IMAGE) & files["readable"].fillna(False).astype(bool)]
 
 
 def defect_type_counts(usable: pd.DataFrame) -> dict[str, dict[str, int]]:

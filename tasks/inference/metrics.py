@@ -257,3 +257,21 @@ def defect_type_lines(metrics: dict[str, Any]) -> list[str]:
         f"(95 % upper {row['escape_rate_upper95']:.4f})"
         for kind, row in types.items()
     ]
+
+
+# Keras clips probabilities to [epsilon, 1 - epsilon] before the log in binary cross-entropy.
+_KERAS_EPSILON = 1e-7
+
+
+def keras_loss_and_accuracy(labels: Sequence[int] | np.ndarray, probabilities: Sequence[float] | np.ndarray
+                            ) -> dict[str, float]:
+    """What ``model.evaluate`` reports for a sigmoid model compiled with binary cross-entropy and
+    accuracy, from its probabilities: the scoring pass the stage already made, not another one."""
+    labels = np.asarray(labels, dtype=np.float64)
+    clipped = np.clip(np.asarray(probabilities, dtype=np.float64), _KERAS_EPSILON, 1 - _KERAS_EPSILON)
+    if not len(labels):
+        return {"loss": 0.0, "accuracy": 0.0}
+    loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+    # Keras' binary accuracy counts a probability above 0.5 (strictly) as the positive class.
+    accuracy = np.mean((np.asarray(probabilities) > 0.5) == (labels == 1))
+    return {"loss": float(loss), "accuracy": float(accuracy)}

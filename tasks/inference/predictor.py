@@ -72,6 +72,11 @@ def predictor_from_file(model_path: Path | str, threshold: float) -> Predictor:
     )
 
 
+def score_file(model_path: Path | str, images: Sequence[LabeledImage], batch_size: int) -> np.ndarray:
+    """Probabilities of ``images`` from a model file, with the preprocessing stored in it."""
+    return predict_probabilities(load_model(model_path), images, model_params_from_file(model_path), batch_size)
+
+
 def expand_paths(paths: Iterable[Path | str], extensions: Sequence[str]) -> list[Path]:
     """Files as given; folders replaced by the image files under them, sorted."""
     suffixes = {e.lower() for e in extensions}

@@ -3,9 +3,11 @@
 Training keeps the weights of one epoch (``tasks.model.train.kept_epoch``). Keras' logged
 train accuracy for that epoch is an average over batches while the weights were still
 moving (with dropout and augmentation on); ``model.evaluate`` scores the kept weights.
-A large gap between the two on the validation split points at a preprocessing or determinism bug, so it is reported and
-flagged. Classification metrics use the AOI vocabulary: an *escape* is an NG part passed
-as GO (the costly error), an *overkill* is a GO part rejected.
+A large gap between the two on the validation split points at a preprocessing or
+determinism bug, so it is reported and flagged.
+
+The validation and test images are scored once; the scores, and the threshold chosen
+from them, are the artifacts the gate decides on (tasks.inference.scores).
 """
 
 from __future__ import annotations
@@ -14,27 +16,25 @@ import csv
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from tasks.data.dataset import (
-    labels_of,
-    list_images,
-    make_dataset,
-    require_split,
-    select,
-)
+from tasks.data.dataset import SPLITS, make_dataset, require_split, select
+from tasks.data.image_manifest import read_images
 from tasks.durable import write_stage_report
 from tasks.errors import FanaoiError
-from tasks.inference.metrics import KEY_METRICS, choose_threshold, defect_type_lines, image_metrics, roc_points
+from tasks.inference.metrics import (
+    KEY_METRICS,
+    defect_type_lines,
+    image_metrics,
+    keras_loss_and_accuracy,
+    roc_points,
+)
 from tasks.inference.model_file import load_model, model_params_from_file, read_model_metadata
-from tasks.inference.predictor import predict_probabilities
+from tasks.inference.scores import score_candidate
 from tasks.model.train import read_history
 from tasks.params import Params
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -118,26 +118,25 @@ def run_evaluate(
     params: Params, model_path: Path | str | None = None, reports_dir: Path | str | None = None,
     report: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
-    """The evaluate stage: writes reports/evaluation.json and the plot CSVs."""
+    """The evaluate stage: scores the manifest's held-out images once; writes scores.csv, the
+    operating point the gate applies, reports/evaluation.json and the plot CSVs."""
     model_path, reports_dir = params.paths.chosen(model_path, reports_dir)
     model = load_model(model_path)
     model.compile(loss="binary_crossentropy", metrics=["accuracy"])
     model_params = model_params_from_file(model_path)  # color_mode auto was resolved in training
-    images = list_images(params.data.dir, params.data)
-    batch = params.evaluate.batch_size
-    evaluated: dict[str, dict[str, float]] = {}
+    images = read_images(reports_dir, params.data)
+    splits = {split: select(images, split) for split in SPLITS}
     for split in ("train", "validation"):
-        subset = select(images, split)
-        require_split(subset, split, params.data.dir)
-        single_pass = make_dataset(subset, model_params, batch, cache_max_mb=0)
-        loss, accuracy = model.evaluate(single_pass, verbose=0, return_dict=False)
-        evaluated[split] = {"loss": float(loss), "accuracy": float(accuracy)}
-    held_out = {split: select(images, split) for split in ("validation", "test")}
-    scores = {split: predict_probabilities(model, subset, model_params, batch) for split, subset in held_out.items()}
-    labels = {split: np.asarray(labels_of(subset)) for split, subset in held_out.items()}
-    chosen = choose_threshold(labels["validation"], scores["validation"],
-                              params.gate.target_escape_rate, params.evaluate.threshold)
-    threshold, review_band = chosen["threshold"], params.evaluate.review_band
+        require_split(splits[split], split, params.data.dir)
+    batch = params.evaluate.batch_size
+    single_pass = make_dataset(splits["train"], model_params, batch, cache_max_mb=0)
+    loss, accuracy = model.evaluate(single_pass, verbose=0, return_dict=False)
+    candidate = score_candidate(model_path, images, reports_dir, params.evaluate, params.gate.target_escape_rate,
+                                model=model)
+    held_out, labels, scores = candidate["images"], candidate["labels"], candidate["scores"]
+    evaluated = {"train": {"loss": float(loss), "accuracy": float(accuracy)},
+                 "validation": keras_loss_and_accuracy(labels["validation"], scores["validation"])}
+    threshold, review_band = candidate["point"]["threshold"], params.evaluate.review_band
     scored = {split: image_metrics(subset, scores[split], threshold, review_band) for split, subset in held_out.items()}
     write_plots(reports_dir, labels["validation"], scores["validation"], threshold, params.data.classes)
     kept = read_model_metadata(model_path)["training"].get("best_epoch")
@@ -145,7 +144,7 @@ def run_evaluate(
         read_kept_epoch(reports_dir / "history.csv", kept), evaluated,
         params.evaluate.max_gap, params.evaluate.max_overfit,
     )
-    result = {**scored, "threshold_source": chosen["source"], "kept_epoch_vs_evaluate": comparison,
+    result = {**scored, "threshold_source": candidate["point"]["source"], "kept_epoch_vs_evaluate": comparison,
               "model": model_record(model_path)}
     write_stage_report(reports_dir / "evaluation.json", result, {
         "validation": {key: scored["validation"][key] for key in (*KEY_METRICS, "review_rate", "auc", "threshold")},
@@ -156,7 +155,7 @@ def run_evaluate(
     report(
         f"validation accuracy {validation['accuracy']:.4f}, escape rate "
         f"{validation['escape_rate']:.4f}, overkill rate {validation['overkill_rate']:.4f}, review rate "
-        f"{validation['review_rate']:.4f} at threshold {threshold:.4f} ({chosen['source']}); "
+        f"{validation['review_rate']:.4f} at threshold {threshold:.4f} ({candidate['point']['source']}); "
         f"evaluate vs epoch {comparison['kept_epoch']} gap {comparison['validation_accuracy_gap']:.4f}"
         + (" (FLAGGED: above evaluate.max_gap)" if comparison["validation_gap_flag"] else "")
         + (" (FLAGGED: overfit above evaluate.max_overfit)" if comparison["overfit_flag"] else "")

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from tasks.data.dataset import UNTYPED, LabeledImage, decode_image, defect_types_of, list_images, require_split, select
+from tasks.data.dataset import UNTYPED, LabeledImage, decode_image, defect_types_of, require_split
+from tasks.data.image_manifest import read_split
 from tasks.durable import atomic_write
 from tasks.inference.metrics import classification_metrics, escape_bounds, roc_points
 from tasks.inference.model_file import ModelFileError, load_model, model_params_from_file, read_model_metadata
@@ -237,7 +238,7 @@ def run_explain(
     model_params = model_params_from_file(source.path)
     model = load_model(source.path)
 
-    validation = select(list_images(params.data.dir, params.data), "validation")
+    validation = read_split(reports_dir, params.data, "validation")
     require_split(validation, "validation", params.data.dir)
     validation = _relabel(validation, mapping, source.path)
     labels = np.asarray([image.label for image in validation])

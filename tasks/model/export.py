@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.data.dataset import decode_all, list_images, select
+from tasks.data.dataset import decode_all
+from tasks.data.image_manifest import read_split
 from tasks.durable import replace_path
 from tasks.errors import FanaoiError
 from tasks.inference.model_file import load_model, model_params_from_file
@@ -61,7 +62,7 @@ def export_version(params: Params, fmt: str, version: str | None = None) -> dict
         registry_dir, version, error=ExportError, hint="(see `fanaoi history`)"
     )
     model_params = model_params_from_file(folder / "model.h5")
-    images = check_images(params.data, model_params, params.export.check_images)
+    images = check_images(params.data, Path(params.paths.reports), model_params, params.export.check_images)
     model = load_model(folder / "model.h5")
     expected = model.predict(images, batch_size=PREDICT_BATCH, verbose=0).reshape(-1)
 
@@ -97,9 +98,9 @@ def export_version(params: Params, fmt: str, version: str | None = None) -> dict
     return entry
 
 
-def check_images(data: DataParams, model_params: ImageInput, count: int) -> np.ndarray:
-    """Up to ``count`` validation images as one float32 batch, preprocessed for the model."""
-    images = select(list_images(data.dir, data), "validation")[:count]
+def check_images(data: DataParams, reports_dir: Path, model_params: ImageInput, count: int) -> np.ndarray:
+    """Up to ``count`` validation images of the manifest as one float32 batch, preprocessed for the model."""
+    images = read_split(reports_dir, data, "validation")[:count]
     if not images:
         raise ExportError(
             f"{data.dir}: no validation images to check the export on; point data.dir in "

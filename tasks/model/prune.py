@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.data.dataset import LabeledImage, decode_all, labels_of, list_images, make_dataset, require_split, select
+from tasks.data.dataset import LabeledImage, decode_all, labels_of, make_dataset, require_split, select
+from tasks.data.image_manifest import read_images
 from tasks.durable import atomic_replace, sha256_of, write_json
 from tasks.errors import FanaoiError
 from tasks.inference.metrics import classification_metrics
@@ -241,7 +242,7 @@ def run_prune(
             f"gives {params.data.class_mapping}; prune a model trained on this data set"
         )
     model_params = model_params_from_file(model_path)
-    images = list_images(params.data.dir, params.data)
+    images = read_images(reports_dir, params.data)
     train_images, validation = select(images, "train"), select(images, "validation")
     require_split(train_images, "train", params.data.dir)
     require_split(validation, "validation", params.data.dir)

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.data.dataset import (
     LabeledImage,
-    list_images,
     make_dataset,
     require_split,
     resolve_color_mode,
     select,
 )
+from tasks.data.image_manifest import read_images
 from tasks.durable import atomic_write, sha256_of, write_json, write_stage_report
 from tasks.errors import FanaoiError
 from tasks.inference.model_file import load_model, read_model_metadata
@@ -475,9 +475,9 @@ def run_train(
     params: Params, model_path: Path | str | None = None, reports_dir: Path | str | None = None,
     report: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
-    """The train stage: list, split, fit, then write the candidate .h5 and its reports."""
+    """The train stage: read validate's manifest, fit, then write the candidate .h5 and its reports."""
     model_path, reports_dir = params.paths.chosen(model_path, reports_dir)
-    images = list_images(params.data.dir, params.data)
+    images = read_images(reports_dir, params.data)
     train_images = select(images, "train")
     validation_images = select(images, "validation")
     require_split(train_images, "train", params.data.dir)

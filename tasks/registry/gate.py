@@ -1,8 +1,10 @@
 """The gate stage: promote the candidate only when it beats the champion.
 
-Candidate and champion are scored in the same run on the same validation split (the
-content-hash split, so a champion trained on older data never sees its own training
-images), each with its own preprocessing and threshold. Every rule is recorded with its
+Candidate and champion are judged on the same validation images (the content-hash split,
+so a champion trained on older data never sees its own training images), each with its
+own preprocessing and threshold. The candidate's scores and threshold are evaluate's
+(reports/scores.csv, reports/operating-point.json); the champion is scored here once and
+its scores reused while neither it nor the validation images change. Every rule is recorded with its
 numbers and pass/fail in reports/gate.json. With no usable champion only the absolute
 floors apply.
 """
@@ -17,16 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from tasks.data.dataset import LabeledImage, labels_of, list_images, require_split, select
-from tasks.durable import write_json, write_stage_report
+from tasks.data.dataset import LabeledImage, labels_of, require_split
+from tasks.durable import sha256_of, write_json, write_stage_report
 from tasks.errors import FanaoiError
-from tasks.inference.metrics import KEY_METRICS, choose_threshold, image_metrics, verdicts
-from tasks.inference.model_file import ModelFileError, load_model, model_params_from_file, read_model_metadata
-from tasks.inference.predictor import predict_probabilities
+from tasks.inference.metrics import KEY_METRICS, image_metrics, verdicts
+from tasks.inference.model_file import ModelFileError, read_model_metadata
+from tasks.inference.predictor import score_file
+from tasks.inference.scores import cached_scores, read_operating_point, read_scores
 from tasks.params import GateParams, Params
 from tasks.registry.champion import read_champion
 from tasks.registry.decisions import decision_entry, record_decision
-from tasks.registry.store import utc_now
+from tasks.registry.store import MODEL_SHA256, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -145,37 +148,35 @@ def decide(
     return ("promote" if all(r["passed"] for r in rules) else "reject"), rules
 
 
-def _score(
-    model_path: Path, images: Sequence[LabeledImage], batch_size: int
-) -> tuple[np.ndarray, dict[str, int]]:
-    """Probabilities from a model with its own preprocessing, and its class mapping."""
-    model, model_params = load_model(model_path), model_params_from_file(model_path)
-    probabilities = predict_probabilities(model, images, model_params, batch_size)
-    return probabilities, read_model_metadata(model_path)["class_mapping"]
-
-
 def score_champion(
-    registry_dir: Path, images: Sequence[LabeledImage], params: Params
+    registry_dir: Path, images: Sequence[LabeledImage], class_mapping: dict[str, int], batch_size: int,
+    cache_dir: Path | str | None,
 ) -> dict[str, Any]:
-    """The champion's numbers, or why it cannot be scored (status none | unusable | ok)."""
+    """The champion's numbers on ``images``, or why it cannot be scored (status none | unusable | ok).
+
+    Its probabilities are reused from ``cache_dir`` while the champion and the images are
+    the same (tasks.inference.scores.cached_scores).
+    """
     champion = read_champion(registry_dir)
     if champion is None:
         return {"status": "none", "version": None}
     try:
         if champion.problem:
             raise ModelFileError(champion.problem)
-        probabilities, mapping = _score(champion.model_path, images, params.evaluate.batch_size)
+        mapping = read_model_metadata(champion.model_path)["class_mapping"]
+        if mapping != class_mapping:
+            raise ModelFileError(
+                f"{champion.model_path}: its class mapping {mapping} differs from data.classes "
+                f"{class_mapping}, so the two cannot be compared")
+        model_sha256 = champion.card.get(MODEL_SHA256) or sha256_of(champion.model_path)
+        probabilities, cached = cached_scores(
+            model_sha256, images, cache_dir, lambda: score_file(champion.model_path, images, batch_size))
     except ModelFileError as exc:
         log.warning("champion unusable: %s", exc)
         return {"status": "unusable", "version": champion.version, "problem": str(exc)}
-    if mapping != params.data.class_mapping:
-        problem = (f"{champion.model_path}: its class mapping {mapping} differs from data.classes "
-                   f"{params.data.class_mapping}, so the two cannot be compared")
-        log.warning("champion unusable: %s", problem)
-        return {"status": "unusable", "version": champion.version, "problem": problem}
     threshold = float(champion.card["threshold"])
     return {
-        "status": "ok", "version": champion.version, "threshold": threshold,
+        "status": "ok", "version": champion.version, "threshold": threshold, "scores_cached": cached,
         "metrics": image_metrics(images, probabilities, threshold),
         "probabilities": probabilities,
     }
@@ -223,20 +224,22 @@ def run_gate(
     publish smoke test.
     """
     candidate_path, reports_dir = params.paths.chosen(candidate_path, reports_dir)
-    images = select(list_images(params.data.dir, params.data), "validation")
-    require_split(images, "validation", params.data.dir)
-    labels = np.asarray(labels_of(images))
-    probabilities, mapping = _score(candidate_path, images, params.evaluate.batch_size)
+    mapping = read_model_metadata(candidate_path)["class_mapping"]
     if mapping != params.data.class_mapping:
         raise FanaoiError(
             f"{candidate_path}: trained with class mapping {mapping} but data.classes gives "
             f"{params.data.class_mapping}; retrain with `fanaoi train`"
         )
+    point = read_operating_point(reports_dir, sha256_of(candidate_path), candidate_path)
+    images, probabilities = read_scores(reports_dir, "validation")
+    require_split(images, "validation", params.data.dir)
+    labels = np.asarray(labels_of(images))
     gate = params.gate
-    chosen = choose_threshold(labels, probabilities, gate.target_escape_rate, params.evaluate.threshold)
-    threshold, review_band = chosen["threshold"], params.evaluate.review_band
+    threshold = point["threshold"]
+    review_band = tuple(point["review_band"]) if point["review_band"] else None
     candidate = image_metrics(images, probabilities, threshold, review_band)
-    champion = score_champion(Path(params.registry.dir), images, params)
+    champion = score_champion(Path(params.registry.dir), images, params.data.class_mapping,
+                              params.evaluate.batch_size, params.validate.cache_dir)
     mcnemar = None
     if champion["status"] == "ok":
         mcnemar = mcnemar_exact(verdicts(probabilities, threshold) == labels,
@@ -247,7 +250,7 @@ def run_gate(
         "time": utc_now(),
         "metric": gate.metric,
         "threshold": threshold,
-        "threshold_source": chosen["source"],
+        "threshold_source": point["source"],
         "review_band": list(review_band) if review_band else None,
         "reasons": _champion_reasons(champion) + [r["text"] for r in rules],
         "failed": [r["text"] for r in rules if not r["passed"]],

@@ -8,6 +8,7 @@ from flows.cli import main
 from tasks.nightly_report import report_markdown
 from tests.tasks.champion_support import (
     copy_registry,
+    gate_candidate,
     gate_params,
     one_version_registry,
     save_random_model,
@@ -77,7 +78,6 @@ def test_nightly_report_links_the_explain_page_when_it_exists(tmp_path, monkeypa
 @pytest.mark.slow
 def test_a_published_version_keeps_its_training_curves(trained_workspace, tmp_path, capsys):
     from tasks.model.train import write_history
-    from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
 
     data_dir, registry, reports = trained_workspace["data_dir"], tmp_path / "registry", tmp_path / "reports"
@@ -86,7 +86,7 @@ def test_a_published_version_keeps_its_training_curves(trained_workspace, tmp_pa
     write_history([{"epoch": epoch, "accuracy": 0.5 + epoch / 10, "loss": 1 / epoch, "val_accuracy": 0.5,
                     "val_loss": 1.1 / epoch, "learning_rate": 0.001} for epoch in (1, 2, 3)],
                   reports / "history.csv")
-    publish(candidate, run_gate(params, candidate, reports, record=False), params, force_reason="curves")
+    publish(candidate, gate_candidate(params, candidate, reports, record=False), params, force_reason="curves")
     kept = registry / "versions" / "v0001" / "history.csv"
     assert kept.read_bytes() == (reports / "history.csv").read_bytes()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from flows.params import write_params
 from tasks.data.dataset import list_images, select
 from tasks.params import Params, replace
-from tests.conftest import BASE, tiny_params
+from tests.conftest import BASE, tiny_params, write_manifest
 
 # Enough epochs for the tiny model to separate the tiny fans (the 3-epoch model of
 # `trained_workspace` still predicts one class for everything).
@@ -43,6 +43,19 @@ def train_good_model(params: Params, path: Path) -> Path:
     return save_model(model, path, params.data.class_mapping, params.model)
 
 
+def gate_candidate(params: Params, candidate: Path, reports: Path, **options: object) -> dict:
+    """``run_gate`` as the pipeline runs it: on validate's manifest and evaluate's scores of ``candidate``."""
+    from tasks.data.image_manifest import manifest_path, read_images
+    from tasks.inference.scores import score_candidate
+    from tasks.registry.gate import run_gate
+
+    if not manifest_path(reports).is_file():
+        write_manifest(params, reports)
+    score_candidate(candidate, read_images(reports, params.data), reports, params.evaluate,
+                    params.gate.target_escape_rate)
+    return run_gate(params, candidate, reports, **options)
+
+
 def save_random_model(params: Params, path: Path, seed: int = 7) -> Path:
     """An untrained model: as bad as a candidate gets, and different from every trained one."""
     import keras
@@ -62,13 +75,12 @@ def good_model(data_dir: Path, base: Path) -> Path:
 @functools.cache
 def one_version_registry(data_dir: Path, base: Path) -> Path:
     """A registry whose champion v0001 is the good model, published through the gate."""
-    from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
 
     registry = base / "registry-v1"
     params = gate_params(data_dir, registry)
     candidate = good_model(data_dir, base)
-    result = run_gate(params, candidate, base / "reports-v1")
+    result = gate_candidate(params, candidate, base / "reports-v1")
     assert result["decision"] == "promote", result["reasons"]
     publish(candidate, result, params)
     return registry
@@ -118,13 +130,12 @@ def flip_weight_bytes(model_path: Path, count: int = 64) -> None:
         raw.write(bytes(b ^ 0xFF for b in chunk))
 def review_band_registry(data_dir: Path, base: Path, registry: Path, review_band: tuple[float, float]) -> Path:
     """A registry whose champion (the good model) was published with a review band."""
-    from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
 
     params = gate_params(data_dir, registry)
     params = replace(params, evaluate=replace(params.evaluate, review_band=review_band))
     candidate = good_model(data_dir, base)
-    result = run_gate(params, candidate, registry.parent / "reports-review")
+    result = gate_candidate(params, candidate, registry.parent / "reports-review")
     assert result["decision"] == "promote", result["reasons"]
     publish(candidate, result, params)
     return registry

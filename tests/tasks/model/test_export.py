@@ -12,6 +12,7 @@ from tasks.registry.store import RegistryError
 from tests.conftest import BASE
 from tests.tasks.champion_support import (
     copy_registry,
+    gate_candidate,
     gate_params,
     one_version_registry,
     two_version_registry,
@@ -115,7 +116,6 @@ def test_the_cli_exports_the_champion(registry, trained_workspace, tmp_path, cap
 def test_an_aoi_cnn_champion_exports_to_every_format_with_the_same_answers(trained_workspace, tmp_path):
     """The input standardization, BatchNorm in inference mode and global pooling survive TFLite,
     ONNX and SavedModel."""
-    from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
     from tests.tasks.champion_support import train_good_model
 
@@ -128,7 +128,7 @@ def test_an_aoi_cnn_champion_exports_to_every_format_with_the_same_answers(train
         train=replace(base.train, epochs=3),
     )
     candidate = train_good_model(params, tmp_path / "candidate.h5")
-    result = run_gate(params, candidate, tmp_path / "reports", record=False)
+    result = gate_candidate(params, candidate, tmp_path / "reports", record=False)
     publish(candidate, result, params)
     for fmt, name in FORMATS.items():
         entry = export_version(params, fmt)

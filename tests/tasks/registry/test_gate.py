@@ -12,6 +12,7 @@ from tasks.registry.store import CHAMPION_MODEL
 from tests.conftest import BASE, copy_with_defect_types
 from tests.tasks.champion_support import (
     copy_registry,
+    gate_candidate,
     gate_params,
     good_model,
     one_version_registry,
@@ -108,7 +109,7 @@ def test_no_discordant_pairs_gives_p_one():
 @pytest.mark.slow
 def test_first_run_promotes_on_floors_and_writes_its_reasons(data_dir, base, tmp_path):
     params = gate_params(data_dir, tmp_path / "registry")
-    result = run_gate(params, good_model(data_dir, base), tmp_path / "reports")
+    result = gate_candidate(params, good_model(data_dir, base), tmp_path / "reports")
     written = json.loads((tmp_path / "reports" / "gate-details.json").read_text())
     assert written["decision"] == result["decision"] == "promote"
     assert written["champion"] == {"status": "none", "version": None}
@@ -124,7 +125,7 @@ def test_identical_retrain_is_rejected_below_min_delta(data_dir, base, tmp_path)
     registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
     params = gate_params(data_dir, registry)
     retrained = train_good_model(params, tmp_path / "retrained.h5")
-    result = run_gate(params, retrained, tmp_path / "reports")
+    result = gate_candidate(params, retrained, tmp_path / "reports")
     assert result["decision"] == "reject"
     assert result["champion"]["status"] == "ok" and result["champion"]["version"] == "v0001"
     primary = next(rule for rule in result["rules"] if rule["rule"] == "primary_metric")
@@ -145,7 +146,7 @@ def test_unusable_champion_is_reported_and_judged_on_floors(data_dir, base, tmp_
     else:
         champion_file.unlink()
     params = gate_params(data_dir, registry)
-    result = run_gate(params, good_model(data_dir, base), tmp_path / "reports", record=False)
+    result = gate_candidate(params, good_model(data_dir, base), tmp_path / "reports", record=False)
     assert result["champion"]["status"] == "unusable"
     assert result["champion"]["version"] == "v0001"  # from champion.json
     assert str(champion_file) in result["champion"]["problem"]
@@ -153,13 +154,13 @@ def test_unusable_champion_is_reported_and_judged_on_floors(data_dir, base, tmp_
     assert [rule["rule"] for rule in result["rules"]] == ["min_accuracy", "max_escape_rate"]
     assert result["decision"] == "promote"  # the floors pass; a failing candidate would not
     weak = save_random_model(params, tmp_path / "weak.h5")  # below the 0.8 accuracy floor
-    assert run_gate(params, weak, tmp_path / "reports", record=False)["decision"] == "reject"
+    assert gate_candidate(params, weak, tmp_path / "reports", record=False)["decision"] == "reject"
 
 
 @pytest.mark.slow
 def test_calibrated_threshold_goes_into_the_result(data_dir, base, tmp_path):
     params = gate_params(data_dir, tmp_path / "registry", target_escape_rate=0.0)
-    result = run_gate(params, good_model(data_dir, base), tmp_path / "reports", record=False)
+    result = gate_candidate(params, good_model(data_dir, base), tmp_path / "reports", record=False)
     assert result["threshold_source"].startswith("calibrated")
     assert result["candidate"]["metrics"]["escape_rate"] == 0.0
     assert result["candidate"]["metrics"]["threshold"] == result["threshold"] != 0.5
@@ -230,7 +231,7 @@ def test_gate_rejects_a_candidate_that_lets_one_defect_type_through(data_dir, ba
     assert lowest < second and expected[let_through] < 10 and len(ng) >= 5
     params = replace(params, evaluate=replace(params.evaluate,
                                                                       threshold=(lowest + second) / 2))
-    result = run_gate(params, model, tmp_path / "reports", record=False)
+    result = gate_candidate(params, model, tmp_path / "reports", record=False)
 
     written = json.loads((tmp_path / "reports" / "gate-details.json").read_text())
     candidate = written["candidate"]["metrics"]

@@ -15,7 +15,6 @@ from tasks.data.dataset import sha256_of
 from tasks.inference.model_file import load_model
 from tasks.registry.champion import champion_card, read_champion
 from tasks.registry.decisions import champion_at, parse_time, read_log, reject_streak, rollback
-from tasks.registry.gate import run_gate
 from tasks.registry.publish import PublishError, publish
 from tasks.registry.store import (
     CHAMPION_CARD,
@@ -29,6 +28,7 @@ from tasks.registry.store import (
 from tests.tasks.champion_support import (
     copy_registry,
     flip_weight_bytes,
+    gate_candidate,
     gate_params,
     good_model,
     one_version_registry,
@@ -143,7 +143,7 @@ def test_crash_between_write_and_rename_leaves_the_old_champion(data_dir, base, 
     params = gate_params(data_dir, registry, min_accuracy=0.0, min_delta=0.0, max_escape_rate=1.0,
                          max_escape_increase=1.0, max_overkill_increase=1.0)
     candidate = Path(shutil.copy(good_model(data_dir, base), tmp_path / "candidate.h5"))
-    result = run_gate(params, candidate, tmp_path / "reports")
+    result = gate_candidate(params, candidate, tmp_path / "reports")
     assert result["decision"] == "promote"
 
     def crash(source, target):
@@ -188,7 +188,7 @@ def test_candidate_that_does_not_reproduce_in_a_fresh_process_is_not_published(d
     before = (registry / CHAMPION_MODEL).read_bytes()
     params = gate_params(data_dir, registry)
     good = good_model(data_dir, base)
-    result = run_gate(params, good, tmp_path / "reports", record=False)
+    result = gate_candidate(params, good, tmp_path / "reports", record=False)
     result["decision"] = "promote"
     swapped = save_random_model(params, tmp_path / "swapped.h5")  # not the file the gate scored
     with pytest.raises(PublishError, match="where the gate measured .* not published"):
