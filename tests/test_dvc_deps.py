@@ -16,7 +16,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tasks", "flows")
-CLI = ROOT / "flows" / "cli.py"
+CLI = ROOT / "flows" / "cli" / "__init__.py"
 MODULE_NAME = re.compile(rf"^(?:{'|'.join(PACKAGES)})(?:\.\w+)+$")
 
 

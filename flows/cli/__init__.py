@@ -745,6 +745,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
