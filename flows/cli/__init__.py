@@ -17,6 +17,14 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from flows.cli.formatting import (
+    PRUNE_RATES,
+    PRUNE_SIZES,
+    history_why,
+    print_decision,
+    print_defect_types,
+    status_lines,
+)
 from flows.params import DEFAULT_PARAMS, load_params
 from tasks.errors import FanaoiError, printable
 from tasks.params import Params
@@ -182,18 +190,8 @@ def _evaluate(params: Params, model: Model = None, reports: Reports = None) -> i
         f"threshold {validation['threshold']:.4f}  evaluate-vs-kept-epoch gap "
         f"{comparison['validation_accuracy_gap']:.4f}  -> {reports / 'evaluation.json'}"
     )
-    _print_defect_types(validation)
+    print_defect_types(validation)
     return 0
-
-
-def _print_defect_types(metrics: dict) -> None:
-    """The escape rate's 95 % upper bound, then one line per defect type (NG subfolder)."""
-    from tasks.model.evaluate import defect_type_lines
-
-    if "escape_rate_upper95" in metrics:
-        print(f"escape rate 95 % upper bound {metrics['escape_rate_upper95']:.4f}")
-    for line in defect_type_lines(metrics):
-        print(f"  {line}")
 
 
 @command("snapshot", locked=True)
@@ -274,13 +272,6 @@ def _announce_batch(params: Params, result: dict) -> None:
         print(f"event fanaoi.batch.ingested sent to {configured_api_url()}")
 
 
-def _print_decision(result: dict) -> None:
-    print(f"decision: {result['decision'].upper()}  ({result['metric']}, threshold {result['threshold']:.4f}: "
-          f"{result['threshold_source']})")
-    for reason in result["reasons"]:
-        print(f"  - {reason}")
-
-
 @command("gate", locked=True)
 def _gate(
     params: Params,
@@ -297,12 +288,12 @@ def _gate(
     model, reports = params.paths.chosen(model, reports)
     if no_publish:
         result = run_gate(params, model, reports, record=False, report_file=PREVIEW_REPORT)
-        _print_decision(result)
+        print_decision(result)
         print(f"report: {reports / PREVIEW_REPORT} (nothing published or logged; "
               f"{reports / 'gate.json'}, the DVC metric, unchanged)")
         return 0
     result = run_gate(params, model, reports)
-    _print_decision(result)
+    print_decision(result)
     if result["decision"] == "promote":
         card = publish(model, result, params, repo_dir=".")
         print(f"published {card['version']}: {Path(params.registry.dir) / 'champion.h5'}")
@@ -323,7 +314,7 @@ def _promote(
 
     model, reports = params.paths.chosen(model, reports)
     result = run_gate(params, model, reports, record=False)
-    _print_decision(result)
+    print_decision(result)
     if not force and not typer.confirm(f"publish {model} over this decision?", err=True):
         print("not published")
         return 1
@@ -361,15 +352,6 @@ def _champion(params: Params, as_json: AsJson = False) -> int:
     return 0
 
 
-def _history_why(entry: dict) -> str:
-    """A rejection shows the rules that failed; an override or a rollback the operator's reason."""
-    reasons = entry.get("reasons", [])
-    if entry["action"] == "promote":
-        return "every rule passed"
-    failed = "; ".join(entry.get("failed", [])) if entry["action"] == "reject" else ""
-    return failed or (reasons[-1] if reasons else "")
-
-
 @command("history")
 def _history(
     params: Params,
@@ -385,7 +367,7 @@ def _history(
         return 0
     print(f"{'time':26}{'action':9}{'version':8}{'previous':9}{'metric':20}{'escape':8}{'overkill':9}why")
     for entry in read_log(params.registry.dir):
-        why = _history_why(entry)
+        why = history_why(entry)
         metric = f"{entry['metric']} {entry['value']:.4f}" if "metric" in entry else "-"
         rates = [f"{entry[k]:.4f}" if k in entry else "-" for k in ("escape_rate", "overkill_rate")]
         print(f"{entry['time']:26}{entry['action']:9}{entry.get('version') or '-':8}"
@@ -405,12 +387,6 @@ def _rollback(
     card = rollback(params.registry, version, reason)
     print(f"champion is now {card['version']}: {Path(params.registry.dir) / 'champion.h5'}")
     return 0
-
-
-# (label, key, divisor, format): sizes and speed change by a ratio; the rates below by a difference
-_PRUNE_SIZES = (("parameters", "parameters", 1, ",.0f"), ("file size (KB)", "file_bytes", 1024, ",.1f"),
-                ("predict images/s", "images_per_second", 1, ",.0f"))
-_PRUNE_RATES = ("validation accuracy", "escape rate", "overkill rate")
 
 
 @command("prune")
@@ -433,10 +409,10 @@ def _prune(
           + f" filters; accuracy before fine-tuning {result['pruned_not_fine_tuned']['validation_accuracy']:.4f}, "
           f"fine-tuned {result['fine_tune_epochs']} epoch(s)")
     print(f"{'':22}{'before':>12}{'after':>12}{'change':>10}")
-    for label, key, divisor, form in _PRUNE_SIZES:
+    for label, key, divisor, form in PRUNE_SIZES:
         before, after = result["before"][key] / divisor, result["after"][key] / divisor
         print(f"{label:22}{before:>12{form}}{after:>12{form}}{after / before - 1:>+10.0%}")
-    for label in _PRUNE_RATES:
+    for label in PRUNE_RATES:
         before, after = (result[when][label.replace(" ", "_")] for when in ("before", "after"))
         print(f"{label:22}{before:>12.4f}{after:>12.4f}{after - before:>+10.4f}")
     print(f"candidate: {result['out']} (report {reports / 'prune.json'}); "
@@ -528,7 +504,7 @@ def _explain(
     print(f"{summary['model']}: {len(summary['escapes'])} escape(s), {len(summary['overkills'])} "
           f"overkill(s) on {summary['validation']['count']} validation images; {shown} heatmap(s)"
           + (f", {summary['left_out']} left out (explain.max_heatmaps)" if summary["left_out"] else ""))
-    _print_defect_types(summary["validation"])
+    print_defect_types(summary["validation"])
     print(f"report: {summary['index']}  ({summary['seconds']:.1f}s)")
     return 0
 
@@ -574,7 +550,7 @@ def _retrain(params: Params, ctx: typer.Context, no_push: NoPush = False) -> int
         print(f"candidate on {validation['count']} validation images: accuracy {validation['accuracy']:.4f}, "
               f"escape rate {validation['escape_rate']:.4f}, overkill rate {validation['overkill_rate']:.4f}, "
               f"review rate {validation.get('review_rate', 0.0):.4f}")
-        _print_defect_types(validation)
+        print_defect_types(validation)
     print(f"champion: {summary['champion_path'] or 'none yet'} ({summary['champion_version'] or '-'})")
     print(f"candidate: {summary['candidate_path']}")
     print(f"reports: {summary['reports_path']} (evaluation.json, gate.json, history.csv)")
@@ -622,65 +598,9 @@ def _status(params: Params, ctx: typer.Context, as_json: AsJson = False) -> int:
     if as_json:
         print(json.dumps(state, indent=2))
         return 0
-    for label, text in _status_lines(state):
+    for label, text in status_lines(state):
         print(f"{label:12}{text}")
     return 0
-
-
-def _status_lines(state: dict) -> list[tuple[str, str]]:
-    """One screen: champion, last and next nightly run, data, agreement."""
-    champion, prefect, data = state["champion"], state["prefect"], state["data"]
-    lines = [("champion", _champion_line(champion))]
-    if prefect["error"]:
-        lines.append(("nightly", prefect["error"]))
-    else:
-        last, upcoming = prefect["last_run"], prefect["next_run"]
-        lines.append(("last night", _run_line(last) if last else "no finished nightly-retrain run on the server"))
-        lines.append(("next night", f"{upcoming['start']} (in {_duration(upcoming['starts_in_seconds'])})"
-                      if upcoming else "none scheduled (is `fanaoi serve` or a deployment with its cron running?)"))
-    lines.append(("data", f"snapshot {data['snapshot'] or 'none'}; last trained on "
-                          f"{data['trained_snapshot'] or 'nothing yet'}"))
-    pending = data["pending_batches"]
-    if pending is None:
-        lines.append(("new batches", "unknown: the trained snapshot's listing is not in the DVC cache (`dvc fetch`)"))
-    else:
-        lines.append(("new batches", "none since the last training" if not pending else "; ".join(
-            f"{Path(row['batch']).name} ({row['images']} images, {row['ingested_at']})" for row in pending
-        ) + " (not trained on yet)"))
-    for check in state["agreement"]:
-        lines.append(("agree" if check["ok"] else "DISAGREE", f"{check['check']}: {check['detail']}"))
-    return lines
-
-
-def _champion_line(champion: dict | None) -> str:
-    if champion is None:
-        return "none yet (the first promoted candidate becomes v0001)"
-    if champion["problem"]:
-        return f"{champion['version'] or '?'} UNUSABLE: {champion['problem']}"
-    metrics = "  ".join(f"{name} {value:.4f}" for name, value in champion["metrics"].items())
-    threshold = champion["threshold"]
-    return (f"{champion['version']}  published {champion['published']} ({_duration(champion['age_seconds'])} "
-            f"ago, {champion['action']})  {metrics}  threshold "
-            f"{'-' if threshold is None else f'{threshold:.4f}'}")
-
-
-def _run_line(run: dict) -> str:
-    took = f"took {_duration(run['duration_seconds'])}" if run["duration_seconds"] is not None else "running"
-    decision = f"decision {run['decision']}" if run["decision"] else "no report"
-    message = f"  ({printable(run['message'])})" if run["message"] and run["state"] != "COMPLETED" else ""
-    return f"{run['state']}  started {run['start']}  {took}  {decision}{message}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    parts = [(days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")]
-    shown = [f"{value} {unit}" for value, unit in parts if value][:2]
-    return " ".join(shown) or "0 s"
 
 
 @command("alerts")
@@ -744,4 +664,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # every command ends with typer.Exit(code); usage errors exit 2
         return exc.code if isinstance(exc.code, int) else 0
     return 0
-
