@@ -18,8 +18,6 @@ from typing import Annotated, Any
 import typer
 
 from flows.cli.formatting import (
-    PRUNE_RATES,
-    PRUNE_SIZES,
     print_defect_types,
     status_lines,
 )
@@ -103,7 +101,7 @@ def command(name: str, *, locked: bool = False) -> Callable[[Callable[..., int]]
     return register
 
 
-def _params_path(ctx: typer.Context) -> Path:
+def params_file(ctx: typer.Context) -> Path:
     return Path(ctx.find_root().params["params"])
 
 
@@ -112,7 +110,7 @@ def _project_lock(root: typer.Context, params: Params) -> contextlib.AbstractCon
     from tasks.project_lock import project_lock
 
     holder = printable(" ".join(["fanaoi", *root.obj]))
-    return project_lock(_params_path(root).resolve().parent, holder, params.lock.timeout)
+    return project_lock(params_file(root).resolve().parent, holder, params.lock.timeout)
 
 
 def _draw_demo_data(params: Params, directory: Path, count: int | None = None, seed: int | None = None) -> str:
@@ -157,39 +155,6 @@ def _validate(
     return 0
 
 
-@command("train", locked=True)
-def _train(params: Params, model: Model = None, reports: Reports = None) -> int:
-    """Train a candidate model on the train split."""
-    from tasks.model.train import run_train
-
-    model, reports = params.paths.chosen(model, reports)
-    summary = run_train(params, model, reports)
-    kept = summary["kept_epoch_metrics"]
-    print(
-        f"candidate: {model}  epoch {summary['kept_epoch']} of {summary['epochs']} kept: accuracy "
-        f"{kept['accuracy']:.4f}, val_accuracy {kept['val_accuracy']:.4f}  ({summary['seconds']:.0f}s)"
-    )
-    return 0
-
-
-@command("evaluate", locked=True)
-def _evaluate(params: Params, model: Model = None, reports: Reports = None) -> int:
-    """Score the candidate; compare evaluate() with the kept epoch."""
-    from tasks.model.evaluate import run_evaluate
-
-    model, reports = params.paths.chosen(model, reports)
-    result = run_evaluate(params, model, reports)
-    validation, comparison = result["validation"], result["kept_epoch_vs_evaluate"]
-    print(
-        f"validation accuracy {validation['accuracy']:.4f}  escape {validation['escape_rate']:.4f}  "
-        f"overkill {validation['overkill_rate']:.4f}  review {validation['review_rate']:.4f}  "
-        f"threshold {validation['threshold']:.4f}  evaluate-vs-kept-epoch gap "
-        f"{comparison['validation_accuracy_gap']:.4f}  -> {reports / 'evaluation.json'}"
-    )
-    print_defect_types(validation)
-    return 0
-
-
 @command("snapshot", locked=True)
 def _snapshot(params: Params, no_push: NoPush = False, commit: Commit = False) -> int:
     """dvc add + dvc push the data folder."""
@@ -231,7 +196,7 @@ def _ingest(
         use_offline_defaults()
         from flows.ingest import ingest_batch_flow
 
-        result = ingest_batch_flow(str(batch_dir), str(_params_path(ctx)), push=not no_push, commit=commit)
+        result = ingest_batch_flow(str(batch_dir), str(params_file(ctx)), push=not no_push, commit=commit)
     else:
         result = ingest_batch(batch_dir, params, Path("."), push=not no_push, commit=commit, report=log.info)
         _announce_batch(params, result)
@@ -266,37 +231,6 @@ def _announce_batch(params: Params, result: dict) -> None:
 
     if emit_batch_ingested(params.nightly.project, result):
         print(f"event fanaoi.batch.ingested sent to {configured_api_url()}")
-
-
-@command("prune")
-def _prune(
-    params: Params,
-    *,
-    fraction: Annotated[float | None, typer.Option(help="share of filters removed (default: prune.fraction)")] = None,
-    model: Model = None,
-    out: Annotated[Path | None, typer.Option(help="pruned candidate (default: paths.candidate)")] = None,
-    epochs: Annotated[int | None, typer.Option(help="fine-tune epochs (default: prune.fine_tune_epochs)")] = None,
-    reports: Reports = None,
-) -> int:
-    """Remove the weakest Conv2D filters (L1 norm), fine-tune, compare before/after."""
-    from tasks.model.prune import run_prune
-
-    model, reports = params.paths.chosen(model, reports)
-    result = run_prune(params, model, out, reports, fraction=fraction, epochs=epochs)
-    print("pruned " + ", ".join(f"{row['layer']} {row['filters_before']}->{row['filters_after']}"
-                                for row in result["layers"])
-          + f" filters; accuracy before fine-tuning {result['pruned_not_fine_tuned']['validation_accuracy']:.4f}, "
-          f"fine-tuned {result['fine_tune_epochs']} epoch(s)")
-    print(f"{'':22}{'before':>12}{'after':>12}{'change':>10}")
-    for label, key, divisor, form in PRUNE_SIZES:
-        before, after = result["before"][key] / divisor, result["after"][key] / divisor
-        print(f"{label:22}{before:>12{form}}{after:>12{form}}{after / before - 1:>+10.0%}")
-    for label in PRUNE_RATES:
-        before, after = (result[when][label.replace(" ", "_")] for when in ("before", "after"))
-        print(f"{label:22}{before:>12.4f}{after:>12.4f}{after - before:>+10.4f}")
-    print(f"candidate: {result['out']} (report {reports / 'prune.json'}); "
-          f"check it against the champion with `fanaoi gate --model {result['out']}`")
-    return 0
 
 
 @command("predict")
@@ -345,49 +279,12 @@ def _serve_model(
     return 0
 
 
-@command("explain")
-def _explain(
-    params: Params,
-    *,
-    version: Version = None,
-    model: Annotated[Path | None, typer.Option(metavar="PATH", help="a .h5 file instead of a version")] = None,
-    image: Annotated[Path | None, typer.Option(metavar="PATH", help="for the feature maps (default: the first "
-                                                                     "validation image)")] = None,
-    out: Annotated[Path | None, typer.Option(metavar="DIR", help="default: REPORTS/explain/<version or file>")] = None,
-    reports: Reports = None,
-) -> int:
-    """HTML report: filters, feature maps, Grad-CAM on the validation mistakes."""
-    from tasks.model.explain import run_explain
-
-    summary = run_explain(
-        params, version=version, model_path=model, image_path=image, out_dir=out, reports_dir=reports,
-        report=log.debug,
-    )
-    shown = len(summary["heatmaps"])
-    print(f"{summary['model']}: {len(summary['escapes'])} escape(s), {len(summary['overkills'])} "
-          f"overkill(s) on {summary['validation']['count']} validation images; {shown} heatmap(s)"
-          + (f", {summary['left_out']} left out (explain.max_heatmaps)" if summary["left_out"] else ""))
-    print_defect_types(summary["validation"])
-    print(f"report: {summary['index']}  ({summary['seconds']:.1f}s)")
-    return 0
-
-
-@command("plots-template")
-def _plots_template(params: Params, ctx: typer.Context) -> int:
-    """Write the offline page template of `dvc plots show` (.dvc/config: plots.html_template)."""
-    from tasks.model.plots import configured_plots_template, write_plots_template
-
-    template = write_plots_template(configured_plots_template(_params_path(ctx).resolve().parent / ".dvc"))
-    print(f"wrote {template}: `dvc plots show` and `dvc plots diff` now draw without network")
-    return 0
-
-
 @command("retrain")
 def _retrain(params: Params, ctx: typer.Context, no_push: NoPush = False) -> int:
     """Run the nightly flow once (demo data first if data/ is empty)."""
     from flows.prefect_env import use_offline_defaults
 
-    params_path = _params_path(ctx).resolve()
+    params_path = params_file(ctx).resolve()
     data_dir = params_path.parent / params.data.dir
     if not data_dir.is_dir() or not any(data_dir.iterdir()):
         demo = params.demo
@@ -439,7 +336,7 @@ def _serve(params: Params, ctx: typer.Context) -> int:
         print(f"alerts: {', '.join(install_alerts(params.alerts))}")
     else:
         print("alerts: none (set alerts.webhook_url or alerts.block to be told when a night fails)")
-    deployment = nightly_deployment(params, _params_path(ctx))
+    deployment = nightly_deployment(params, params_file(ctx))
     print(f"serving nightly-retrain/{deployment.name} on cron {params.nightly.cron!r}; "
           f"run it now with `prefect deployment run nightly-retrain/{deployment.name}`")
     serve(deployment)
@@ -454,7 +351,7 @@ def _status(params: Params, ctx: typer.Context, as_json: AsJson = False) -> int:
     from flows.project_status import now_utc, project_status
     from flows.status import configured_api_url, nightly_runs
 
-    project = _params_path(ctx).resolve().parent
+    project = params_file(ctx).resolve().parent
     now = now_utc()
     state = project_status(project, params.data.dir, project / params.registry.dir, now)
     state["prefect"] = nightly_runs(configured_api_url(), params.status.api_timeout, now)
@@ -530,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # The command modules register their commands when imported, so they come after `command`.
-from flows.cli import registry  # noqa: E402, F401
+from flows.cli import model, registry  # noqa: E402, F401
 
 # `fanaoi --help` lists the commands in this order, the stages first, not module by module.
 HELP_ORDER = (
