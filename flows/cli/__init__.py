@@ -1,4 +1,5 @@
-"""The ``fanaoi`` command line: a thin layer over ``tasks``, one function per command.
+"""The ``fanaoi`` command line: the Typer app, its global options and ``command``, which registers
+the commands of ``data``, ``model``, ``registry`` and ``line``, each a thin layer over ``tasks``.
 
 Heavy packages (TensorFlow, Great Expectations, Prefect, DVC) are imported inside the
 commands that need them, so ``fanaoi --help`` answers at once.
@@ -26,7 +27,6 @@ log = logging.getLogger("fanaoi")
 # Errors a user can fix: printed as one line, exit 1, no traceback. OSError carries the
 # file name (disk full, permission denied, missing file).
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (FanaoiError, OSError)
-
 
 app = typer.Typer(
     name="fanaoi", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -97,6 +97,7 @@ def command(name: str, *, locked: bool = False) -> Callable[[Callable[..., int]]
 
 
 def params_file(ctx: typer.Context) -> Path:
+    """The ``--params`` file; its folder is the project."""
     return Path(ctx.find_root().params["params"])
 
 
@@ -106,126 +107,6 @@ def _project_lock(root: typer.Context, params: Params) -> contextlib.AbstractCon
 
     holder = printable(" ".join(["fanaoi", *root.obj]))
     return project_lock(params_file(root).resolve().parent, holder, params.lock.timeout)
-
-
-def draw_demo_data(params: Params, directory: Path, count: int | None = None, seed: int | None = None) -> str:
-    """Draw the demo data set (``count`` and ``seed`` default to params' demo section); says what it drew."""
-    from tasks.data.demo_data import generate_demo_dataset
-
-    demo = params.demo
-    counts = generate_demo_dataset(
-        directory, count=demo.count if count is None else count, seed=demo.seed if seed is None else seed,
-        size=demo.size, ng_fraction=demo.ng_fraction, classes=params.data.classes,
-    )
-    return ", ".join(f"{n} {name}" for name, n in counts.items()) + f" images in {directory}"
-
-
-@command("demo-data", locked=True)
-def _demo_data(
-    params: Params,
-    directory: Annotated[Path | None, typer.Argument(help="output folder (default: data.dir)")] = None,
-    count: Annotated[int | None, typer.Option(help="number of images (default: demo.count)")] = None,
-    seed: Annotated[int | None, typer.Option(help="random seed (default: demo.seed)")] = None,
-) -> int:
-    """Draw a synthetic GO/NG fan image data set."""
-    print(draw_demo_data(params, directory or Path(params.data.dir), count, seed))
-    return 0
-
-
-@command("validate", locked=True)
-def _validate(
-    params: Params,
-    directory: Annotated[Path | None, typer.Argument(help="data folder (default: data.dir)")] = None,
-    reports: Reports = None,
-) -> int:
-    """Check every file of the data set (Great Expectations); exit 1 if a blocking rule fails."""
-    from tasks.data.validate import run_validate
-    from tasks.params import replace
-
-    if directory:
-        params = replace(params, data=replace(params.data, dir=str(directory)))
-    reports = Path(reports or params.paths.reports)
-    result = run_validate(params, reports, report=print)
-    print(f"report: {reports / 'validation.json'}, page: {result['page']}")
-    return 0
-
-
-@command("snapshot", locked=True)
-def _snapshot(params: Params, no_push: NoPush = False, commit: Commit = False) -> int:
-    """dvc add + dvc push the data folder."""
-    from tasks.data.snapshot import commit_command, commit_message, commit_snapshot, snapshot_data
-
-    result = snapshot_data(
-        Path("."), params.data.dir, push=not no_push, stamp_dir=params.validate.cache_dir,
-    )
-    state = "new" if result["changed"] else "unchanged"
-    pushed = "pushed to the DVC remote" if result["pushed"] else "not pushed (--no-push)"
-    print(f"data snapshot {result['md5']} ({state}), {pushed}")
-    if commit and commit_snapshot(Path("."), commit_message(result["md5"]), params.data.dir):
-        print(f"committed {params.data.dir}.dvc")
-    elif result["changed"]:
-        print(f"record it in git: {commit_command(params.data.dir, result['md5'])}")
-    return 0
-
-
-@command("ingest", locked=True)
-def _ingest(
-    params: Params,
-    ctx: typer.Context,
-    *,
-    batch_dir: Annotated[Path, typer.Argument(help="batch folder laid out like the data set")],
-    no_push: NoPush = False,
-    commit: Commit = False,
-    flow: Annotated[bool, typer.Option("--flow", help="run as the Prefect flow ingest-batch (dashboard)")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="print only the files that need attention")] = False,
-) -> int:
-    """Add a labeled batch (GO/, NG/ folders) to the data set, with a verdict per file.
-
-    Exit code 2 when some file was rejected (the accepted ones were still added).
-    """
-    from tasks.data.ingest import ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED, ingest_batch
-
-    if flow:
-        from flows.prefect_env import use_offline_defaults
-
-        use_offline_defaults()
-        from flows.ingest import ingest_batch_flow
-
-        result = ingest_batch_flow(str(batch_dir), str(params_file(ctx)), push=not no_push, commit=commit)
-    else:
-        result = ingest_batch(batch_dir, params, Path("."), push=not no_push, commit=commit, report=log.info)
-        _announce_batch(params, result)
-    fine = (ACCEPTED, DUPLICATE, DUPLICATE_IN_BATCH, IGNORED)
-    for row in result["files"]:
-        if row["verdict"] == ACCEPTED and not quiet:
-            print(f"{ACCEPTED}: {printable(row['path'])} -> {row['stored_as']}")
-        elif row["verdict"] not in fine or not quiet:
-            print(f"{row['verdict']}: {printable(row['path'])}: {printable(row['reason'])}")
-    print(", ".join(f"{n} {verdict}" for verdict, n in result["counts"].items()) or "empty batch",
-          f"-> report {printable(result['report_path'])}")
-    snapshot = result["snapshot"]
-    if snapshot:
-        print(f"data snapshot {snapshot['md5']} ({'new' if snapshot['changed'] else 'unchanged'})")
-        if result["committed"]:
-            print(f"committed {params.data.dir}.dvc")
-        elif snapshot["changed"]:
-            print(f"record it in git: {result['commit_command']}")
-    return 2 if result["rejected"] else 0
-
-
-def _announce_batch(params: Params, result: dict) -> None:
-    """Tell the Prefect server, when there is one, that new images arrived (its trigger retrains)."""
-    from flows.status import configured_api_url
-
-    if not result["accepted"] or not configured_api_url():
-        return  # importing Prefect only to learn there is no server costs seconds
-    from flows.prefect_env import use_offline_defaults
-
-    use_offline_defaults()
-    from flows.events import emit_batch_ingested
-
-    if emit_batch_ingested(params.nightly.project, result):
-        print(f"event fanaoi.batch.ingested sent to {configured_api_url()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # The command modules register their commands when imported, so they come after `command`.
-from flows.cli import line, model, registry  # noqa: E402, F401
+from flows.cli import data, line, model, registry  # noqa: E402, F401
 
 # `fanaoi --help` lists the commands in this order, the stages first, not module by module.
 HELP_ORDER = (

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from flows.cli import AsJson, NoPush, command, draw_demo_data, params_file
+from flows.cli import AsJson, NoPush, command, params_file
+from flows.cli.data import draw_demo_data
 from flows.cli.formatting import print_defect_types, status_lines
 from tasks.errors import FanaoiError, printable
 from tasks.params import Params
