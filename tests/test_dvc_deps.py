@@ -1,8 +1,8 @@
 """dvc.yaml's code deps are derived from the imports: an edit to any module a stage runs reruns it.
 
-A stage's ``cmd`` (``fanaoi <stage>``) runs the CLI function registered under that name;
-its imports, followed through ``tasks/`` and ``flows/`` (a module named in a string, run
-with ``python -m``, counts too), are the code the stage runs.
+A stage's ``cmd`` (``fanaoi <stage>``) runs the CLI function registered under that name in
+one of the modules of ``flows/cli/``; its imports, followed through ``tasks/`` and ``flows/``
+(a module named in a string, run with ``python -m``, counts too), are the code the stage runs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tasks", "flows")
-CLI = ROOT / "flows" / "cli.py"
+CLI = ROOT / "flows" / "cli"
 MODULE_NAME = re.compile(rf"^(?:{'|'.join(PACKAGES)})(?:\.\w+)+$")
 
 
@@ -70,25 +70,27 @@ def transitive_imports(start: set[Path]) -> set[Path]:
     return {path for path in seen if path.name != "__init__.py" or path.stat().st_size}
 
 
-def command_function(tree: ast.Module, name: str) -> ast.FunctionDef:
-    """The CLI function of ``fanaoi <name>``: registered with the name, or named after it."""
-    for node in tree.body:
-        if not isinstance(node, ast.FunctionDef):
-            continue
-        registered = any(
-            isinstance(d, ast.Call) and any(isinstance(a, ast.Constant) and a.value == name for a in d.args)
+def command_function(name: str) -> ast.FunctionDef:
+    """The CLI function of ``fanaoi <name>``: the one registered with ``@command("<name>", ...)``."""
+    found = [
+        node
+        for module in sorted(CLI.glob("*.py"))
+        for node in ast.parse(module.read_text(encoding="utf-8")).body
+        if isinstance(node, ast.FunctionDef) and any(
+            isinstance(d, ast.Call) and ast.unparse(d.func) == "command"
+            and d.args and isinstance(d.args[0], ast.Constant) and d.args[0].value == name
             for d in node.decorator_list
         )
-        if registered or node.name.strip("_") == name:
-            return node
-    raise AssertionError(f"{CLI}: no function for `fanaoi {name}`")
+    ]
+    assert len(found) == 1, f"{CLI}: {len(found)} functions registered as `fanaoi {name}`"
+    return found[0]
 
 
 def stage_code(cmd: str) -> set[str]:
     """Project files ``cmd`` runs, relative to the project root."""
     program, name = cmd.split()[:2]
     assert program == "fanaoi", f"{cmd!r}: expected `fanaoi <stage>`"
-    function = command_function(ast.parse(CLI.read_text(encoding="utf-8")), name)
+    function = command_function(name)
     return {str(path.relative_to(ROOT)) for path in transitive_imports(imported_files(function))}
 
 
