@@ -386,7 +386,7 @@ def _history(
     print(f"{'time':26}{'action':9}{'version':8}{'previous':9}{'metric':20}{'escape':8}{'overkill':9}why")
     for entry in read_log(params.registry.dir):
         why = _history_why(entry)
-        metric = f"{entry['metric']} {entry['value']:.4f}" if "metric" in entry else "-"
+        metric = f"{entry['metric']} {entry['value']:.4f}" if entry.get("value") is not None else "-"
         rates = [f"{entry[k]:.4f}" if k in entry else "-" for k in ("escape_rate", "overkill_rate")]
         print(f"{entry['time']:26}{entry['action']:9}{entry.get('version') or '-':8}"
               f"{entry.get('previous') or '-':9}{metric:20}{rates[0]:8}{rates[1]:9}{why}")
@@ -628,9 +628,12 @@ def _status(params: Params, ctx: typer.Context, as_json: AsJson = False) -> int:
 
 
 def _status_lines(state: dict) -> list[tuple[str, str]]:
-    """One screen: champion, last and next nightly run, data, agreement."""
+    """One screen: champion, damaged files, last and next nightly run, data, agreement."""
+    from flows.project_status import INDEX
+
     champion, prefect, data = state["champion"], state["prefect"], state["data"]
     lines = [("champion", _champion_line(champion))]
+    lines += [("DAMAGED", problem) for problem in data["problems"].values()]
     if prefect["error"]:
         lines.append(("nightly", prefect["error"]))
     else:
@@ -641,7 +644,9 @@ def _status_lines(state: dict) -> list[tuple[str, str]]:
     lines.append(("data", f"snapshot {data['snapshot'] or 'none'}; last trained on "
                           f"{data['trained_snapshot'] or 'nothing yet'}"))
     pending = data["pending_batches"]
-    if pending is None:
+    if INDEX in data["problems"]:
+        lines.append(("new batches", "unknown: the ingest index is damaged (see above)"))
+    elif pending is None:
         lines.append(("new batches", "unknown: the trained snapshot's listing is not in the DVC cache (`dvc fetch`)"))
     else:
         lines.append(("new batches", "none since the last training" if not pending else "; ".join(
