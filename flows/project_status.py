@@ -2,7 +2,8 @@
 
 Read from files only (the registry, ``data.dvc``, ``dvc.lock``, the DVC cache's listing of
 a snapshot, ``data/.sources.jsonl``), without importing DVC or TensorFlow, so that
-``fanaoi status`` answers in well under two seconds.
+``fanaoi status`` answers in well under two seconds. A damaged file is reported under
+``problems`` (its name and the fix) and the rest of the screen is still shown.
 """
 
 from __future__ import annotations
@@ -10,29 +11,86 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Required, TypeVar
 
 import yaml
+from pydantic import Field, with_config
+from typing_extensions import TypedDict
 
 from tasks.data.ingest import INDEX_NAME
 from tasks.data.snapshot import pointer_file
 from tasks.registry.champion import read_champion
 from tasks.registry.decisions import read_log
+from tasks.shapes import STRICT, BadFile, IsoTime, checked
 
 CARD_METRICS = ("accuracy", "escape_rate", "escape_rate_upper95", "overkill_rate")
+# The keys of the status's ``problems`` (under "data"): the damaged files, each with its message.
+POINTER, LOCK, INDEX, LOG = "data.dvc", "dvc.lock", "sources", "log"
+
+T = TypeVar("T")
+
+
+@with_config(STRICT)
+class PointerOut(TypedDict, total=False):
+    md5: Required[str]
+    nfiles: int
+    size: int
+
+
+@with_config(STRICT)
+class Pointer(TypedDict):
+    """data.dvc as ``dvc add`` writes it: one out, the data folder."""
+
+    outs: Annotated[list[PointerOut], Field(min_length=1)]
+
+
+@with_config(STRICT)
+class LockDep(TypedDict, total=False):
+    path: Required[str]
+    md5: str
+
+
+@with_config(STRICT)
+class LockStage(TypedDict, total=False):
+    deps: list[LockDep]
+
+
+@with_config(STRICT)
+class DvcLock(TypedDict, total=False):
+    stages: dict[str, LockStage]
+
+
+@with_config(STRICT)
+class Source(TypedDict, total=False):
+    """One line of the ingest index: where an ingested image came from, and when."""
+
+    file: Required[str]
+    batch: str
+    ingested_at: IsoTime
 
 
 def project_status(project: Path, data_dir: str, registry_dir: Path, now: datetime) -> dict[str, Any]:
     """Champion, data and the agreement between registry, data and dvc.lock."""
     champion = champion_status(registry_dir, now)
     data = data_status(project, data_dir)
+    log_entries = _noted(data["problems"], LOG, lambda: read_log(registry_dir), [])
     return {
         "champion": champion,
         "data": data,
-        "agreement": agreement(champion, data, read_log(registry_dir)),
+        "agreement": agreement(champion, data, log_entries),
     }
+
+
+def _noted(problems: dict[str, str], key: str, read: Callable[[], T], instead: T) -> T:
+    """What ``read`` returns; ``instead`` when the file is damaged, its message kept under ``key``."""
+    try:
+        return read()
+    except BadFile as exc:
+        problems[key] = str(exc)
+        return instead
 
 
 def champion_status(registry_dir: Path, now: datetime) -> dict[str, Any] | None:
@@ -66,8 +124,10 @@ def _age(published: str | None, now: datetime) -> float | None:
 
 def data_status(project: Path, data_dir: str) -> dict[str, Any]:
     """The snapshot data.dvc points at, what data/ holds, what the last training used."""
-    pointer = _pointer(project, data_dir)
-    trained = _trained_snapshot(project, data_dir)
+    problems: dict[str, str] = {}
+    pointer = _noted(problems, POINTER, lambda: _pointer(project, data_dir), {})
+    trained = _noted(problems, LOCK, lambda: _trained_snapshot(project, data_dir), None)
+    pending = _noted(problems, INDEX, lambda: pending_batches(project, data_dir, trained), None)
     on_disk = _folder_totals(project / data_dir)
     return {
         "snapshot": pointer.get("md5"),
@@ -76,27 +136,38 @@ def data_status(project: Path, data_dir: str) -> dict[str, Any]:
         "folder_files": on_disk[0] if on_disk else None,
         "folder_bytes": on_disk[1] if on_disk else None,
         "trained_snapshot": trained,
-        "pending_batches": pending_batches(project, data_dir, trained),
+        "pending_batches": pending,
+        "problems": problems,
     }
 
 
 def _pointer(project: Path, data_dir: str) -> dict[str, Any]:
+    """The out of data.dvc ({} before the first snapshot)."""
     path = pointer_file(project, data_dir)
-    try:
-        outs = yaml.safe_load(path.read_text(encoding="utf-8"))["outs"][0]
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
-        return {}
-    return outs if isinstance(outs, dict) else {}
+    fix = f"restore it with `git checkout -- {path.name}` or recreate it with `dvc add {data_dir}`"
+    pointer = _yaml_file(path, fix)
+    return checked(Pointer, pointer, str(path), fix)["outs"][0] if pointer is not None else {}
 
 
 def _trained_snapshot(project: Path, data_dir: str) -> str | None:
     """The md5 of ``data_dir`` that dvc.lock recorded for the train stage."""
-    try:
-        lock = yaml.safe_load((project / "dvc.lock").read_text(encoding="utf-8"))
-        deps = lock["stages"]["train"]["deps"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    path = project / "dvc.lock"
+    fix = "restore it with `git checkout -- dvc.lock`; the next nightly run rewrites it"
+    lock = _yaml_file(path, fix)
+    if lock is None:
         return None
-    return next((dep.get("md5") for dep in deps if dep.get("path") == data_dir), None)
+    deps = checked(DvcLock, lock, str(path), fix).get("stages", {}).get("train", {}).get("deps", [])
+    return next((dep.get("md5") for dep in deps if dep["path"] == data_dir), None)
+
+
+def _yaml_file(path: Path, fix: str) -> Any:
+    """The YAML document at ``path``; None when there is no such file."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, yaml.YAMLError) as exc:
+        raise BadFile(f"{path}: unreadable ({type(exc).__name__}); {fix}") from None
 
 
 def _folder_totals(folder: Path) -> tuple[int, int] | None:
@@ -140,12 +211,15 @@ def pending_batches(project: Path, data_dir: str, trained: str | None) -> list[d
     except FileNotFoundError:
         lines = []
     prefix = f"{data_dir}/"
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
+        # Ingest writes the index whole into the new data tree: a bad line is damage, not a cut.
+        where, fix = f"{index}:{number}", "repair or delete that line"
         try:
             entry = json.loads(line)
-            relative = entry["file"].removeprefix(prefix)
-        except (ValueError, KeyError, AttributeError):
-            continue
+        except ValueError:
+            raise BadFile(f"{where}: not JSON; {fix}") from None
+        checked(Source, entry, where, fix)
+        relative = entry["file"].removeprefix(prefix)
         if relative in seen:
             continue
         batch = batches[entry.get("batch", "?")]
@@ -168,8 +242,16 @@ def _check(name: str, ok: bool, detail: str) -> dict[str, Any]:
     return {"check": name, "ok": ok, "detail": detail}
 
 
+def _unknown(name: str, data: dict[str, Any], *files: str) -> dict[str, Any] | None:
+    """A failed check when one of the ``files`` it compares is damaged (None when all are fine)."""
+    damaged = [file for file in files if file in data["problems"]]
+    return _check(name, False, f"unknown: {' and '.join(damaged)} damaged (see above)") if damaged else None
+
+
 def _folder_vs_pointer(data: dict[str, Any]) -> dict[str, Any]:
     name = "data/ = data.dvc"
+    if unknown := _unknown(name, data, POINTER):
+        return unknown
     if data["snapshot"] is None:
         return _check(name, False, "no data snapshot yet: run `fanaoi snapshot` (or the nightly flow)")
     if data["folder_files"] is None:
@@ -186,6 +268,8 @@ def _folder_vs_pointer(data: dict[str, Any]) -> dict[str, Any]:
 
 def _pointer_vs_lock(data: dict[str, Any]) -> dict[str, Any]:
     name = "data.dvc = dvc.lock"
+    if unknown := _unknown(name, data, POINTER, LOCK):
+        return unknown
     if data["trained_snapshot"] is None:
         return _check(name, False, "no training recorded in dvc.lock yet: the next run trains")
     if data["trained_snapshot"] == data["snapshot"]:
@@ -205,8 +289,10 @@ def _registry_vs_lock(
     if champion["problem"]:
         return _check(name, False, champion["problem"])
     ours, trained = champion["data_snapshot"], data["trained_snapshot"]
-    if ours == trained:
+    if ours == trained and LOCK not in data["problems"]:
         return _check(name, True, f"{champion['version']} was trained on the snapshot dvc.lock records")
+    if unknown := _unknown(name, data, LOCK, LOG):
+        return unknown
     last = log_entries[-1] if log_entries else {}
     if last.get("action") in ("reject", "rollback", "force"):
         # A champion from older data is the expected outcome of these decisions.

@@ -333,7 +333,7 @@ class ServerParams(Section):
 
 class StatusParams(Section):
     KEY: ClassVar[str] = "status"
-    api_timeout: float = Field(gt=0)  # seconds per Prefect API request; a down server must not stall the answer
+    api_timeout: float = Field(gt=0)  # seconds for all Prefect API requests together: a slow server must not stall it
 
 
 # The section is named like its stage; pydantic warns that it hides BaseModel's deprecated validate().

@@ -29,6 +29,7 @@ from filelock import FileLock, Timeout
 from tasks.errors import FanaoiError
 
 LOCK_FILE = Path(".fanaoi") / "project.lock"
+PROJECT_MARKER = "dvc.yaml"  # the folder holding the stage graph is the project
 HOLDER_SUFFIX = ".holder.json"  # beside the lock: who holds it (the lock file itself is the OS's)
 
 
@@ -36,6 +37,17 @@ class ProjectLocked(FanaoiError):
     """Another command held the project lock past the timeout; a later attempt may pass."""
 
     transient = True
+
+
+def project_root(start: Path | str = ".") -> Path:
+    """The project ``start`` lies in: the nearest folder up from it that holds dvc.yaml.
+
+    The commands work on the files of the folder they run in, whatever params file they
+    read; a lock placed from ``--params`` would guard another folder than the one they
+    change. Without a dvc.yaml above it, ``start`` itself is the project.
+    """
+    start = Path(start).resolve()
+    return next((folder for folder in (start, *start.parents) if (folder / PROJECT_MARKER).is_file()), start)
 
 
 @contextmanager

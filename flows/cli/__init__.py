@@ -102,11 +102,11 @@ def params_file(ctx: typer.Context) -> Path:
 
 
 def _project_lock(root: typer.Context, params: Params) -> contextlib.AbstractContextManager[None]:
-    """The project lock; the project is the params file's folder."""
-    from tasks.project_lock import project_lock
+    """The lock of the project the command runs in (the cwd's), whichever params file it read."""
+    from tasks.project_lock import project_lock, project_root
 
     holder = printable(" ".join(["fanaoi", *root.obj]))
-    return project_lock(params_file(root).resolve().parent, holder, params.lock.timeout)
+    return project_lock(project_root(), holder, params.lock.timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

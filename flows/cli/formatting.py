@@ -40,9 +40,12 @@ PRUNE_RATES = ("validation accuracy", "escape rate", "overkill rate")
 
 
 def status_lines(state: dict) -> list[tuple[str, str]]:
-    """One screen: champion, last and next nightly run, data, agreement."""
+    """One screen: champion, damaged files, last and next nightly run, data, agreement."""
+    from flows.project_status import INDEX
+
     champion, prefect, data = state["champion"], state["prefect"], state["data"]
     lines = [("champion", _champion_line(champion))]
+    lines += [("DAMAGED", problem) for problem in data["problems"].values()]
     if prefect["error"]:
         lines.append(("nightly", prefect["error"]))
     else:
@@ -53,7 +56,9 @@ def status_lines(state: dict) -> list[tuple[str, str]]:
     lines.append(("data", f"snapshot {data['snapshot'] or 'none'}; last trained on "
                           f"{data['trained_snapshot'] or 'nothing yet'}"))
     pending = data["pending_batches"]
-    if pending is None:
+    if INDEX in data["problems"]:
+        lines.append(("new batches", "unknown: the ingest index is damaged (see above)"))
+    elif pending is None:
         lines.append(("new batches", "unknown: the trained snapshot's listing is not in the DVC cache (`dvc fetch`)"))
     else:
         lines.append(("new batches", "none since the last training" if not pending else "; ".join(

@@ -111,7 +111,7 @@ def _history(
     print(f"{'time':26}{'action':9}{'version':8}{'previous':9}{'metric':20}{'escape':8}{'overkill':9}why")
     for entry in read_log(params.registry.dir):
         why = history_why(entry)
-        metric = f"{entry['metric']} {entry['value']:.4f}" if "metric" in entry else "-"
+        metric = f"{entry['metric']} {entry['value']:.4f}" if entry.get("value") is not None else "-"
         rates = [f"{entry[k]:.4f}" if k in entry else "-" for k in ("escape_rate", "overkill_rate")]
         print(f"{entry['time']:26}{entry['action']:9}{entry.get('version') or '-':8}"
               f"{entry.get('previous') or '-':9}{metric:20}{rates[0]:8}{rates[1]:9}{why}")

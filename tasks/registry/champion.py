@@ -9,7 +9,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Required
+
+from pydantic import with_config
+from typing_extensions import TypedDict
 
 from tasks.durable import sha256_of
 from tasks.errors import FanaoiError
@@ -24,8 +27,36 @@ from tasks.registry.store import (
     list_versions,
     version_name,
 )
+from tasks.shapes import STRICT, BadFile, IsoTime, checked
 
 log = logging.getLogger(__name__)
+
+
+@with_config(STRICT)
+class ValidationMetrics(TypedDict, total=False):
+    accuracy: float
+    escape_rate: float
+    escape_rate_upper95: float
+    overkill_rate: float
+    count: int
+
+
+@with_config(STRICT)
+class CardMetrics(TypedDict, total=False):
+    validation: ValidationMetrics
+
+
+@with_config(STRICT)
+class Card(TypedDict, total=False):
+    """A model card, as far as ``status``, ``champion`` and the integrity check read it."""
+
+    version: Required[str]
+    time: IsoTime
+    action: str
+    threshold: float | None
+    data_snapshot: str | None
+    metrics: CardMetrics
+    model_sha256: str
 
 
 @dataclass(frozen=True)
@@ -56,9 +87,7 @@ def read_embedded_card(model_path: Path) -> dict[str, Any]:
         ) from None
     except (OSError, ValueError) as exc:
         raise ModelFileError(f"{model_path}: not a readable .h5 file ({exc})") from None
-    if not isinstance(card, dict) or "version" not in card:
-        raise ModelFileError(f"{model_path}: its embedded model card is not a FanAOI card")
-    return card
+    return checked(Card, card, f"{model_path}: its embedded model card", "publish it again", ModelFileError)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -70,13 +99,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         log.warning("%s: unreadable model card (%s); using the card inside the model", path, exc)
         return None
-    if not isinstance(card, dict):
-        log.warning(
-            "%s: holds a JSON %s, not a model card; using the card inside the model",
-            path, type(card).__name__,
-        )
+    try:
+        return checked(Card, card, str(path), "using the card inside the model")
+    except BadFile as exc:
+        log.warning("%s", exc)
         return None
-    return card
 
 
 def published_sha256(registry_dir: Path | str, version: str) -> str | None:

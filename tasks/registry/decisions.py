@@ -8,7 +8,10 @@ import os
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Required
+
+from pydantic import with_config
+from typing_extensions import TypedDict
 
 from tasks.params import RegistryParams
 from tasks.registry.champion import integrity_problem, published_version, read_champion, read_embedded_card
@@ -21,23 +24,45 @@ from tasks.registry.store import (
     remove_leftovers,
     utc_now,
 )
+from tasks.shapes import STRICT, IsoTime, checked
 
 log = logging.getLogger(__name__)
 
 CHAMPION_ACTIONS = ("promote", "force", "rollback")
 
 
+@with_config(STRICT)
+class LogEntry(TypedDict, total=False):
+    """One line of log.jsonl, as far as history, rollback and the gate's streak read it."""
+
+    time: Required[IsoTime]
+    action: Required[Literal["promote", "reject", "force", "rollback"]]
+    version: str | None
+    previous: str | None
+    metric: str
+    value: float | None  # a metric undefined on the images (AUC with one class) is null
+    escape_rate: float
+    overkill_rate: float
+    reasons: list[str]
+    failed: list[str]
+
+
 def read_log(registry_dir: Path | str) -> list[dict[str, Any]]:
-    """Every decision, oldest first. A line cut short by a crash is skipped with a warning."""
+    """Every decision, oldest first. A line cut short by a crash is skipped with a warning.
+
+    A whole line of another shape was edited or damaged, not cut: BadFile names it.
+    """
     path = Path(registry_dir) / LOG_FILE
     if not path.exists():
         return []
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except ValueError:
             log.warning("%s:%d: unreadable log line skipped", path, number)
+            continue
+        entries.append(checked(LogEntry, entry, f"{path}:{number}", "repair or delete that line"))
     return entries
 
 

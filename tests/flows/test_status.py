@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from flows.status import nightly_runs
 from tests.conftest import heavy_packages_imported_by, make_image_folder
 from tests.dvc_support import BIN, tool_env
 from tests.prefect_support import free_port
@@ -92,3 +99,76 @@ def test_an_ingested_batch_shows_until_a_run_trains_on_it(
     # A file dropped into data/ by hand, without a snapshot: data.dvc no longer describes data/.
     shutil.copy(next((batch / "GO").iterdir()), project / "data" / "GO" / "by-hand.png")
     assert checks(status_json(project))["data/ = data.dvc"] is False
+
+
+@contextmanager
+def fake_api(body: bytes, content_type: str = "application/json", trickle: float = 0.0) -> Iterator[str]:
+    """An HTTP server on loopback answering every request with ``body``; its /api URL.
+
+    With ``trickle``, it sends the whole answer one byte per ``trickle`` seconds (for 3 s
+    at most, then hangs up): a server too slow to finish, yet never silent long enough
+    for a per-read timeout.
+    """
+    answer = (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nConnection: close\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    class Answer(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if not trickle:
+                self.wfile.write(answer)
+                return
+            stop = time.monotonic() + 3
+            for byte in answer:
+                if time.monotonic() > stop:
+                    break
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(trickle)
+            self.close_connection = True
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/api"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+NOT_PREFECT = {
+    "html": (b"<html><body>It works!</body></html>", "text/html", "/flow_runs/filter answered text/html, not JSON"),
+    "an empty object": (b"{}", "application/json", "/flow_runs/filter answered: Input should be a valid list"),
+    "a list of strings": (b'["a"]', "application/json", "answered: 0: Input should be a valid dictionary"),
+}
+
+
+@pytest.mark.parametrize(("body", "content_type", "said"), NOT_PREFECT.values(), ids=NOT_PREFECT.keys())
+def test_a_server_that_is_not_prefect_is_one_line(body: bytes, content_type: str, said: str) -> None:
+    with fake_api(body, content_type) as url:
+        state = nightly_runs(url, 2.0, datetime.now(UTC))
+    assert state["error"].startswith(f"the server at {url} is not a Prefect API (")
+    assert said in state["error"] and "check PREFECT_API_URL" in state["error"]
+    assert "\n" not in state["error"]
+
+
+def test_a_malformed_api_url_is_one_line() -> None:
+    state = nightly_runs("http://[::1", 0.5, datetime.now(UTC))
+    error = "no Prefect server at http://[::1 (InvalidURL: Invalid port: ':1')"
+    assert state == {"server": "http://[::1", "error": error}
+
+
+def test_a_trickling_server_is_cut_at_the_deadline_of_the_whole_exchange() -> None:
+    with fake_api(b"[]", trickle=0.3) as url:
+        started = time.monotonic()
+        state = nightly_runs(url, 0.5, datetime.now(UTC))
+        took = time.monotonic() - started
+    assert took < 1.0  # status.api_timeout for all requests together, plus the loop's start
+    assert state["error"] == (f"the Prefect server at {url} did not answer within status.api_timeout = 0.5 s "
+                              "(params.yaml); check that it is up and not overloaded")
