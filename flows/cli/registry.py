@@ -15,6 +15,21 @@ from tasks.params import Params
 PREVIEW_REPORT = "gate-preview.json"
 
 
+def score_unless_evaluated(params: Params, model: Path, reports: Path) -> None:
+    """The gate decides on evaluate's scores. A model evaluate has not scored into ``reports``
+    (``--model`` of a pruned or hand-made file) is scored here first, by the same function and
+    on the manifest validate wrote (in ``reports``, else in paths.reports)."""
+    from tasks.data.image_manifest import manifest_path, read_images
+    from tasks.inference.scores import score_candidate, scored_by_evaluate
+
+    if scored_by_evaluate(reports, model):
+        return
+    manifest_dir = reports if manifest_path(reports).is_file() else Path(params.paths.reports)
+    print(f"{model}: not scored by `fanaoi evaluate` in {reports}; scoring its validation and test images first")
+    score_candidate(model, read_images(manifest_dir, params.data), reports, params.evaluate,
+                    params.gate.target_escape_rate)
+
+
 @command("gate", locked=True)
 def _gate(
     params: Params,
@@ -28,6 +43,8 @@ def _gate(
     from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
 
+    if model is not None:
+        score_unless_evaluated(params, model, Path(reports or params.paths.reports))
     model, reports = params.paths.chosen(model, reports)
     if no_publish:
         result = run_gate(params, model, reports, record=False, report_file=PREVIEW_REPORT)
@@ -55,6 +72,8 @@ def _promote(
     from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
 
+    if model is not None:
+        score_unless_evaluated(params, model, Path(reports or params.paths.reports))
     model, reports = params.paths.chosen(model, reports)
     result = run_gate(params, model, reports, record=False)
     print_decision(result)
