@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tasks.data.ingest import INDEX_NAME
+from tasks.data.ingest_transaction import INDEX_NAME
 from tasks.data.snapshot import pointer_file
 from tasks.registry.champion import read_champion
 from tasks.registry.decisions import read_log
