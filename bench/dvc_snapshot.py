@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
 from tasks.data import ingest  # noqa: E402
+from tasks.data.ingest_transaction import add_to_data  # noqa: E402
 from tasks.data.snapshot import run_dvc, snapshot_data  # noqa: E402
 from tests.dvc_support import make_pipeline_repo, tool_env  # noqa: E402
 
@@ -103,7 +104,7 @@ def run_benchmark(root: Path, images: int, added: int) -> None:
     verdicts = ingest.judge_batch(batch, data_dir, params, params.data.dir)
     judged = time.perf_counter()
     accepted = [v for v in verdicts if v.verdict == ingest.ACCEPTED]
-    ingest.add_to_data(data_dir, accepted, [])
+    add_to_data(data_dir, ingest.added_files(accepted), [])
     swapped = time.perf_counter()
     add = timed(lambda: snapshot_data(repo, params.data.dir, push=False))
     push = timed(lambda: run_dvc(repo, "push"))

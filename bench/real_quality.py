@@ -95,7 +95,8 @@ def train_and_score(params: Params, per_epoch: bool = False) -> dict[str, float]
     from tasks.data.dataset import labels_of, list_images, resolve_color_mode, select
     from tasks.inference.metrics import choose_threshold, classification_metrics
     from tasks.inference.predictor import predict_probabilities
-    from tasks.model.train import kept_epoch, train_model
+    from tasks.model.history import kept_epoch
+    from tasks.model.train import train_model
 
     images = list_images(params.data.dir, params.data)
     train, validation, test = (select(images, split) for split in ("train", "validation", "test"))

@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field, with_config
 from typing_extensions import TypedDict
 
-from tasks.data.ingest import INDEX_NAME
+from tasks.data.ingest_transaction import INDEX_NAME
 from tasks.data.snapshot import pointer_file
 from tasks.registry.champion import read_champion
 from tasks.registry.decisions import read_log

@@ -111,4 +111,4 @@ def test_imports_are_followed_through_function_bodies_and_python_m() -> None:
     gate = stage_code("fanaoi gate")
     assert {"tasks/registry/gate.py", "tasks/registry/store.py", "tasks/inference/predictor.py",
             "tasks/params.py"} <= gate
-    assert "tasks/model/train.py" in stage_code("fanaoi evaluate")
+    assert "tasks/model/history.py" in stage_code("fanaoi evaluate")

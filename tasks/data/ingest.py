@@ -10,42 +10,37 @@ subfolder ``NG/<type>/`` of the batch); their origin goes to ``data/.sources.jso
 training and validation skip it, yet inside the DVC snapshot, so checking out an older
 snapshot restores the matching index. Originals are only read, never moved or deleted.
 
-The new data folder is built beside the old one (hard links to the files already there,
-copies of the accepted ones) and swapped in with one rename: an ingest interrupted at
-any point leaves ``data/`` as it was or complete. Then ``dvc add`` and ``dvc push``.
-
-The duplicate check needs the sha256 of every file already in ``data/``: at 100,000 images,
-reading them all is most of an ingest's own time. A file whose (size, mtime, ctime, inode)
-are those it had when validation or an earlier ingest read it keeps that sha256 (the
-manifest cache, and the ingest's own record under ``validate.cache_dir``); any other file
-is read again. The ctime is what catches a rewrite that sets the mtime back. The hard
-links of the new folder move every old file's ctime, so each ingest records the tree it
-swapped in, with the sha256 it had just checked.
+This module judges the batch and writes the report. The duplicate check reads the sha256
+of the files already in ``data/`` through ``tasks.data.data_hashes``; the accepted files
+enter ``data/`` all at once or not at all through ``tasks.data.ingest_transaction``. Then
+``dvc add`` and ``dvc push``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
-import json
 import logging
 import os
-import shutil
-import stat
-import sys
-import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.data.dataset import UNTYPED, defect_type_of, is_candidate_file, walk_files
+from tasks.data.data_hashes import DataHashes, existing_hashes, known_hashes, record_hashes
+from tasks.data.dataset import UNTYPED, defect_type_of, is_candidate_file
 from tasks.data.image_check import ALWAYS_BLOCKING, blocking_rules, inspect_image
-from tasks.data.manifest import cached_hashes
+from tasks.data.ingest_transaction import (
+    AddedFile,
+    IngestError,
+    add_to_data,
+    ingest_lock,
+    open_no_follow,
+    recover_interrupted,
+    write_failure,
+)
 from tasks.data.snapshot import (
     SnapshotError,
     commit_command,
@@ -54,27 +49,11 @@ from tasks.data.snapshot import (
     require_dvc_repo,
     snapshot_data,
 )
-from tasks.durable import (
-    StatKey,
-    cache_file,
-    fsync_path,
-    read_json,
-    sha256_of,
-    stat_hashes,
-    stat_key,
-    stat_rows,
-    write_json,
-)
+from tasks.durable import write_json
 from tasks.errors import FanaoiError
 from tasks.params import Params, ValidateParams
-from tasks.project_lock import held_lock
 
 log = logging.getLogger(__name__)
-
-INDEX_NAME = ".sources.jsonl"
-STAGING_PREFIX = ".fanaoi-ingest-"
-LOCK_NAME = ".fanaoi-ingest.lock"
-COMPLETE_MARKER = "complete"
 
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"  # the same bytes are already in the data set, same class
@@ -85,13 +64,6 @@ INVALID = "invalid"  # decodes, but format, mode or size break a blocking valida
 UNEXPECTED = "unexpected"  # not an image file, outside a class folder, a symlink
 IGNORED = "ignored"  # hidden files such as .DS_Store
 REJECTED = (LABEL_CONFLICT, UNREADABLE, INVALID, UNEXPECTED)
-_COPY_CHUNK = 1 << 20
-_HASHES_VERSION = 1
-_SHA256 = len(StatKey._fields)  # a recorded row is the file's StatKey, then its sha256
-
-
-class IngestError(FanaoiError):
-    """The batch cannot be ingested as given; the message names the path and the fix."""
 
 
 @dataclass
@@ -140,15 +112,16 @@ def ingest_batch(
         # The verdicts are on disk before data/ changes: a failure here changes nothing.
         write_report(result, path)
         accepted = [v for v in verdicts if v.verdict == ACCEPTED]
+        added = added_files(accepted)
         if accepted:
             try:
-                add_to_data(data_dir, accepted, _index_entries(accepted, batch_dir, started))
+                add_to_data(data_dir, added, _index_entries(accepted, batch_dir, started))
             except FanaoiError as exc:
                 result["error"] = str(exc)
                 write_report(result, path)
                 raise
             report(f"added {len(accepted)} image(s) to {data_rel}/")
-        record_hashes(hashes_dir, data_dir, params.data.classes, in_data, accepted)
+        record_hashes(hashes_dir, data_dir, params.data.classes, in_data, added)
     try:
         _snapshot(result, repo_dir, data_dir, push, commit, stamp_dir=params.validate.cache_dir)
     except SnapshotError as exc:
@@ -236,15 +209,6 @@ def read_no_follow(path: Path) -> bytes:
     descriptor = open_no_follow(path)
     with os.fdopen(descriptor, "rb") as handle:
         return handle.read()
-
-
-def open_no_follow(path: Path) -> int:
-    """A read descriptor on ``path`` itself: never a symlink's target, never a FIFO or device."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-        os.close(descriptor)
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    return descriptor
 
 
 def walk_batch(
@@ -341,193 +305,10 @@ def type_folder(defect_type: str | None) -> str:
     return "" if defect_type in (None, UNTYPED) else defect_type
 
 
-@dataclass
-class DataHashes:
-    """The files already in the class folders, by content and by path."""
-
-    by_sha256: dict[str, list[tuple[str, str]]]  # sha256 -> [(class, path from the repository)]
-    files: dict[str, tuple[StatKey, str]]  # path in the data folder -> (stat key when read, sha256)
-    read: int  # files whose bytes were read this time
-
-
-def existing_hashes(
-    data_dir: Path, classes: tuple[str, ...], data_rel: str,
-    known: dict[str, tuple[StatKey, str]] | None = None,
-) -> DataHashes:
-    """Every file already in the class folders with its sha256, from ``known`` where it still holds.
-
-    ``known`` maps a path in the data folder to the stat key it had when it was hashed; a
-    file whose key differs, or that ``known`` does not list, is read.
-    """
-    known = known or {}
-    found = DataHashes(defaultdict(list), {}, 0)
-    for name, relative, info in _class_files(data_dir, classes):
-        key = stat_key(info)
-        known_key, sha256 = known.get(relative, (None, None))
-        if known_key != key:
-            sha256 = sha256_of(data_dir / relative)
-            found.read += 1
-        found.files[relative] = (key, sha256)
-        found.by_sha256[sha256].append((name, f"{data_rel}/{relative}"))
-    # Verdicts name the first copy: class order, then path order, whatever the walk's order.
-    order = {name: index for index, name in enumerate(classes)}
-    for copies in found.by_sha256.values():
-        if len(copies) > 1:
-            copies.sort(key=lambda copy: (order[copy[0]], copy[1].split("/")))
-    return found
-
-
-def known_hashes(hashes_dir: Path, data_dir: Path) -> dict[str, tuple[StatKey, str]]:
-    """The sha256 recorded per file by the last validation and the last ingest (the ingest's if both)."""
-    known = cached_hashes(hashes_dir, data_dir)
-    path = cache_file(hashes_dir, data_dir, "ingest-hashes")
-    stored = read_json(path)
-    if stored.get("version") != _HASHES_VERSION:
-        return known
-    rows = stat_rows(stored.get("files"), 1)
-    if rows is None:  # those files are read instead
-        log.warning("%s: damaged, ignored", path)
-    else:
-        known.update(stat_hashes(rows, _SHA256))
-    return known
-
-
-def record_hashes(
-    hashes_dir: Path, data_dir: Path, classes: tuple[str, ...], before: DataHashes,
-    accepted: list[Verdict],
-) -> None:
-    """Record the sha256 of every file of the folder just swapped in, under its new stat key.
-
-    An old file keeps the sha256 checked before the swap while its size, mtime and inode
-    are unchanged (its hard link moved only the ctime); an accepted file has the sha256
-    its copy was checked against. Anything else is left out, so the next ingest reads it.
-    """
-    added = {_in_data(v).as_posix(): v.sha256 for v in accepted}
-    files = {}
-    for _, relative, info in _class_files(data_dir, classes):
-        key = stat_key(info)
-        old_key, sha256 = before.files.get(relative, (None, None))
-        if old_key is not None and (old_key.size, old_key.mtime_ns, old_key.inode) == (
-            key.size, key.mtime_ns, key.inode
-        ):
-            files[relative] = [*key, sha256]
-        elif relative in added:
-            files[relative] = [*key, added[relative]]
-    path = cache_file(hashes_dir, data_dir, "ingest-hashes")
-    try:
-        write_json(path, {"version": _HASHES_VERSION, "files": files}, indent=None)
-    except OSError as exc:  # only a cache: the next ingest reads the files instead
-        log.warning("%s: cannot record the data set's hashes (%s)", path, exc.strerror or exc)
-
-
-def _class_files(data_dir: Path, classes: tuple[str, ...]) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(class, path in the data folder, stat) of each file of the class folders, as training
-    lists them (``walk_files``); a symlinked file counts as its target, a broken one not at all.
-    """
-    for name in classes:
-        for entry, relative in walk_files(str(data_dir / name), name):
-            try:
-                info = entry.stat()
-            except OSError:  # a broken link: not a file training could read
-                continue
-            if stat.S_ISREG(info.st_mode):
-                yield name, relative, info
-
-
-def add_to_data(data_dir: Path, accepted: list[Verdict], index_entries: list[dict]) -> None:
-    """Build the new data folder beside the old one, then swap it in with one rename."""
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=data_dir.parent))
-    try:
-        new_tree = staging / "new"
-        _link_tree(data_dir, new_tree)
-        for verdict in accepted:
-            target = new_tree / _in_data(verdict)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            copy_checked(Path(verdict.path), target, verdict.sha256)
-        _write_index(data_dir / INDEX_NAME, new_tree / INDEX_NAME, index_entries)
-        fsync_path(staging)
-        (staging / COMPLETE_MARKER).touch()
-        swap_in(new_tree, data_dir, staging)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _in_data(accepted: Verdict) -> Path:
-    """Where an accepted file goes, inside the data folder."""
-    return Path(accepted.class_name, type_folder(accepted.defect_type), Path(accepted.stored_as).name)
-
-
-def copy_checked(source: Path, target: Path, sha256: str) -> None:
-    """Copy the bytes that were judged, flushed to disk, or raise IngestError.
-
-    The source is opened without following a symlink and hashed while it is copied: a
-    file swapped (for a symlink, or other bytes) between its check and its copy is
-    refused instead of entering the data set under a name its bytes do not match.
-    """
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(open_no_follow(source), "rb") as origin, target.open("xb") as copy:
-            while chunk := origin.read(_COPY_CHUNK):
-                digest.update(chunk)
-                copy.write(chunk)
-            copy.flush()
-            os.fsync(copy.fileno())
-    except OSError as exc:
-        raise _copy_failure(source, target, exc) from None
-    if digest.hexdigest() != sha256:
-        raise IngestError(
-            f"{source}: changed after it was checked (sha256 {sha256[:12]}... then, "
-            f"{digest.hexdigest()[:12]}... now); nothing was added. Rerun the ingest once "
-            f"nothing writes to the batch any more"
-        )
-
-
-def _copy_failure(source: Path, target: Path, exc: OSError) -> IngestError:
-    if exc.errno == errno.ELOOP:
-        return IngestError(
-            f"{source}: became a symlink after it was checked; nothing was added. Put the "
-            f"file itself in the batch and rerun"
-        )
-    full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-    fix = f"free space on the disk of {target.parent}" if full else "check the file"
-    return IngestError(
-        f"{source}: copying it to {target} failed ({exc.strerror or exc}); nothing was "
-        f"added: {fix}, then rerun the ingest", transient=full,
-    )
-
-
-def swap_in(new_tree: Path, data_dir: Path, staging: Path) -> None:
-    """Put ``new_tree`` at ``data_dir``; the old folder ends up inside ``staging``."""
-    if not data_dir.exists():
-        new_tree.rename(data_dir)
-    elif not _exchange(new_tree, data_dir):
-        # Two renames: a crash between them is rolled forward by recover_interrupted.
-        data_dir.rename(staging / "old")
-        new_tree.rename(data_dir)
-    fsync_path(data_dir.parent)
-
-
-def recover_interrupted(data_dir: Path, report: Callable[[str], None] = log.info) -> None:
-    """Finish or discard what an ingest killed half-way left beside the data folder."""
-    for leftover in sorted(data_dir.parent.glob(STAGING_PREFIX + "*")):
-        if not data_dir.exists():
-            complete = (leftover / COMPLETE_MARKER).exists() and (leftover / "new").is_dir()
-            source = leftover / ("new" if complete else "old")
-            if source.is_dir():
-                source.rename(data_dir)
-                report(f"restored {data_dir} from an interrupted ingest ({leftover})")
-        shutil.rmtree(leftover, ignore_errors=True)
-        report(f"removed {leftover}, left by an interrupted ingest")
-
-
-@contextmanager
-def ingest_lock(data_dir: Path) -> Iterator[None]:
-    """One ingest into a data folder at a time, across processes."""
-    lock_path = data_dir.parent / LOCK_NAME
-    with held_lock(lock_path, f"ingest into {data_dir}", 0, lambda holder: IngestError(
-        f"{lock_path}: another ingest into {data_dir} is running ({holder}); wait for it to finish"
-    )):
-        yield
+def added_files(accepted: list[Verdict]) -> list[AddedFile]:
+    """Each accepted file of the batch, and where it goes inside the data folder."""
+    return [AddedFile(Path(v.path), Path(v.class_name, type_folder(v.defect_type), Path(v.stored_as).name),
+                      v.sha256) for v in accepted]
 
 
 def report_path(folder: Path, started: datetime, batch_dir: Path) -> Path:
@@ -545,17 +326,7 @@ def write_report(result: dict[str, Any], path: Path) -> None:
     try:
         write_json(path, result)
     except OSError as exc:
-        raise _write_failure(path, "the ingest report", exc) from None
-
-
-def _write_failure(path: Path, what: str, exc: OSError) -> IngestError:
-    """A write that failed before data/ was swapped: name the file, say nothing was added."""
-    full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-    return IngestError(
-        f"{path}: cannot write {what} ({exc.strerror or exc}); nothing was added to the data "
-        f"set. {'Free space on that disk' if full else 'Fix the folder'}, then rerun the ingest",
-        transient=full,
-    )
+        raise write_failure(path, "the ingest report", exc) from None
 
 
 def rejected_count(result: dict[str, Any]) -> int:
@@ -583,61 +354,6 @@ def _index_entries(accepted: list[Verdict], batch_dir: Path, started: datetime) 
          "source": str(Path(v.path).resolve()), "batch": batch, "ingested_at": when}
         for v in accepted
     ]
-
-
-def _write_index(old: Path, new: Path, entries: list[dict]) -> None:
-    # A fresh file, never the hard link to the old one: the old folder must stay as it was.
-    lines = old.read_text(encoding="utf-8") if old.is_file() else ""
-    lines += "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
-    try:
-        new.write_text(lines, encoding="utf-8")
-        fsync_path(new)
-    except OSError as exc:
-        raise _write_failure(old, f"the new source index (in {new.parent.parent})", exc) from None
-
-
-def _link_tree(source: Path, target: Path) -> None:
-    """Mirror ``source`` at ``target`` with hard links (copies where links fail), symlinks as symlinks.
-
-    Strings and ``os.scandir``: this runs once per image at every ingest.
-    """
-    target.mkdir()
-    if not source.is_dir():
-        return
-    pending = [(str(source), str(target))]
-    while pending:
-        folder, mirror = pending.pop()
-        with os.scandir(folder) as listing:
-            for entry in listing:
-                copy = os.path.join(mirror, entry.name)
-                if entry.is_symlink():
-                    os.symlink(os.readlink(entry.path), copy)
-                elif entry.is_dir():
-                    os.mkdir(copy)
-                    pending.append((entry.path, copy))
-                elif mirror == str(target) and entry.name == INDEX_NAME:
-                    continue
-                else:
-                    try:
-                        os.link(entry.path, copy)
-                    except OSError:
-                        shutil.copy2(entry.path, copy)
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL):  # kernel or file system without exchange
-        return False
-    raise OSError(code, os.strerror(code), str(second))
 
 
 def _inside_repo(data_dir: Path, repo_dir: Path) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.model.train import read_history
+from tasks.model.history import read_history
 
 SERIES_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 WIDTH, HEIGHT = 420, 280

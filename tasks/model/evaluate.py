@@ -1,6 +1,6 @@
 """The evaluate stage: score the candidate and compare it with the epoch it kept.
 
-Training keeps the weights of one epoch (``tasks.model.train.kept_epoch``). Keras' logged
+Training keeps the weights of one epoch (``tasks.model.history.kept_epoch``). Keras' logged
 train accuracy for that epoch is an average over batches while the weights were still
 moving (with dropout and augmentation on); ``model.evaluate`` scores the kept weights.
 A large gap between the two on the validation split points at a preprocessing or
@@ -33,7 +33,7 @@ from tasks.inference.metrics import (
 )
 from tasks.inference.model_file import load_model, model_params_from_file, read_model_metadata
 from tasks.inference.scores import score_candidate
-from tasks.model.train import read_history
+from tasks.model.history import read_history
 from tasks.params import Params
 
 log = logging.getLogger(__name__)

@@ -77,7 +77,7 @@ def test_nightly_report_links_the_explain_page_when_it_exists(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_a_published_version_keeps_its_training_curves(trained_workspace, tmp_path, capsys):
-    from tasks.model.train import write_history
+    from tasks.model.history import write_history
     from tasks.registry.publish import publish
 
     data_dir, registry, reports = trained_workspace["data_dir"], tmp_path / "registry", tmp_path / "reports"

@@ -11,7 +11,7 @@ import pytest
 from flows.ingest import REPORT_KEY, ingest_batch_flow
 from flows.stages import stage_changes
 from tasks.data.dataset import sha256_of
-from tasks.data.ingest import IngestError
+from tasks.data.ingest_transaction import IngestError
 from tasks.data.snapshot import data_snapshot_id
 from tests.conftest import make_image_folder
 from tests.dvc_support import tree_digest
