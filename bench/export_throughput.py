@@ -35,8 +35,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.params import load_params  # noqa: E402
-from tasks.model.export import FORMATS, check_images, export_version  # noqa: E402
 from tasks.params import Params, replace  # noqa: E402
+from tasks.registry.export import FORMATS, check_images, export_version  # noqa: E402
 
 REPEATS = 3  # timed passes; the best is reported (least disturbed by other processes)
 

@@ -89,9 +89,9 @@ def _explain(
     reports: Reports = None,
 ) -> int:
     """HTML report: filters, feature maps, Grad-CAM on the validation mistakes."""
-    from tasks.model.explain import run_explain
+    from tasks.registry.explain_source import explain_model
 
-    summary = run_explain(
+    summary = explain_model(
         params, version=version, model_path=model, image_path=image, out_dir=out, reports_dir=reports,
         report=log.debug,
     )

@@ -158,7 +158,7 @@ def _export(
     version: Version = None,
 ) -> int:
     """Convert a registry version to TFLite, ONNX or SavedModel (checked against Keras)."""
-    from tasks.model.export import export_version
+    from tasks.registry.export import export_version
 
     entry = export_version(params, target, version)
     print(f"exported {version or 'the champion'} as {target}: {entry['path']} "

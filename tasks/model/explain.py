@@ -26,7 +26,7 @@ from tasks.data.dataset import UNTYPED, LabeledImage, decode_image, defect_types
 from tasks.data.image_manifest import read_split
 from tasks.durable import atomic_write
 from tasks.inference.metrics import classification_metrics, escape_bounds, roc_points
-from tasks.inference.model_file import ModelFileError, load_model, model_params_from_file, read_model_metadata
+from tasks.inference.model_file import load_model, model_params_from_file, read_model_metadata
 from tasks.inference.predictor import predict_probabilities
 from tasks.model.charts import history_charts, history_columns, line_chart
 from tasks.model.explain_pictures import (
@@ -40,8 +40,6 @@ from tasks.model.explain_pictures import (
 )
 from tasks.pages import render_page
 from tasks.params import ImageInput, Params
-from tasks.registry.champion import published_version, read_embedded_card
-from tasks.registry.store import HISTORY_FILE
 
 if TYPE_CHECKING:
     import keras
@@ -59,45 +57,6 @@ class ModelSource:
     threshold_origin: str
     history: Path | None
     history_note: str
-
-
-
-def resolve_source(
-    params: Params, version: str | None, model_path: str | Path | None, reports_dir: Path | str
-) -> ModelSource:
-    """A registry version (default: the champion's) or a model file, with its threshold."""
-    if version is not None and model_path is not None:
-        raise ExplainError("give a VERSION or --model PATH, not both")
-    if model_path is not None:
-        return _file_source(Path(model_path), params, Path(reports_dir) / "history.csv")
-    registry = Path(params.registry.dir)
-    name, folder = published_version(registry, version, error=ExplainError, hint="(or pass --model PATH)")
-    card = read_embedded_card(folder / "model.h5")
-    history = folder / HISTORY_FILE
-    return ModelSource(
-        name=name, path=folder / "model.h5", threshold=float(card["threshold"]),
-        threshold_origin=f"the model card of {name}",
-        history=history if history.is_file() else None,
-        history_note=f"from {history}" if history.is_file() else (
-            f"{folder} holds no training history (it was published without one); "
-            f"the curves of the latest training run are in reports/history.csv"
-        ),
-    )
-
-
-
-def _file_source(path: Path, params: Params, history: Path) -> ModelSource:
-    try:
-        card = read_embedded_card(path)
-        threshold, origin = float(card["threshold"]), f"the model card inside {path}"
-    except ModelFileError:
-        # A candidate has no card yet: it would be gated at the evaluate threshold.
-        threshold, origin = params.evaluate.threshold, "evaluate.threshold in params.yaml"
-    return ModelSource(
-        name=path.stem, path=path, threshold=threshold, threshold_origin=origin,
-        history=history if history.is_file() else None,
-        history_note=f"from {history}" if history.is_file() else f"{history} not found",
-    )
 
 
 
@@ -219,18 +178,16 @@ def draw_heatmaps(
 
 def run_explain(
     params: Params,
+    source: ModelSource,
     *,
-    version: str | None = None,
-    model_path: str | Path | None = None,
     image_path: str | Path | None = None,
     out_dir: str | Path | None = None,
     reports_dir: str | Path | None = None,
     report: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
-    """Write ``index.html`` and its PNGs for a model; returns what was drawn and where."""
+    """Write ``index.html`` and its PNGs for ``source``'s model; returns what was drawn and where."""
     started = time.perf_counter()
     reports_dir = Path(reports_dir or params.paths.reports)
-    source = resolve_source(params, version, model_path, reports_dir)
     out = Path(out_dir) if out_dir else Path(reports_dir) / "explain" / source.name
     metadata = read_model_metadata(source.path)
     mapping = metadata["class_mapping"]

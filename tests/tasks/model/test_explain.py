@@ -13,9 +13,9 @@ from PIL import Image
 
 from tasks.data.dataset import list_images, select
 from tasks.inference.predictor import predict_files, predictor_from_file
-from tasks.model.explain import run_explain
 from tasks.model.explain_pictures import feature_grid, filter_grid, grad_cam, normalise_kernel, overlay
 from tasks.params import replace
+from tasks.registry.explain_source import explain_model
 from tests.browser_support import external_references, offline_dom, requires_chromium, tables
 from tests.conftest import BASE, copy_with_defect_types
 
@@ -47,7 +47,7 @@ def explained(trained_workspace, tmp_path_factory):
     params = trained_workspace["params"]
     params = _with(params, evaluate=replace(params.evaluate, threshold=threshold))
     out = tmp_path_factory.mktemp("explain") / "candidate"
-    summary = run_explain(
+    summary = explain_model(
         params, model_path=trained_workspace["model_path"], out_dir=out,
         reports_dir=trained_workspace["reports"],
     )
@@ -95,7 +95,7 @@ def filter_grid_size(filters: int, cell: int = 36, gap: int = 2) -> tuple[int, i
 
 def test_max_heatmaps_caps_the_pictures_and_says_how_many_are_left_out(explained, trained_workspace, tmp_path):
     params = _with(explained["params"], explain=replace(BASE.explain, max_heatmaps=2))
-    summary = run_explain(params, model_path=trained_workspace["model_path"], out_dir=tmp_path)
+    summary = explain_model(params, model_path=trained_workspace["model_path"], out_dir=tmp_path)
     total = len(explained["escapes"]) + len(explained["overkills"])
     assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 2
     assert summary["left_out"] == total - 2
@@ -106,7 +106,7 @@ def test_text_from_file_names_is_escaped(explained, trained_workspace, tmp_path)
     first = select(list_images(explained["params"].data.dir, explained["params"].data), "validation")[0]
     odd = tmp_path / "fan <b>&'x'.png"
     shutil.copyfile(first.path, odd)
-    run_explain(
+    explain_model(
         explained["params"], model_path=trained_workspace["model_path"], image_path=odd,
         out_dir=tmp_path / "report",
     )
@@ -175,7 +175,7 @@ def test_unknown_class_in_data_is_named(trained_workspace, tmp_path):
     params = trained_workspace["params"]
     params = _with(params, data=replace(BASE.data, dir=str(data), classes=("OK", "NG"), split=params.data.split))
     with pytest.raises(ExplainError, match=r"knows the classes \['GO', 'NG'\] but the data has OK"):
-        run_explain(params, model_path=trained_workspace["model_path"], out_dir=tmp_path / "out")
+        explain_model(params, model_path=trained_workspace["model_path"], out_dir=tmp_path / "out")
 
 
 def test_a_path_that_is_not_an_image_is_named(trained_workspace, tmp_path):
@@ -184,7 +184,7 @@ def test_a_path_that_is_not_an_image_is_named(trained_workspace, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     with pytest.raises(ExplainError, match="notes.png: cannot be read as an image"):
-        run_explain(
+        explain_model(
             trained_workspace["params"], model_path=trained_workspace["model_path"],
             image_path=bad, out_dir=tmp_path / "out",
         )
@@ -194,7 +194,7 @@ def test_version_and_model_are_exclusive(trained_workspace):
     from tasks.model.explain import ExplainError
 
     with pytest.raises(ExplainError, match="not both"):
-        run_explain(trained_workspace["params"], version="v1", model_path=Path("x.h5"))
+        explain_model(trained_workspace["params"], version="v1", model_path=Path("x.h5"))
 
 
 def test_a_grayscale_model_is_drawn_in_gray(trained_workspace, tmp_path):
@@ -205,7 +205,7 @@ def test_a_grayscale_model_is_drawn_in_gray(trained_workspace, tmp_path):
     model_path = save_model(
         build_model(gray, learning_rate=0.001), tmp_path / "gray.h5", params.data.class_mapping, gray
     )
-    summary = run_explain(params, model_path=model_path, out_dir=tmp_path / "report")
+    summary = explain_model(params, model_path=model_path, out_dir=tmp_path / "report")
     filters = np.asarray(Image.open(tmp_path / "report" / "filters.png"))
     assert summary["filters"]["count"] == 8 and summary["input"]["color_mode"] == "grayscale"
     assert np.array_equal(filters[..., 0], filters[..., 1])  # one channel, shown as gray
@@ -216,7 +216,7 @@ def test_page_gives_escapes_per_defect_type_with_upper_bounds(trained_workspace,
     params = trained_workspace["params"]
     data = copy_with_defect_types(trained_workspace["data_dir"], tmp_path / "data")
     params = _with(params, data=replace(params.data, dir=str(data)), explain=replace(BASE.explain, max_heatmaps=0))
-    summary = run_explain(params, model_path=trained_workspace["model_path"], out_dir=tmp_path / "out",
+    summary = explain_model(params, model_path=trained_workspace["model_path"], out_dir=tmp_path / "out",
                           reports_dir=trained_workspace["reports"])
     validation = select(list_images(data, params.data), "validation")
     per_type = summary["validation"]["defect_types"]

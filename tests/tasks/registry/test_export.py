@@ -5,9 +5,9 @@ import pytest
 
 from flows.cli import main
 from tasks.inference.model_file import load_model, model_params_from_file
-from tasks.model.export import RUNNERS, ExportError, check_images, export_version
 from tasks.params import replace
 from tasks.registry.champion import read_champion, read_embedded_card
+from tasks.registry.export import RUNNERS, ExportError, check_images, export_version
 from tasks.registry.store import RegistryError
 from tests.conftest import BASE
 from tests.tasks.champion_support import (
