@@ -11,7 +11,7 @@ from tasks.inference.metrics import (
 )
 from tasks.model.evaluate import compare_with_kept_epoch, run_evaluate
 from tasks.params import replace
-from tests.conftest import copy_with_defect_types
+from tests.conftest import copy_with_defect_types, write_manifest
 
 
 def test_gaps_are_flagged_above_limits():
@@ -58,7 +58,7 @@ def test_run_evaluate_reports_escapes_per_defect_type(trained_workspace, tmp_pat
     params = replace(params, data=replace(params.data, dir=str(data)))
     reports = tmp_path / "reports"
     shutil.copytree(trained_workspace["reports"], reports)
-    run_evaluate(params, trained_workspace["model_path"], reports)
+    run_evaluate(params, trained_workspace["model_path"], write_manifest(params, reports))
     written = json.loads((reports / "evaluation-details.json").read_text())
     assert set(written["validation"]["defect_types"]) == {"crack", "blowhole", "untyped"}
     for split in ("validation", "test"):
