@@ -27,7 +27,7 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages
 UNLISTED = {
     "paths": "where the stage files go; dvc.yaml names the same files as deps and outs",
     "lock": "how long a command waits for the project lock",
-    "validate.cache_dir": "where caches live (manifest rows, pixel cache, champion scores); moving one changes no output",
+    "validate.cache_dir": "where the caches live (manifest rows, pixels, champion scores): no output changes",
     "train.checkpoint_dir": "where a killed run resumes from",
     "registry": "the registry is read and written beside the pipeline, never a dep (see dvc.yaml)",
 }
