@@ -43,7 +43,7 @@ REPEATS = 3  # timed passes; the best is reported (least disturbed by other proc
 
 def demo_registry(root: Path, params: Params, count: int, epochs: int) -> Params:
     """Params whose data set and registry (with a champion) live under ``root``."""
-    from tasks.data.demo_data import generate_demo_dataset
+    from tasks.data.demo_set import generate_demo_dataset
     from tasks.model.train import run_train
     from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish

@@ -249,7 +249,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(args.data) if args.data else Path(scratch) / "data"
         if not args.data:
-            from tasks.data.demo_data import generate_demo_dataset
+            from tasks.data.demo_set import generate_demo_dataset
 
             demo = params.demo
             generate_demo_dataset(data_dir, args.images, demo.seed, demo.size, demo.ng_fraction,

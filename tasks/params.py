@@ -90,7 +90,7 @@ class DemoParams(Section):
     KEY: ClassVar[str] = "demo"
     count: int = Field(ge=2)
     seed: int = Field(ge=0)
-    size: int = Field(ge=32)  # tasks.data.demo_data.MIN_SIZE: smaller fans lose their blades
+    size: int = Field(ge=32)  # tasks.data.demo_set.MIN_SIZE: smaller fans lose their blades
     ng_fraction: float = Field(gt=0, lt=1)
 
 

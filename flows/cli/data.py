@@ -14,7 +14,7 @@ from tasks.params import Params
 
 def draw_demo_data(params: Params, directory: Path, count: int | None = None, seed: int | None = None) -> str:
     """Draw the demo data set (``count`` and ``seed`` default to params' demo section); says what it drew."""
-    from tasks.data.demo_data import generate_demo_dataset
+    from tasks.data.demo_set import generate_demo_dataset
 
     demo = params.demo
     counts = generate_demo_dataset(

@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.data.demo_data import (
-    DEFECT_KINDS,
-    DemoDataError,
-    draw_demo_image,
-    generate_demo_dataset,
-    render_fan,
-    sample_defect,
-    sample_fan,
-)
+from tasks.data.demo_data import DEFECT_KINDS, DemoDataError, draw_demo_image, render_fan, sample_defect, sample_fan
+from tasks.data.demo_set import generate_demo_dataset
 from tasks.errors import FanaoiError
 
 
