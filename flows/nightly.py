@@ -149,7 +149,7 @@ def train_stage(params: Params, known: dict[str, list[str]] | None = None) -> di
 
     def run() -> dict[str, Any]:
         from tasks.model.train import run_train
-        from tasks.registry.champion import champion_warm_start
+        from tasks.registry.warm_start import champion_warm_start
 
         summary = run_train(params, report=get_run_logger().info, warm_start=champion_warm_start(params))
         return {key: summary[key] for key in ("kept_epoch", "kept_epoch_metrics", "seconds")}

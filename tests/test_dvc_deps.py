@@ -105,6 +105,8 @@ def test_each_stage_depends_on_every_module_it_runs(stage: str) -> None:
     assert any(path.startswith("tasks/") and path.endswith(f"/{stage}.py") for path in code)  # its own module
     missing = sorted(code - deps)
     assert not missing, f"dvc.yaml: stage {stage} runs {missing} but does not list them in deps"
+    stale = sorted(dep for dep in deps if dep.endswith(".py") and dep not in code)
+    assert not stale, f"dvc.yaml: stage {stage} lists {stale} in deps but never runs them"
 
 
 def test_imports_are_followed_through_function_bodies_and_python_m() -> None:

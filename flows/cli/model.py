@@ -16,7 +16,7 @@ from tasks.params import Params
 def _train(params: Params, model: Model = None, reports: Reports = None) -> int:
     """Train a candidate model on the train split."""
     from tasks.model.train import run_train
-    from tasks.registry.champion import champion_warm_start
+    from tasks.registry.warm_start import champion_warm_start
 
     model, reports = params.paths.chosen(model, reports)
     summary = run_train(params, model, reports, warm_start=champion_warm_start(params))

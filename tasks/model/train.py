@@ -145,7 +145,7 @@ def run_train(
     """The train stage: read validate's manifest, fit, then write the candidate .h5 and its reports.
 
     ``warm_start``: the champion to start from, which the entry point resolves from the
-    registry when train.init_from is champion (tasks.registry.champion.champion_warm_start).
+    registry when train.init_from is champion (tasks.registry.warm_start.champion_warm_start).
     """
     if params.train.init_from is not None and warm_start is None:
         raise WarmStartError(f"train.init_from is {params.train.init_from} but no champion was handed to "

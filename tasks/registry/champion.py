@@ -18,8 +18,6 @@ from tasks.durable import sha256_of
 from tasks.errors import FanaoiError
 from tasks.inference.model_file import ModelFileError, image_input_of, load_model
 from tasks.inference.predictor import Predictor, class_names_of
-from tasks.model.warm_start import WarmStart, find_warm_start
-from tasks.params import Params
 from tasks.registry.store import (
     CARD_ATTR,
     CHAMPION_CARD,
@@ -201,13 +199,6 @@ def published_version(
             f"{', '.join(list_versions(registry_dir)) or 'none'}" + (f" {hint}" if hint else "")
         )
     return name, folder
-
-
-def champion_warm_start(params: Params) -> WarmStart | None:
-    """What ``train.init_from`` asks training to start from: the champion, checked, or None."""
-    registry_dir = Path(params.registry.dir)
-    champion = read_champion(registry_dir) if params.train.init_from else None
-    return find_warm_start(params.train.init_from, champion, registry_dir / CHAMPION_MODEL, params.data.class_mapping)
 
 
 def load_champion(registry_dir: Path | str) -> Predictor:

@@ -5,7 +5,7 @@ import pytest
 
 from tasks.model.train import run_train
 from tasks.params import replace
-from tasks.registry.champion import champion_warm_start
+from tasks.registry.warm_start import champion_warm_start
 from tests.conftest import write_manifest
 from tests.tasks.model.test_checkpoints import kill_after_epoch
 
