@@ -84,8 +84,9 @@ def read_operating_point(reports_dir: Path | str, model_sha256: str, model_path:
         raise ScoresError(f"{path}: missing or unreadable; run `fanaoi evaluate` (or `dvc repro evaluate`) first")
     if point.get("model_sha256") != model_sha256:
         raise ScoresError(
-            f"{path}: holds the scores of {point.get('model', 'another model')}, not of {model_path} "
-            f"(another sha256); score it first with `fanaoi evaluate --model {model_path}`"
+            f"{path}: holds the scores of {point.get('model', 'another model')} as evaluate saw it, not of "
+            f"{model_path} as it is now (another sha256); rerun `fanaoi evaluate`, or pass the file as "
+            f"`fanaoi gate --model {model_path}`, which scores it first"
         )
     return point
 

@@ -246,3 +246,17 @@ def test_gate_rejects_a_candidate_that_lets_one_defect_type_through(data_dir, ba
     assert rules[let_through]["escapes"] == 1 and rules[let_through]["count"] == expected[let_through]
     assert rules[let_through]["upper95"] == pytest.approx(escape_upper_bound(1, expected[let_through]))
     assert any(text.startswith(f"{let_through} escape rate") for text in written["failed"])
+
+
+def test_the_gate_refuses_scores_of_another_model_than_the_candidate(data_dir, base, tmp_path):
+    import shutil
+
+    from tasks.inference.scores import ScoresError
+
+    params = gate_params(data_dir, tmp_path / "registry")
+    candidate = tmp_path / "candidate.h5"
+    shutil.copy(good_model(data_dir, base), candidate)
+    gate_candidate(params, candidate, tmp_path / "reports", record=False)
+    save_random_model(params, candidate)  # retrained by hand after evaluate scored the old one
+    with pytest.raises(ScoresError, match=r"operating-point.json: holds the scores of .* rerun `fanaoi evaluate`"):
+        run_gate(params, candidate, tmp_path / "reports", record=False)
