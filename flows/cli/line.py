@@ -151,14 +151,13 @@ def _status(params: Params, ctx: typer.Context, as_json: AsJson = False) -> int:
 @command("alerts")
 def _alerts(params: Params) -> int:
     """Install the alert automations on the Prefect server (params: alerts)."""
+    from flows.alerts import alert_target, install_alerts
     from flows.prefect_env import use_offline_defaults
 
+    target = alert_target(params.alerts)  # a missing or unusable receiver is refused before Prefect is touched
     use_offline_defaults()
-    from flows.alerts import install_alerts, webhook_url
-
     _require_prefect_server("the alert automations")
     names = install_alerts(params.alerts)
-    target = params.alerts.block or f"webhook {webhook_url(params.alerts)}"
     print(f"installed on the Prefect server, sending through {target}:")
     for name in names:
         print(f"  {name}")
