@@ -28,11 +28,14 @@ def _predict(
     import json
 
     from tasks.inference.predictor import expand_paths, predict_files
+    from tasks.params import replace
     from tasks.registry.champion import load_champion
 
+    # Bounded like the params value it stands in for.
+    evaluate = params.evaluate if batch_size is None else replace(params.evaluate, batch_size=batch_size)
     files = expand_paths([str(path) for path in paths], params.data.extensions)
     predictor = load_champion(params.registry.dir)
-    results = predict_files(predictor, files, batch_size or params.evaluate.batch_size, params.validate)
+    results = predict_files(predictor, files, evaluate.batch_size, params.validate)
     if as_json:
         print(json.dumps({"champion": predictor.version, "threshold": predictor.threshold,
                           "positive_class": predictor.class_names[1], "results": results}, indent=2))
