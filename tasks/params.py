@@ -303,6 +303,7 @@ class ServeParams(Section):
     max_pixels: Pixels
     # Each slot may hold an upload and its decoded image; a 2-8 core line PC gains nothing past 64.
     max_concurrency: int = Field(ge=1, le=64)
+    body_timeout: float = Field(gt=0)  # seconds a request may take to send its body, then 408
     token: str | None
     reports_dir: str  # served read-only under /reports/
     public_url: str | None  # how other machines reach the service; None: http://host:port
