@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 from flows.events import REJECT_STREAK
@@ -52,12 +53,66 @@ class AlertSetupError(FanaoiError):
 
 
 def webhook_url(alerts: AlertParams) -> str | None:
-    """The receiver: the environment variable wins over params (URLs may carry a secret)."""
-    return os.environ.get(WEBHOOK_ENV) or alerts.webhook_url
+    """The receiver, checked: the environment variable wins over params (URLs may carry a secret).
+
+    An unusable URL is refused here, before anything is saved on the server: Prefect would
+    store it and the first failed night would go unreported.
+    """
+    from_env = os.environ.get(WEBHOOK_ENV)
+    url, source = (from_env, WEBHOOK_ENV) if from_env else (alerts.webhook_url, "alerts.webhook_url")
+    problem = url and _url_problem(url)
+    if problem:
+        raise AlertSetupError(
+            f"{source} {masked_url(url)!r} {problem}; set it to the receiver's http(s) URL, "
+            f"e.g. https://chat.example.com/hooks/aoi-line"
+        )
+    return url
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot receive a POST from the Prefect server, or None when it can."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed on access: a port that is not a number raises here
+    except ValueError:
+        return "is not a URL"
+    if parts.scheme not in ("http", "https"):
+        return f"is not an http or https URL (scheme {parts.scheme or 'missing'})"
+    if not parts.hostname:
+        return "names no host"
+    if any(char.isspace() or not char.isprintable() for char in url):
+        return "holds spaces or control characters"
+    return None
+
+
+def masked_url(url: str) -> str:
+    """``url`` safe to print: a password or token in its user info or its query becomes ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable, not shown)"
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{host}" if "@" in parts.netloc else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment))
 
 
 def alerts_configured(alerts: AlertParams) -> bool:
     return bool(alerts.block or webhook_url(alerts))
+
+
+def alert_target(alerts: AlertParams) -> str:
+    """Where the alerts go, safe to print; refuses a missing receiver or an unusable URL."""
+    return f"block {alerts.block}" if alerts.block else f"webhook {masked_url(_required_webhook_url(alerts))}"
+
+
+def _required_webhook_url(alerts: AlertParams) -> str:
+    url = webhook_url(alerts)
+    if not url:
+        raise AlertSetupError(
+            f"no alert receiver: set alerts.webhook_url in params.yaml, {WEBHOOK_ENV}, "
+            f"or alerts.block to a saved notification block"
+        )
+    return url
 
 
 def notification_block_id(alerts: AlertParams) -> UUID:
@@ -74,14 +129,8 @@ def notification_block_id(alerts: AlertParams) -> UUID:
                 f"create it in the dashboard (Blocks) or with `prefect block create`"
             ) from None
         return block._block_document_id
-    url = webhook_url(alerts)
-    if not url:
-        raise AlertSetupError(
-            f"no alert receiver: set alerts.webhook_url in params.yaml, {WEBHOOK_ENV}, "
-            f"or alerts.block to a saved notification block"
-        )
     block = CustomWebhookNotificationBlock(
-        name="FanAOI", url=url, method="POST",
+        name="FanAOI", url=_required_webhook_url(alerts), method="POST",
         json_data={"subject": "{{subject}}", "body": "{{body}}", "text": "{{subject}}\n{{body}}"},
         timeout=10,
     )

@@ -15,6 +15,7 @@ A champion that cannot be loaded is logged and reported by /health; the old one 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -205,6 +206,7 @@ def classify(loaded: LoadedChampion, data: bytes) -> dict[str, Any]:
 TOKEN_ENV = "FANAOI_SERVE_TOKEN"
 PROTECTED_PATHS = ("/predict", "/model")  # need the bearer token when one is set
 UNCOUNTED_PATHS = ("/health",)  # always answered: the line asks it while the service is busy
+UPLOAD_PATHS = ("/predict",)  # the routes that read a body: their slot is taken once it has arrived
 
 
 def service_token(serve: ServeParams) -> str | None:
@@ -231,14 +233,20 @@ def _is_loopback(host: str) -> bool:
 
 
 class ServiceGuard:
-    """ASGI middleware in front of every route: the token, the body size, the request cap.
+    """ASGI middleware in front of every route: the token, the body size and time, the request cap.
 
     Each is decided before the endpoint runs, and before the body is read where it can be:
     - /predict and /model need ``Authorization: Bearer <token>`` when a token is set: 401;
     - a Content-Length over the limit gets 413 at once; a body without one (chunked) is
       counted as it arrives and gets 413 as soon as it passes the limit, never read whole;
+    - a body not complete ``serve.body_timeout`` seconds after the request began gets 408
+      and its connection is closed: a client that stalls or trickles is dropped;
     - at most ``serve.max_concurrency`` requests run at once (GET /health is not counted),
-      503 with Retry-After beyond: memory stays bounded by the cap times one request.
+      503 with Retry-After beyond. An upload takes its slot once its body has arrived
+      (other requests, which read none, at once), so clients that send headers and then
+      go idle hold no slot and cannot lock the line out. Memory stays bounded: the cap
+      times one request, plus what the form parser keeps of each upload still arriving
+      (1 MB, the rest is spooled to disk) for at most ``serve.body_timeout``.
     The counter needs no lock: ASGI calls run on the one event loop thread.
     """
 
@@ -247,6 +255,7 @@ class ServiceGuard:
         self.max_upload_bytes = serve.max_upload_bytes
         self.max_body = serve.max_upload_bytes + MULTIPART_OVERHEAD
         self.max_concurrency = serve.max_concurrency
+        self.body_timeout = serve.body_timeout
         self.token = token.encode() if token else None
         self.active = 0
 
@@ -258,18 +267,19 @@ class ServiceGuard:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        counted = scope["path"] not in UNCOUNTED_PATHS
-        if counted and self.active >= self.max_concurrency:
-            await JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
-                "detail": f"busy: {self.max_concurrency} requests in progress "
-                          f"(serve.max_concurrency); retry in a moment"
-            })(scope, receive, send)
+        slot = _Slot(self, counted=scope["path"] not in UNCOUNTED_PATHS)
+        if scope["path"] not in UPLOAD_PATHS and not slot.take():
+            await JSONResponse(status_code=503, headers=BUSY_HEADERS, content={"detail": self._busy()})(
+                scope, receive, send
+            )
             return
-        self.active += counted
         try:
-            await self.app(scope, self._counting(receive), send)
+            await self.app(scope, self._receiving(receive, slot), send)
         finally:
-            self.active -= counted
+            slot.release()
+
+    def _busy(self) -> str:
+        return f"busy: {self.max_concurrency} requests in progress (serve.max_concurrency); retry in a moment"
 
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         headers = Headers(scope=scope)
@@ -288,24 +298,63 @@ class ServiceGuard:
             })
         return None
 
-    def _counting(self, receive: Receive) -> Receive:
-        received = 0
+    def _receiving(self, receive: Receive, slot: _Slot) -> Receive:
+        """``receive`` that sizes and times the body, and takes the request's slot once it is complete."""
+        received, complete = 0, False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    # FastAPI passes an HTTPException from the body reader on as the answer.
-                    raise HTTPException(413, (
-                        f"request body passed {self.max_body:,} bytes, more than "
-                        f"serve.max_upload_bytes = {self.max_upload_bytes:,} (plus form overhead); "
-                        f"stopped reading"
-                    ))
+        async def guarded_receive() -> Message:
+            nonlocal received, complete
+            if complete:  # after the body, the app only listens for a disconnect
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                # FastAPI passes an HTTPException from the body reader on as the answer.
+                raise HTTPException(408, (
+                    f"request body not complete within serve.body_timeout = {self.body_timeout:g} s; "
+                    f"send it at once"
+                ), headers={"Connection": "close"}) from None
+            if message["type"] != "http.request":
+                return message
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise HTTPException(413, (
+                    f"request body passed {self.max_body:,} bytes, more than "
+                    f"serve.max_upload_bytes = {self.max_upload_bytes:,} (plus form overhead); "
+                    f"stopped reading"
+                ))
+            complete = not message.get("more_body", False)
+            if complete and not slot.take():
+                raise HTTPException(503, self._busy(), headers=BUSY_HEADERS)
             return message
 
-        return counting_receive
+        return guarded_receive
+
+
+BUSY_HEADERS = {"Retry-After": "1"}
+
+
+class _Slot:
+    """One request's place among ``serve.max_concurrency``: taken at most once, released once."""
+
+    def __init__(self, guard: ServiceGuard, counted: bool) -> None:
+        self.guard, self.counted, self.held = guard, counted, False
+
+    def take(self) -> bool:
+        """Whether the request may run: always when uncounted; else while the cap is not reached."""
+        if self.counted and not self.held:
+            if self.guard.active >= self.guard.max_concurrency:
+                return False
+            self.guard.active += 1
+            self.held = True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.guard.active -= 1
+            self.held = False
 
 
 def create_app(params: Params) -> FastAPI:

@@ -23,7 +23,8 @@ class FanaoiError(Exception):
 def printable(text: str) -> str:
     """``text`` on one terminal line: control and invisible characters escaped as in repr.
 
-    File names may hold a newline or an escape sequence; printed raw, one verdict line
-    becomes two, and the second can pretend to be anything.
+    File names and what an operator types (a ``--reason``) may hold a newline or an escape
+    sequence; printed raw, one verdict or history line becomes two, and the second can
+    pretend to be anything.
     """
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)

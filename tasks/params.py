@@ -33,6 +33,22 @@ Names = Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[int, Field(ge=1)]
 
+# Upper bounds on the sizes that allocate memory: far above any real use, so a typo is one
+# params line instead of minutes of swapping and an out-of-memory traceback.
+# An image side the model sees, pixels: fan images are resized to ~128 px (bench/real_quality.py),
+# and one 2048 x 2048 RGB float32 input is already 48 MB before the first convolution.
+MAX_SIDE = 2048
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+# Pixels of an image read from disk or an upload: Pillow refuses more itself (2 x
+# Image.MAX_IMAGE_PIXELS); this many RGBA pixels decode to 716 MB.
+Pixels = Annotated[int, Field(ge=1, le=178_956_970)]
+# Images in one batch through a model: CPU throughput stops growing long before (evaluate.batch_size
+# is 64), while activations grow with every image.
+BatchSize = Annotated[int, Field(ge=1, le=1024)]
+# Images decoded together into one float32 array (a timing or comparison sample): a few hundred
+# measure well; 4096 at 128 px RGB are already 800 MB.
+SampleSize = Annotated[int, Field(ge=1, le=4096)]
+
 
 class Section(BaseModel):
     """One section of params.yaml; ``KEY`` is its dotted name in the file."""
@@ -90,7 +106,7 @@ class DemoParams(Section):
     KEY: ClassVar[str] = "demo"
     count: int = Field(ge=2)
     seed: int = Field(ge=0)
-    size: int = Field(ge=32)  # tasks.data.demo_set.MIN_SIZE: smaller fans lose their blades
+    size: int = Field(ge=32, le=MAX_SIDE)  # tasks.data.demo_set.MIN_SIZE: smaller fans lose their blades
     ng_fraction: float = Field(gt=0, lt=1)
 
 
@@ -98,7 +114,7 @@ class ImageInput(Section):
     """What a model expects its input in: all a predictor needs of the model params."""
 
     KEY: ClassVar[str] = "model"
-    input_size: Annotated[tuple[Positive, Positive], BeforeValidator(_list_to_tuple)]
+    input_size: Annotated[tuple[Side, Side], BeforeValidator(_list_to_tuple)]
     color_mode: Literal["rgb", "grayscale", "auto"]
 
     @property
@@ -110,11 +126,15 @@ class ImageInput(Section):
 
 class ModelParams(ImageInput):
     architecture: Literal["seed_cnn", "small_cnn", "aoi_cnn"]
-    conv_filters: Annotated[tuple[Positive, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)]
-    convs_per_block: Positive
+    # Twice VGG's widest layers (512 filters, 4096 dense units, 4 convolutions per block): a
+    # two-class fan model needs a fraction of that.
+    conv_filters: Annotated[
+        tuple[Annotated[int, Field(ge=1, le=1024)], ...], BeforeValidator(_list_to_tuple), Field(min_length=1)
+    ]
+    convs_per_block: int = Field(ge=1, le=8)
     stem_stride: Literal[1, 2]
     pooling: Literal["avg", "max"]
-    dense_units: Positive
+    dense_units: int = Field(ge=1, le=8192)
     dropout: float = Field(ge=0, lt=1)
     first_layer_init: Literal["glorot_uniform", "he_normal", "edges"]
     standardize: bool
@@ -139,7 +159,7 @@ class TrainParams(Section):
     KEY: ClassVar[str] = "train"
     seed: int = Field(ge=0)
     epochs: Positive
-    batch_size: Positive
+    batch_size: BatchSize
     learning_rate: float = Field(gt=0)
     lr_schedule: Literal["constant", "cosine"]
     early_stopping_patience: int | None = Field(ge=1, description="off")
@@ -147,8 +167,10 @@ class TrainParams(Section):
     average_momentum: float | None = Field(gt=0, lt=1, description="off")
     class_weight: Literal["none", "balanced"]
     augment: AugmentParams
-    shuffle_buffer: Positive
-    cache_max_mb: float = Field(ge=0)
+    # Each slot holds a decoded image: the whole of a 100k-image data set shuffled at once.
+    shuffle_buffer: int = Field(ge=1, le=100_000)
+    # A training machine's memory: a larger split is read from its file under validate.cache_dir.
+    cache_max_mb: float = Field(ge=0, le=65_536)
     checkpoint_dir: str
     jit_compile: bool
     steps_per_execution: Positive
@@ -157,7 +179,7 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     KEY: ClassVar[str] = "evaluate"
-    batch_size: Positive
+    batch_size: BatchSize
     threshold: Fraction
     review_band: Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)] | None
     max_gap: float = Field(ge=0)
@@ -192,7 +214,7 @@ class PruneParams(Section):
     fraction: float = Field(ge=0, lt=1)
     fine_tune_epochs: int = Field(ge=0)
     learning_rate: float = Field(gt=0)
-    speed_images: Positive
+    speed_images: SampleSize
 
 
 class RegistryParams(Section):
@@ -223,7 +245,7 @@ EXPECTATIONS = (
 
 class ValidateParams(Section):
     KEY: ClassVar[str] = "validate"
-    max_pixels: Positive
+    max_pixels: Pixels
     formats: Names
     modes: Names
     min_side: Positive
@@ -268,7 +290,7 @@ class NightlyParams(Section):
 
 class ExportParams(Section):
     KEY: ClassVar[str] = "export"
-    check_images: Positive
+    check_images: SampleSize
     max_abs_diff: float = Field(ge=0)
 
 
@@ -276,9 +298,12 @@ class ServeParams(Section):
     KEY: ClassVar[str] = "serve"
     host: str
     port: int = Field(ge=0, le=65535)
-    max_upload_bytes: Positive
-    max_pixels: Positive
-    max_concurrency: Positive
+    # Held in memory while checked; an uncompressed RGBA BMP at the Pixels cap is 716 MB.
+    max_upload_bytes: int = Field(ge=1, le=1_000_000_000)
+    max_pixels: Pixels
+    # Each slot may hold an upload and its decoded image; a 2-8 core line PC gains nothing past 64.
+    max_concurrency: int = Field(ge=1, le=64)
+    body_timeout: float = Field(gt=0)  # seconds a request may take to send its body, then 408
     token: str | None
     reports_dir: str  # served read-only under /reports/
     public_url: str | None  # how other machines reach the service; None: http://host:port
@@ -416,13 +441,18 @@ def _allowed(field: FieldInfo) -> str:
     if literal is not None:
         allowed = "one of " + ", ".join(str(choice) for choice in typing.get_args(literal))
     elif ">=" in bounds and "<=" in bounds:
-        allowed = f"between {bounds['>=']:g} and {bounds['<=']:g}"
+        allowed = f"between {_number(bounds['>='])} and {_number(bounds['<='])}"
     else:
-        allowed = " and ".join(f"{op} {limit:g}" for op, limit in bounds.items())
+        allowed = " and ".join(f"{op} {_number(limit)}" for op, limit in bounds.items())
     if not nullable or not allowed:
         return allowed
     meaning = f" ({field.description})" if field.description else ""
     return f"null{meaning} or {allowed}"
+
+
+def _number(limit: float) -> str:
+    """A bound as written in params.yaml: 178956970, not 1.78957e+08; 0.5, not 0.500000."""
+    return str(limit) if isinstance(limit, int) else f"{limit:g}"
 
 
 def _bound_of(error: Any) -> str:

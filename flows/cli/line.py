@@ -28,11 +28,14 @@ def _predict(
     import json
 
     from tasks.inference.predictor import expand_paths, predict_files
+    from tasks.params import replace
     from tasks.registry.champion import load_champion
 
+    # Bounded like the params value it stands in for.
+    evaluate = params.evaluate if batch_size is None else replace(params.evaluate, batch_size=batch_size)
     files = expand_paths([str(path) for path in paths], params.data.extensions)
     predictor = load_champion(params.registry.dir)
-    results = predict_files(predictor, files, batch_size or params.evaluate.batch_size, params.validate)
+    results = predict_files(predictor, files, evaluate.batch_size, params.validate)
     if as_json:
         print(json.dumps({"champion": predictor.version, "threshold": predictor.threshold,
                           "positive_class": predictor.class_names[1], "results": results}, indent=2))
@@ -151,14 +154,13 @@ def _status(params: Params, ctx: typer.Context, as_json: AsJson = False) -> int:
 @command("alerts")
 def _alerts(params: Params) -> int:
     """Install the alert automations on the Prefect server (params: alerts)."""
+    from flows.alerts import alert_target, install_alerts
     from flows.prefect_env import use_offline_defaults
 
+    target = alert_target(params.alerts)  # a missing or unusable receiver is refused before Prefect is touched
     use_offline_defaults()
-    from flows.alerts import install_alerts, webhook_url
-
     _require_prefect_server("the alert automations")
     names = install_alerts(params.alerts)
-    target = params.alerts.block or f"webhook {webhook_url(params.alerts)}"
     print(f"installed on the Prefect server, sending through {target}:")
     for name in names:
         print(f"  {name}")

@@ -9,6 +9,7 @@ import typer
 
 from flows.cli import AsJson, Model, Reports, Version, command
 from flows.cli.formatting import history_why, print_decision
+from tasks.errors import printable
 from tasks.params import Params
 
 # What `fanaoi gate --no-publish` writes instead of gate.json, the gate stage's DVC metric.
@@ -81,7 +82,7 @@ def _promote(
         print("not published")
         return 1
     card = publish(model, result, params, repo_dir=".", force_reason=reason)
-    print(f"forced {card['version']} (reason: {reason}): {Path(params.registry.dir) / 'champion.h5'}")
+    print(f"forced {card['version']} (reason: {card['reason']}): {Path(params.registry.dir) / 'champion.h5'}")
     return 0
 
 
@@ -110,7 +111,7 @@ def _champion(params: Params, as_json: AsJson = False) -> int:
         ("validation", f"accuracy {validation['accuracy']:.4f}  escape {validation['escape_rate']:.4f}  "
                        f"overkill {validation['overkill_rate']:.4f}  on {validation['count']} images"),
     ):
-        print(f"  {key + ':':15}{value}")
+        print(printable(f"  {key + ':':15}{value}"))  # a card may be older than escaped reasons
     return 0
 
 
@@ -125,15 +126,16 @@ def _history(
     if at:
         entry = champion_at(params.registry.dir, parse_time(at))
         found = f"{entry['version']} ({entry['action']} at {entry['time']})" if entry else "none"
-        print(f"champion at {at}: {found}")
+        print(printable(f"champion at {at}: {found}"))
         return 0
     print(f"{'time':26}{'action':9}{'version':8}{'previous':9}{'metric':20}{'escape':8}{'overkill':9}why")
     for entry in read_log(params.registry.dir):
         why = history_why(entry)
         metric = f"{entry['metric']} {entry['value']:.4f}" if entry.get("value") is not None else "-"
         rates = [f"{entry[k]:.4f}" if k in entry else "-" for k in ("escape_rate", "overkill_rate")]
-        print(f"{entry['time']:26}{entry['action']:9}{entry.get('version') or '-':8}"
-              f"{entry.get('previous') or '-':9}{metric:20}{rates[0]:8}{rates[1]:9}{why}")
+        # One line per entry, even from a log written before reasons were escaped, or edited by hand.
+        print(printable(f"{entry['time']:26}{entry['action']:9}{entry.get('version') or '-':8}"
+                        f"{entry.get('previous') or '-':9}{metric:20}{rates[0]:8}{rates[1]:9}{why}"))
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, Required
 from pydantic import with_config
 from typing_extensions import TypedDict
 
+from tasks.errors import printable
 from tasks.params import RegistryParams
 from tasks.registry.champion import integrity_problem, published_version, read_champion, read_embedded_card
 from tasks.registry.store import (
@@ -151,6 +152,7 @@ def rollback(registry: RegistryParams, version: str, reason: str | None = None) 
             "action": "rollback",
             "version": version,
             "previous": previous.version if previous else None,
-            "reasons": [reason or f"rollback to {version}"],
+            # typed by an operator; `fanaoi history` prints one line per entry
+            "reasons": [printable(reason) if reason else f"rollback to {version}"],
         })
     return card

@@ -19,6 +19,7 @@ from typing import Any
 
 from tasks.data.snapshot import data_snapshot_id
 from tasks.durable import fsync_path, replace_path, sha256_of, write_json
+from tasks.errors import printable
 from tasks.inference.model_file import read_model_metadata
 from tasks.params import Params
 from tasks.registry.champion import read_champion
@@ -223,6 +224,8 @@ def publish(
             f"to publish anyway run `fanaoi promote --force --reason TEXT`"
         )
     action = "promote" if force_reason is None else "force"
+    if force_reason is not None:  # typed by an operator; the card and the log are printed line by line
+        force_reason = printable(force_reason)
     with registry_lock(registry_dir, params.registry.lock_timeout):
         remove_leftovers(registry_dir)
         previous = read_champion(registry_dir)

@@ -1,9 +1,11 @@
-"""Alerts end to end: a real Prefect server runs the automations, a local receiver gets the POSTs."""
+"""Alerts: an unusable receiver refused before Prefect is touched; end to end, a real Prefect server
+runs the automations and a local receiver gets the POSTs."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,21 +16,20 @@ from typing import Any
 
 import pytest
 
-from flows.alerts import FAILED_AUTOMATION, REJECTS_AUTOMATION, WEBHOOK_ENV
+from flows.alerts import FAILED_AUTOMATION, REJECTS_AUTOMATION, WEBHOOK_ENV, alert_target
+from flows.params import params_from
 from tasks.registry.champion import read_champion
 from tasks.registry.decisions import read_log
 from tests.dvc_support import BIN
 from tests.flows.conftest import make_flow_project, update_params
 from tests.prefect_support import RUN_TIMEOUT, PrefectServer, api, runs_of
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 # The server's trigger and action services work on events in the background.
 DELIVERY_TIMEOUT = 60
 
 
 class Receiver:
-    """A webhook receiver on a free localhost port: keeps each POST's JSON body and arrival time."""
+    """A webhook receiver on a free localhost port: keeps each request's path, JSON body and arrival time."""
 
     def __init__(self) -> None:
         received = self.received = []
@@ -36,9 +37,12 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the http.server hook's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append((time.time(), self.path, json.loads(body)))
+                received.append((time.time(), self.path, json.loads(body) if body else {}))
                 self.send_response(204)
                 self.end_headers()
+
+            # Any request counts: a test that expects none sees a client that got through.
+            do_GET = do_PUT = do_PATCH = do_DELETE = do_POST  # noqa: N815
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -83,6 +87,37 @@ def automation_names(server: PrefectServer) -> list[str]:
     return sorted(a["name"] for a in api(server, "POST", "/automations/filter", {}) if a["name"].startswith("fanaoi"))
 
 
+# The secret parts of the last one (password, token) must not be printed.
+UNUSABLE_URLS = ["not a url", "ftp://hooks.example.com/aoi", "http://", "javascript:alert(1)", "file:///etc/passwd",
+                 "http://[::1", "ftp://bot:hunter2@hooks.example.com/aoi?token=s3cret"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("url", UNUSABLE_URLS)
+def test_an_unusable_webhook_url_is_refused_before_anything_is_installed(
+    receiver: Receiver, tmp_path: Path, url: str
+) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("alerts:\n  reject_streak: 3\n")
+    # The receiver stands in for the Prefect server: a request reaching it is something installed.
+    env = {"PATH": "/usr/bin:/bin", "PREFECT_API_URL": receiver.url, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           WEBHOOK_ENV: url}
+    refused = subprocess.run([sys.executable, "-m", "flows.cli", "--params", str(params), "alerts"],
+                             env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and f"{WEBHOOK_ENV} " in refused.stderr, refused.stderr
+    assert "hunter2" not in refused.stderr and "s3cret" not in refused.stderr
+    assert receiver.received == []
+
+
+def test_the_receiver_is_printed_without_its_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(WEBHOOK_ENV, raising=False)
+    alerts = params_from({"alerts": {"webhook_url": "https://bot:hunter2@hooks.example.com/aoi?token=s3cret"}}).alerts
+    assert alert_target(alerts) == "webhook https://***@hooks.example.com/aoi?***"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_a_reject_streak_and_a_timed_out_night_each_send_an_alert(
     prefect_server: PrefectServer, receiver: Receiver, tmp_path: Path
 ) -> None:

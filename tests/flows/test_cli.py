@@ -23,6 +23,27 @@ def test_bad_data_folder_gives_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_a_huge_input_size_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  dir: {data}\nmodel:\n  input_size: [100000, 100000]\n"
+                      f"train:\n  checkpoint_dir: {tmp_path / 'checkpoints'}\n")
+    monkeypatch.chdir(tmp_path)
+    code = main(["--params", str(params), "train", "--model", str(tmp_path / "m" / "c.h5")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "model.input_size.0 must be <= 2048, got 100000" in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "params.yaml"]
+
+
+def test_a_huge_batch_size_option_is_bounded_like_the_param(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"registry:\n  dir: {tmp_path / 'registry'}\n")
+    assert main(["--params", str(params), "predict", str(tmp_path), "--batch-size", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "evaluate.batch_size must be between 1 and 1024, got 100000" in err
+
+
 @pytest.mark.parametrize("argv", [["--params", "/nonexistent/params.yaml", "train"]])
 def test_missing_params_file_is_reported(argv, capsys):
     assert main(argv) == 1

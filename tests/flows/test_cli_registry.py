@@ -199,3 +199,27 @@ def test_promote_without_force_asks_and_a_no_publishes_nothing(project, capsys, 
     captured = capsys.readouterr()
     assert "over this decision?" in captured.err and captured.out.rstrip().endswith("not published")
     assert champion.read_bytes() == before and read_log(project["registry"]) == log_before
+
+
+# An operator's reason that tries to add a row of its own to `fanaoi history` and clear the screen.
+FORGED_REASON = "v2 bad\n2026-01-01T00:00:00+00:00    promote  v0009   v0002    accuracy 1.0000\x1b[2J"
+
+
+def test_history_prints_one_row_per_entry_whatever_a_reason_holds(tmp_path, capsys):
+    """A log written before reasons were escaped (or edited by hand) still gives one row per entry."""
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    entries = [{"time": "2026-11-20T03:00:00+00:00", "action": "rollback", "version": "v0001",
+                "previous": "v0002", "reasons": [FORGED_REASON]},
+               {"time": "2026-11-21T03:00:00+00:00", "action": "reject", "version": None, "previous": "v0001",
+                "reasons": ["accuracy 0.5 < 0.95"], "failed": ["accuracy 0.5 < 0.95"]}]
+    (registry / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    params = tmp_path / "params.yaml"
+    params.write_text(f"registry:\n  dir: {registry}\n")
+
+    assert main(["--params", str(params), "history"]) == 0
+
+    out = capsys.readouterr().out
+    header, rolled_back, rejected = out.splitlines()
+    assert rolled_back.endswith(FORGED_REASON.replace("\n", r"\n").replace("\x1b", r"\x1b"))
+    assert rejected.split()[1] == "reject" and "\x1b" not in out

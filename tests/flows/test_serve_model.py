@@ -384,3 +384,42 @@ def test_no_reports_folder_yet_is_a_404_and_the_service_runs(trained_workspace, 
     with TestClient(create_app(params)) as client:
         assert client.get("/reports/gate.json").status_code == 404
         assert client.get("/health").json()["status"] == "ok"
+
+
+def test_clients_that_send_headers_and_go_idle_hold_no_slot_and_are_dropped(
+    trained_workspace, registry, validation_paths
+):
+    """The slowloris of issue 28: as many stalled uploads as serve.max_concurrency lock nobody out."""
+    body_timeout = 3
+    params = serve_params(trained_workspace, registry, max_concurrency=4, body_timeout=body_timeout)
+    head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+            b"Content-Type: multipart/form-data; boundary=xx\r\n\r\n--xx\r\n")
+    with running_server(create_app(params)) as port, contextlib.ExitStack() as stack:
+        stalled = [stack.enter_context(socket.create_connection(("127.0.0.1", port))) for _ in range(4)]
+        for client in stalled:
+            client.sendall(head)
+        trickling, stop = stalled[0], threading.Event()
+
+        def trickle():  # one byte every 0.2 s: never idle, never done
+            with contextlib.suppress(OSError):
+                while not stop.wait(0.2):
+                    trickling.sendall(b"x")
+
+        stack.callback(stop.set)
+        threading.Thread(target=trickle, daemon=True).start()
+        time.sleep(0.5)  # the server has all four requests in hand
+
+        started = time.monotonic()
+        answer = httpx.post(f"http://127.0.0.1:{port}/predict", timeout=body_timeout,
+                            files={"file": ("fan.png", validation_paths[0].read_bytes(), "image/png")})
+        assert answer.status_code == 200 and time.monotonic() - started < body_timeout
+
+        for client in stalled:
+            client.settimeout(body_timeout + 10)
+            reply = b""
+            with contextlib.suppress(ConnectionResetError):
+                while data := client.recv(65536):  # to the end: the server closes the connection
+                    reply += data
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+            assert b"serve.body_timeout = 3 s" in reply
+        assert time.monotonic() - started < body_timeout + 5

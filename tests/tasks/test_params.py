@@ -72,12 +72,34 @@ def test_dashboard_links_use_the_public_url_or_host_and_port():
 @pytest.mark.parametrize(("changes", "message"), [
     ({"gate": {"min_delta": -0.01}}, r"gate.min_delta must be >= 0, got -0.01"),
     ({"demo": {"ng_fraction": 1.0}}, r"demo.ng_fraction must be > 0 and < 1, got 1.0"),
-    ({"train": {"batch_size": 0}}, r"train.batch_size must be >= 1, got 0"),
+    ({"train": {"batch_size": 0}}, r"train.batch_size must be between 1 and 1024, got 0"),
     ({"train": {"average_momentum": 1}}, r"train.average_momentum must be null \(off\) or > 0 and < 1, got 1"),
     ({"model": {"conv_filters": [8, 0]}}, r"model.conv_filters.1 must be >= 1, got 0"),
     ({"validate": {"severity": {"readabel": "warning"}}}, r"validate.severity must rate each of .*unknown: readabel"),
 ])
 def test_every_number_and_choice_is_bounded(changes, message):
+    with pytest.raises(ParamsError, match=message):
+        params_from(changes)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"model": {"input_size": [100000, 100000]}}, r"model.input_size.0 must be <= 2048, got 100000"),
+    ({"model": {"conv_filters": [16, 100000]}}, r"model.conv_filters.1 must be <= 1024, got 100000"),
+    ({"model": {"convs_per_block": 100}}, r"model.convs_per_block must be between 1 and 8, got 100"),
+    ({"model": {"dense_units": 10**6}}, r"model.dense_units must be between 1 and 8192, got 1000000"),
+    ({"demo": {"size": 100000}}, r"demo.size must be between 32 and 2048, got 100000"),
+    ({"train": {"batch_size": 100000}}, r"train.batch_size must be between 1 and 1024, got 100000"),
+    ({"train": {"shuffle_buffer": 10**7}}, r"train.shuffle_buffer must be between 1 and 100000, got 10000000"),
+    ({"train": {"cache_max_mb": 10**7}}, r"train.cache_max_mb must be between 0 and 65536, got 10000000"),
+    ({"evaluate": {"batch_size": 100000}}, r"evaluate.batch_size must be between 1 and 1024, got 100000"),
+    ({"prune": {"speed_images": 10**6}}, r"prune.speed_images must be between 1 and 4096, got 1000000"),
+    ({"export": {"check_images": 10**6}}, r"export.check_images must be between 1 and 4096, got 1000000"),
+    ({"validate": {"max_pixels": 10**10}}, r"validate.max_pixels must be between 1 and 178956970, got 10000000000"),
+    ({"serve": {"max_pixels": 10**10}}, r"serve.max_pixels must be between 1 and 178956970, got 10000000000"),
+    ({"serve": {"max_upload_bytes": 10**10}}, r"serve.max_upload_bytes must be between 1 and 1000000000, got"),
+    ({"serve": {"max_concurrency": 10**4}}, r"serve.max_concurrency must be between 1 and 64, got 10000"),
+])
+def test_every_size_that_allocates_memory_has_an_upper_bound(changes, message):
     with pytest.raises(ParamsError, match=message):
         params_from(changes)
 

@@ -311,3 +311,20 @@ def test_reject_streak_counts_rejections_since_the_last_other_decision():
     assert reject_streak([{"action": "reject"}] * 3) == 3
     assert reject_streak([{"action": "reject"}, {"action": "promote"}]) == 0
     assert reject_streak([]) == 0
+
+
+@pytest.mark.slow
+def test_an_operators_reason_goes_to_the_card_and_the_log_on_one_line(data_dir, base, tmp_path):
+    registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
+    params = gate_params(data_dir, registry)
+    forged = "v2 bad\n2026-01-01T00:00:00+00:00    promote  v0009\x1b[2J"
+    escaped = r"v2 bad\n2026-01-01T00:00:00+00:00    promote  v0009\x1b[2J"
+    candidate = good_model(data_dir, base)
+    result = gate_candidate(params, candidate, tmp_path / "reports")
+
+    card = publish(candidate, result, params, force_reason=forged)
+    rollback(params.registry, "1", reason=forged)
+
+    assert card["reason"] == escaped and read_champion(registry).version == "v0001"
+    forced, rolled_back = read_log(registry)[-2:]
+    assert forced["reasons"][-1] == f"forced by operator: {escaped}" and rolled_back["reasons"] == [escaped]
