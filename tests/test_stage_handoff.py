@@ -28,14 +28,13 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, original: object, replacement: obje
 
 @pytest.mark.slow
 def test_train_evaluate_and_gate_never_walk_or_hash_the_data(tmp_path, monkeypatch):
-    import tasks.data.dataset as dataset
-    import tasks.data.manifest as manifest
-    import tasks.durable as durable
     import tasks.inference.scores  # noqa: F401 - loaded, so its imported names are patched too
     import tasks.model.evaluate  # noqa: F401
     import tasks.model.train  # noqa: F401
     import tasks.registry.gate  # noqa: F401
     import tasks.registry.publish  # noqa: F401
+    from tasks import durable
+    from tasks.data import dataset, manifest
     from tasks.model.evaluate import run_evaluate
     from tasks.model.train import run_train
     from tasks.params import replace
