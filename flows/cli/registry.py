@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,14 +21,14 @@ def score_unless_evaluated(params: Params, model: Path, reports: Path) -> None:
     """The gate decides on evaluate's scores. A model evaluate has not scored into ``reports``
     (``--model`` of a pruned or hand-made file) is scored here first, by the same function and
     on the manifest validate wrote (in ``reports``, else in paths.reports)."""
-    from tasks.data.image_manifest import manifest_path, read_images
+    from tasks.data.image_manifest import read_images
     from tasks.inference.scores import score_candidate, scored_by_evaluate
 
     if scored_by_evaluate(reports, model):
         return
-    manifest_dir = reports if manifest_path(reports).is_file() else Path(params.paths.reports)
-    print(f"{model}: not scored by `fanaoi evaluate` in {reports}; scoring its validation and test images first")
-    score_candidate(model, read_images(manifest_dir, params.data), reports, params.evaluate,
+    print(f"{model}: not scored by `fanaoi evaluate` in {reports}; scoring its validation and test images first",
+          file=sys.stderr)
+    score_candidate(model, read_images(reports, params.data, params.paths.reports), reports, params.evaluate,
                     params.gate.target_escape_rate)
 
 

@@ -67,13 +67,19 @@ def _number(value: object) -> str:
     return _text(value if _text(value) == "" else int(value))
 
 
-def read_images(reports_dir: Path | str, data: DataParams) -> list[LabeledImage]:
+def read_images(
+    reports_dir: Path | str, data: DataParams, project_reports: Path | str | None = None,
+) -> list[LabeledImage]:
     """The images of the manifest in ``reports_dir``, under ``data.dir``, in training order.
 
+    A command pointed at a reports folder of its own (``--reports``) that holds no manifest
+    reads the project's, in ``project_reports`` (paths.reports, where validate writes it).
     Training order is the order of data.classes, then the path's parts (as a folder scan
     sorts them), so a run reads the images in the same order whichever way they were listed.
     """
     path = manifest_path(reports_dir)
+    if project_reports is not None and not path.is_file():
+        path = manifest_path(project_reports)
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
@@ -103,8 +109,10 @@ def read_images(reports_dir: Path | str, data: DataParams) -> list[LabeledImage]
     return images
 
 
-def read_split(reports_dir: Path | str, data: DataParams, split: str) -> list[LabeledImage]:
-    return select(read_images(reports_dir, data), split)
+def read_split(
+    reports_dir: Path | str, data: DataParams, split: str, project_reports: Path | str | None = None,
+) -> list[LabeledImage]:
+    return select(read_images(reports_dir, data, project_reports), split)
 
 
 def images_digest(images: Iterable[LabeledImage]) -> str:

@@ -74,7 +74,11 @@ def run_validate(
     result = summarize(files, classes, outcomes, rules, data_dir)
     result["page"] = str(reports_dir / VALIDATION_PAGE)
     write_stage_report(reports_dir / "validation.json", result, validation_metrics(result))
-    write_image_manifest(usable_images(files), params.data, manifest_path(reports_dir))
+    # The manifest is what later stages train and score on: only a data set that passed has one.
+    if result["valid"]:
+        write_image_manifest(usable_images(files), params.data, manifest_path(reports_dir))
+    else:
+        manifest_path(reports_dir).unlink(missing_ok=True)
     write_validation_page(result, reports_dir / VALIDATION_PAGE)
     for problem in result["failing_files"]:
         report(f"{problem['severity']}: {problem['path']}: {problem['reason']} [{problem['rule']}]")

@@ -124,7 +124,7 @@ def run_evaluate(
     model = load_model(model_path)
     model.compile(loss="binary_crossentropy", metrics=["accuracy"])
     model_params = model_params_from_file(model_path)  # color_mode auto was resolved in training
-    images = read_images(reports_dir, params.data)
+    images = read_images(reports_dir, params.data, params.paths.reports)
     splits = {split: select(images, split) for split in SPLITS}
     for split in ("train", "validation"):
         require_split(splits[split], split, params.data.dir)

@@ -195,7 +195,7 @@ def run_explain(
     model_params = model_params_from_file(source.path)
     model = load_model(source.path)
 
-    validation = read_split(reports_dir, params.data, "validation")
+    validation = read_split(reports_dir, params.data, "validation", params.paths.reports)
     require_split(validation, "validation", params.data.dir)
     validation = _relabel(validation, mapping, source.path)
     labels = np.asarray([image.label for image in validation])

@@ -242,7 +242,7 @@ def run_prune(
             f"gives {params.data.class_mapping}; prune a model trained on this data set"
         )
     model_params = model_params_from_file(model_path)
-    images = read_images(reports_dir, params.data)
+    images = read_images(reports_dir, params.data, params.paths.reports)
     train_images, validation = select(images, "train"), select(images, "validation")
     require_split(train_images, "train", params.data.dir)
     require_split(validation, "validation", params.data.dir)

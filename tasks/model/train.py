@@ -151,7 +151,7 @@ def run_train(
         raise WarmStartError(f"train.init_from is {params.train.init_from} but no champion was handed to "
                              f"training; run it with `fanaoi train` or the nightly flow, which read the registry")
     model_path, reports_dir = params.paths.chosen(model_path, reports_dir)
-    images = read_images(reports_dir, params.data)
+    images = read_images(reports_dir, params.data, params.paths.reports)
     train_images = select(images, "train")
     validation_images = select(images, "validation")
     require_split(train_images, "train", params.data.dir)

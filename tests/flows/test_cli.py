@@ -11,15 +11,19 @@ def test_help_does_not_import_heavy_packages():
     assert heavy_packages_imported_by("import typer.main; from flows.cli import app; typer.main.get_command(app)") == []
 
 
-def test_bad_data_folder_gives_one_line_error(tmp_path, capsys):
+def test_bad_data_folder_gives_one_line_error_and_nothing_to_train_on(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=2)
     (data / "SCRAP").mkdir()
     params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  dir: {data}\n")
-    code = main(["--params", str(params), "train", "--model", str(tmp_path / "m" / "c.h5")])
+    params.write_text(f"data:\n  dir: {data}\nvalidate:\n  min_per_class: 1\n")
+    reports = tmp_path / "reports"
+    code = main(["--params", str(params), "validate", "--reports", str(reports)])
     err = capsys.readouterr().err
     assert code == 1
-    assert err.count("\n") == 1 and "SCRAP: unknown class folder" in err
+    assert err.count("\n") == 1 and "data/SCRAP: unexpected folder" in err
+    code = main(["--params", str(params), "train", "--model", str(tmp_path / "m" / "c.h5"), "--reports", str(reports)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "manifest.csv: no manifest; run `fanaoi validate`" in err
     assert not (tmp_path / "m").exists()
 
 
