@@ -86,12 +86,31 @@ def command_function(name: str) -> ast.FunctionDef:
     return found[0]
 
 
+def cli_helpers() -> dict[str, ast.FunctionDef]:
+    """The module-level functions of the flows/cli package, by name."""
+    return {node.name: node for module in sorted(CLI.glob("*.py"))
+            for node in ast.parse(module.read_text(encoding="utf-8")).body if isinstance(node, ast.FunctionDef)}
+
+
+def called_helpers(function: ast.FunctionDef, helpers: dict[str, ast.FunctionDef]) -> list[ast.FunctionDef]:
+    """``function`` and the CLI helpers it calls by name, directly or through each other."""
+    found, pending = {function.name: function}, [function]
+    while pending:
+        for node in ast.walk(pending.pop()):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in helpers \
+                    and node.func.id not in found:
+                found[node.func.id] = helpers[node.func.id]
+                pending.append(helpers[node.func.id])
+    return list(found.values())
+
+
 def stage_code(cmd: str) -> set[str]:
-    """Project files ``cmd`` runs, relative to the project root."""
+    """Project files ``cmd`` runs (its CLI function and the CLI helpers it calls), relative to the root."""
     program, name = cmd.split()[:2]
     assert program == "fanaoi", f"{cmd!r}: expected `fanaoi <stage>`"
-    function = command_function(name)
-    return {str(path.relative_to(ROOT)) for path in transitive_imports(imported_files(function))}
+    functions = called_helpers(command_function(name), cli_helpers())
+    start = set().union(*(imported_files(function) for function in functions))
+    return {str(path.relative_to(ROOT)) for path in transitive_imports(start)}
 
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]

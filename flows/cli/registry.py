@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -15,6 +15,19 @@ from tasks.params import Params
 
 # What `fanaoi gate --no-publish` writes instead of gate.json, the gate stage's DVC metric.
 PREVIEW_REPORT = "gate-preview.json"
+
+
+def judge(params: Params, model: Path | None, reports: Path | None, **options: Any) -> tuple[Path, Path, dict]:
+    """The gate's decision on ``model`` (default: the candidate), printed; returns the model, the
+    reports folder and the decision. A ``--model`` evaluate has not scored is scored first."""
+    from tasks.registry.gate import run_gate
+
+    if model is not None:
+        score_unless_evaluated(params, model, Path(reports or params.paths.reports))
+    model, reports = params.paths.chosen(model, reports)
+    result = run_gate(params, model, reports, **options)
+    print_decision(result)
+    return model, reports, result
 
 
 def score_unless_evaluated(params: Params, model: Path, reports: Path) -> None:
@@ -42,20 +55,14 @@ def _gate(
     reports: Reports = None,
 ) -> int:
     """Candidate vs champion: promote (and publish) or reject."""
-    from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
 
-    if model is not None:
-        score_unless_evaluated(params, model, Path(reports or params.paths.reports))
-    model, reports = params.paths.chosen(model, reports)
     if no_publish:
-        result = run_gate(params, model, reports, record=False, report_file=PREVIEW_REPORT)
-        print_decision(result)
+        _, reports, _ = judge(params, model, reports, record=False, report_file=PREVIEW_REPORT)
         print(f"report: {reports / PREVIEW_REPORT} (nothing published or logged; "
               f"{reports / 'gate.json'}, the DVC metric, unchanged)")
         return 0
-    result = run_gate(params, model, reports)
-    print_decision(result)
+    model, reports, result = judge(params, model, reports)
     if result["decision"] == "promote":
         card = publish(model, result, params, repo_dir=".")
         print(f"published {card['version']}: {Path(params.registry.dir) / 'champion.h5'}")
@@ -71,14 +78,9 @@ def _promote(
     reports: Reports = None,
 ) -> int:
     """Publish the candidate whatever the gate says (logged as forced); asks first unless --force."""
-    from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
 
-    if model is not None:
-        score_unless_evaluated(params, model, Path(reports or params.paths.reports))
-    model, reports = params.paths.chosen(model, reports)
-    result = run_gate(params, model, reports, record=False)
-    print_decision(result)
+    model, reports, result = judge(params, model, reports, record=False)
     if not force and not typer.confirm(f"publish {model} over this decision?", err=True):
         print("not published")
         return 1
