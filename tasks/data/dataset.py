@@ -139,7 +139,10 @@ def class_folders(data_dir: Path, classes: Sequence[str]) -> dict[str, Path]:
 
 
 def list_images(data_dir: Path | str, params: DataParams) -> list[LabeledImage]:
-    """Every image of the data set with its label, hash and split, in a stable order.
+    """Every image of the data set with its label, hash and split, in a stable order: a scan of
+    the folder, for tools that work on one without validate's manifest (the benchmarks). The
+    stages read the manifest instead (tasks.data.image_manifest), which lists the same images
+    in the same order.
 
     Files whose extension is not an image extension of params are skipped and counted
     in a warning (the validate stage reports each one).
