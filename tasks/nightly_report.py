@@ -11,7 +11,7 @@ from typing import Any
 
 TABLE_METRICS = (
     "accuracy", "balanced_accuracy", "precision", "recall", "f1",
-    "escape_rate", "escape_rate_upper95", "overkill_rate", "review_rate", "auc",
+    "escape_rate", "escape_rate_upper95", "overkill_rate", "review_rate", "auc", "log_loss",
 )
 
 
