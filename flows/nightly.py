@@ -342,6 +342,8 @@ def summarize(
         "failed": gate.get("failed", []),
         "threshold": gate.get("threshold"),
         "threshold_source": gate.get("threshold_source"),
+        "saturated": gate.get("saturated", False),
+        "deciding_metric": gate.get("deciding_metric"),
         "stages": {name: "ran" if ran else "skipped" for name, ran in stages.items()},
         "data_snapshot": snapshot["md5"],
         "data_changed": snapshot["changed"],

@@ -11,7 +11,7 @@ from typing import Any
 
 TABLE_METRICS = (
     "accuracy", "balanced_accuracy", "precision", "recall", "f1",
-    "escape_rate", "escape_rate_upper95", "overkill_rate", "review_rate", "auc",
+    "escape_rate", "escape_rate_upper95", "overkill_rate", "review_rate", "auc", "log_loss",
 )
 
 
@@ -98,6 +98,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         + (" (new)" if summary["data_changed"] else ""),
         "- stages: " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()),
         *threshold_lines(summary),
+        *deciding_lines(summary),
         "",
         "## Reasons",
         "",
@@ -107,6 +108,14 @@ def report_markdown(summary: dict[str, Any]) -> str:
         *evaluate_vs_kept_epoch_table(summary["kept_epoch_vs_evaluate"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+
+def deciding_lines(summary: dict[str, Any]) -> list[str]:
+    """Which metric decided, when the primary one had saturated and could no longer tell the models apart."""
+    if not summary.get("saturated") or summary["decision"] == "unchanged":  # no gate ran tonight
+        return []
+    return [f"- decided on **{summary['deciding_metric']}**: the primary metric has saturated (see the reasons)"]
 
 
 

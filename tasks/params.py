@@ -197,6 +197,8 @@ class GateParams(Section):
     KEY: ClassVar[str] = "gate"
     metric: Literal["accuracy", "balanced_accuracy", "f1", "auc"]
     min_delta: float = Field(ge=0)
+    # Relative, so above 0 (an equal loss is no gain) and below 1 (no loss at all is out of reach).
+    min_loss_improvement: float = Field(gt=0, lt=1)
     max_escape_increase: float = Field(ge=0)
     max_overkill_increase: float = Field(ge=0)
     min_accuracy: Fraction

@@ -25,11 +25,18 @@ def print_decision(result: dict) -> None:
 
 
 def history_why(entry: dict) -> str:
-    """A rejection shows the rules that failed; an override or a rollback the operator's reason."""
+    """A rejection shows the rules that failed; an override or a rollback the operator's reason.
+
+    A gate decision taken at the ceiling (the primary metric saturated) says so: the metric column
+    then holds the metric that decided, and a rejection there may be a tie, not a worse candidate.
+    """
     reasons = entry.get("reasons", [])
+    ceiling = f"{entry['metric']} decided, the primary metric saturated" if entry.get("saturated") else ""
     if entry["action"] == "promote":
-        return "every rule passed"
+        return "; ".join(filter(None, ("every rule passed", ceiling)))
     failed = "; ".join(entry.get("failed", [])) if entry["action"] == "reject" else ""
+    if entry.get("tie"):
+        failed = f"tie at the ceiling ({ceiling}): {failed}"
     return failed or (reasons[-1] if reasons else "")
 
 

@@ -65,7 +65,7 @@ def classification_metrics(
     threshold: float,
     review_band: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, precision, recall, F1, escape and overkill rate, AUC and the confusion counts.
+    """Accuracy, precision, recall, F1, escape and overkill rate, AUC, log loss and the confusion counts.
 
     Label 1 is the defect class (NG); a probability >= threshold predicts NG. With a
     review band, ``review_rate`` is the share of parts sent to a person and the
@@ -97,6 +97,8 @@ def classification_metrics(
         "escape_rate_after_review": _ratio(int(np.sum((decided == 0) & (labels == 1))), fn + tp),
         "overkill_rate_after_review": _ratio(int(np.sum((decided == 1) & (labels == 0))), fp + tn),
         "auc": roc_auc(labels, scores),
+        # Threshold-free and unbounded below 1.0 accuracy: what the gate compares once accuracy saturates.
+        "log_loss": float(np.mean(log_losses(labels, scores))) if len(labels) else 0.0,
         "threshold": float(threshold),
         "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
     }
@@ -263,15 +265,20 @@ def defect_type_lines(metrics: dict[str, Any]) -> list[str]:
 _KERAS_EPSILON = 1e-7
 
 
+def log_losses(labels: Sequence[int] | np.ndarray, probabilities: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Binary cross-entropy of each image, clipped as Keras clips it: the training loss, per image."""
+    labels = np.asarray(labels, dtype=np.float64)
+    clipped = np.clip(np.asarray(probabilities, dtype=np.float64), _KERAS_EPSILON, 1 - _KERAS_EPSILON)
+    return -(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+
+
 def keras_loss_and_accuracy(labels: Sequence[int] | np.ndarray, probabilities: Sequence[float] | np.ndarray
                             ) -> dict[str, float]:
     """What ``model.evaluate`` reports for a sigmoid model compiled with binary cross-entropy and
     accuracy, from its probabilities: the scoring pass the stage already made, not another one."""
     labels = np.asarray(labels, dtype=np.float64)
-    clipped = np.clip(np.asarray(probabilities, dtype=np.float64), _KERAS_EPSILON, 1 - _KERAS_EPSILON)
     if not len(labels):
         return {"loss": 0.0, "accuracy": 0.0}
-    loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
     # Keras' binary accuracy counts a probability above 0.5 (strictly) as the positive class.
     accuracy = np.mean((np.asarray(probabilities) > 0.5) == (labels == 1))
-    return {"loss": float(loss), "accuracy": float(accuracy)}
+    return {"loss": float(np.mean(log_losses(labels, probabilities))), "accuracy": float(accuracy)}

@@ -46,6 +46,8 @@ class LogEntry(TypedDict, total=False):
     overkill_rate: float
     reasons: list[str]
     failed: list[str]
+    saturated: bool
+    tie: bool
 
 
 def read_log(registry_dir: Path | str) -> list[dict[str, Any]]:
@@ -68,10 +70,16 @@ def read_log(registry_dir: Path | str) -> list[dict[str, Any]]:
 
 
 def reject_streak(entries: Sequence[dict[str, Any]]) -> int:
-    """Gate rejections since the last decision that was not one (a promotion, a rollback)."""
+    """Rejections of a worse candidate since the last night that was not one.
+
+    A rejection marked ``tie`` (the candidate held the champion's saturated primary metric and every
+    guard, and lost only on log loss) ends the streak as a promotion or a rollback does: retraining
+    made a model as good as a perfect champion, so nothing is wrong with the nightly run, and the
+    streak counts failed nights in a row. Entries written before ties were recorded count as worse.
+    """
     count = 0
     for entry in reversed(entries):
-        if entry.get("action") != "reject":
+        if entry.get("action") != "reject" or entry.get("tie"):
             break
         count += 1
     return count
@@ -123,12 +131,14 @@ def decision_entry(
         "version": version,
         "previous": previous,
         "candidate": gate_result["candidate"]["path"],
-        "metric": gate_result["metric"],
-        "value": metrics[gate_result["metric"]],
+        "metric": gate_result["deciding_metric"],  # `fanaoi history` shows log_loss when it decided
+        "value": metrics[gate_result["deciding_metric"]],
         "escape_rate": metrics["escape_rate"],
         "overkill_rate": metrics["overkill_rate"],
         "reasons": reasons,
         "failed": gate_result["failed"],
+        "saturated": gate_result["saturated"],
+        "tie": action == "reject" and gate_result["tie"],  # ends the reject streak
     }
 
 

@@ -341,6 +341,20 @@ def test_report_says_unchanged_and_keeps_the_last_decision() -> None:
     assert "- accuracy 0.9 < 0.95" in text
 
 
+def test_report_names_the_metric_that_decided_when_the_primary_one_saturated() -> None:
+    summary = {
+        "decision": "promote", "last_decision": "promote", "reasons": ["accuracy has saturated: ..."],
+        "stages": dict.fromkeys(PIPELINE_STAGES, "ran"), "data_snapshot": "abc.dir", "data_changed": True,
+        "published_version": "v0002", "champion_version": "v0002", "champion_path": "/r/champion.h5",
+        "candidate_path": "/m/candidate.h5", "metrics": [], "kept_epoch_vs_evaluate": {},
+        "reports_url": "http://127.0.0.1:8000/reports", "reports_dir": "reports",
+        "saturated": True, "deciding_metric": "log_loss",
+    }
+    line = "- decided on **log_loss**: the primary metric has saturated (see the reasons)"
+    assert line in report_markdown(summary)
+    assert line not in report_markdown({**summary, "decision": "unchanged"})  # no gate ran tonight
+
+
 def test_report_links_the_validation_page_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the flow writes its report from the project folder
     summary = {

@@ -115,6 +115,19 @@ def test_history_shows_a_decision_on_an_undefined_metric(project, capsys) -> Non
     assert capsys.readouterr().out.splitlines()[1].startswith("2026-11-20T03:00:00+00:00 reject   -       -        -")
 
 
+def test_history_says_which_metric_decided_at_the_ceiling_and_which_rejection_was_a_tie(project, capsys) -> None:
+    at_ceiling = {**LOG_LINE, "metric": "log_loss", "value": 0.0213, "saturated": True}
+    lines = [{**at_ceiling, "failed": ["at the ceiling log loss decides: ...: FAIL"], "tie": True},
+             {**at_ceiling, "action": "promote", "version": "v0002", "failed": [], "tie": False}]
+    (project / "registry" / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run("history") == 0
+    tie, promoted = capsys.readouterr().out.splitlines()[1:]
+    assert "log_loss 0.0213" in tie
+    assert tie.endswith("tie at the ceiling (log_loss decided, the primary metric saturated): "
+                        "at the ceiling log loss decides: ...: FAIL")
+    assert promoted.endswith("every rule passed; log_loss decided, the primary metric saturated")
+
+
 def test_an_intact_project_has_no_problems(project, capsys) -> None:
     assert run("status", "--json") == 0
     state = json.loads(capsys.readouterr().out)

@@ -10,6 +10,8 @@ from tasks.inference.metrics import (
     escape_bounds,
     escape_upper_bound,
     escapes_by_type,
+    keras_loss_and_accuracy,
+    log_losses,
     roc_auc,
     verdicts,
 )
@@ -30,6 +32,18 @@ def test_escape_and_overkill_follow_aoi_meaning():
 def test_threshold_moves_decisions():
     metrics = classification_metrics([1, 0], [0.4, 0.3], threshold=0.35)
     assert metrics["confusion"] == {"tn": 1, "fp": 0, "fn": 0, "tp": 1}
+
+
+def test_log_loss_tells_apart_models_that_accuracy_cannot():
+    labels = [1, 1, 0, 0]
+    sure, unsure = [0.99, 0.95, 0.01, 0.05], [0.6, 0.7, 0.4, 0.3]
+    metrics = [classification_metrics(labels, scores, threshold=0.5) for scores in (sure, unsure)]
+    assert metrics[0]["accuracy"] == metrics[1]["accuracy"] == 1.0
+    assert metrics[0]["log_loss"] == pytest.approx(-np.mean(np.log([0.99, 0.95, 0.99, 0.95])))
+    assert metrics[0]["log_loss"] < metrics[1]["log_loss"]
+    # Clipped as Keras clips: a certain mistake costs -log(1e-7), not infinity.
+    assert log_losses([1], [0.0])[0] == pytest.approx(-np.log(1e-7))
+    assert keras_loss_and_accuracy(labels, sure)["loss"] == pytest.approx(metrics[0]["log_loss"])
 
 
 def test_auc_matches_pairwise_definition():

@@ -1,13 +1,14 @@
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from tasks.data.dataset import list_images, select
 from tasks.inference.metrics import escape_upper_bound
 from tasks.params import ParamsError, replace
-from tasks.registry.decisions import read_log
-from tasks.registry.gate import decide, mcnemar_exact, run_gate
+from tasks.registry.decisions import read_log, reject_streak
+from tasks.registry.gate import decide, mcnemar_exact, paired_loss_test, run_gate, saturation
 from tasks.registry.store import CHAMPION_MODEL
 from tests.conftest import BASE, copy_with_defect_types
 from tests.tasks.champion_support import (
@@ -106,6 +107,89 @@ def test_no_discordant_pairs_gives_p_one():
     assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
 
 
+# The issue's demo night: both models perfect on validation, the candidate trained on more data.
+PERFECT = metrics(1.0, log_loss=0.050)
+
+
+def test_at_the_ceiling_a_better_calibrated_candidate_is_promoted_on_log_loss():
+    decision, rules = decide(metrics(1.0, log_loss=0.030), PERFECT, GATE)
+    assert decision == "promote"
+    primary, loss = rules[2], rules[3]
+    assert primary["saturated"] and primary["limit"] == -0.005
+    assert "saturated" in primary["text"] and primary["text"].endswith("+0.0000 >= -0.0050: pass")
+    assert (loss["rule"], loss["candidate"], loss["champion"]) == ("log_loss", 0.030, 0.050)
+    assert loss["improvement"] == pytest.approx(0.4)
+    assert loss["text"] == ("at the ceiling log loss decides: 0.0300 vs champion 0.0500: 40.0% lower "
+                            ">= min_loss_improvement 10.0%: pass")
+    assert saturation(rules, GATE) == {"saturated": True, "deciding_metric": "log_loss", "tie": False}
+
+
+@pytest.mark.parametrize("loss", [0.060, 0.050, 0.046])  # worse, equal, better by less than 10 %
+def test_at_the_ceiling_a_candidate_not_clearly_better_calibrated_is_a_tie_rejected(loss):
+    decision, rules = decide(metrics(1.0, log_loss=loss), PERFECT, GATE)
+    assert decision == "reject" and failed(rules) == ["log_loss"]
+    assert saturation(rules, GATE)["tie"]
+
+
+@pytest.mark.parametrize(("candidate", "guard"), [
+    (metrics(1.0, escape_rate=0.01, log_loss=0.01), "max_escape_increase"),
+    (metrics(1.0, overkill_rate=0.02, log_loss=0.01), "max_overkill_increase"),
+    (metrics(0.99, log_loss=0.01), "primary_metric"),  # lost more than min_delta: worse, not a tie
+])
+def test_at_the_ceiling_the_guards_still_veto_and_that_is_no_tie(candidate, guard):
+    decision, rules = decide(candidate, PERFECT, GATE)
+    assert decision == "reject" and failed(rules) == [guard]
+    assert saturation(rules, GATE) == {"saturated": True, "deciding_metric": "log_loss", "tie": False}
+
+
+def test_at_the_ceiling_floors_and_per_type_ceilings_still_apply():
+    candidate = metrics(1.0, log_loss=0.01, defect_types={"crack": typed(10, 1)})
+    decision, rules = decide(candidate, PERFECT, replace(GATE, max_escape_rate_per_type=0.05))
+    assert decision == "reject" and failed(rules) == ["max_escape_rate_per_type"]
+    assert not saturation(rules, GATE)["tie"]
+    decision, rules = decide(metrics(0.999, log_loss=0.01), metrics(0.999, log_loss=0.05),
+                             replace(GATE, min_accuracy=1.0))
+    assert decision == "reject" and failed(rules) == ["min_accuracy"] and rules[2]["saturated"]
+
+
+def test_saturated_means_no_candidate_could_beat_the_champion_by_min_delta():
+    near = metrics(0.997, log_loss=0.05)  # a perfect candidate gains 0.003 < 0.005
+    decision, rules = decide(metrics(1.0, log_loss=0.04), near, GATE)
+    assert decision == "promote" and rules[2]["saturated"]
+    reachable = metrics(0.995, log_loss=0.05)  # a perfect candidate gains exactly min_delta
+    decision, rules = decide(metrics(1.0, log_loss=0.06), reachable, GATE)
+    assert decision == "promote" and not rules[2]["saturated"]
+    assert saturation(rules, GATE)["deciding_metric"] == "accuracy"
+    assert "log_loss" not in [rule["rule"] for rule in rules]
+    # min_delta 0: a tie at 1.0 passes the primary rule itself, nothing has saturated.
+    decision, rules = decide(metrics(1.0, log_loss=0.06), PERFECT, replace(GATE, min_delta=0.0))
+    assert decision == "promote" and not rules[2]["saturated"]
+
+
+def test_at_the_ceiling_the_paired_test_is_on_per_image_log_losses():
+    labels = np.array([1, 0] * 20)
+    champion = np.where(labels == 1, 0.90, 0.10)
+    sharper = np.where(labels == 1, 0.97, 0.03)
+    test = paired_loss_test(labels, sharper, champion)
+    assert (test["candidate_lower"], test["champion_lower"]) == (40, 0) and test["p_value"] < 1e-6
+    assert paired_loss_test(labels, champion, champion) == {"candidate_lower": 0, "champion_lower": 0,
+                                                            "p_value": 1.0}
+    gate = replace(GATE, significance=0.05)
+    mcnemar = mcnemar_exact([True] * 40, [True] * 40)  # p = 1: McNemar could never pass at the ceiling
+    candidate = metrics(1.0, log_loss=0.03)
+    decision, rules = decide(candidate, PERFECT, gate, mcnemar, test)
+    assert decision == "promote" and rules[-1]["rule"] == "loss_test"
+    worse = paired_loss_test(labels, champion, sharper)
+    decision, rules = decide(candidate, PERFECT, gate, mcnemar, worse)
+    assert decision == "reject" and failed(rules) == ["loss_test"] and saturation(rules, gate)["tie"]
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_min_loss_improvement_is_a_share_above_zero_and_below_one(share):
+    with pytest.raises(ParamsError, match="gate.min_loss_improvement must be > 0 and < 1"):
+        replace(BASE.gate, min_loss_improvement=share)
+
+
 @pytest.mark.slow
 def test_first_run_promotes_on_floors_and_writes_its_reasons(data_dir, base, tmp_path):
     params = gate_params(data_dir, tmp_path / "registry")
@@ -121,7 +205,7 @@ def test_first_run_promotes_on_floors_and_writes_its_reasons(data_dir, base, tmp
 
 
 @pytest.mark.slow
-def test_identical_retrain_is_rejected_below_min_delta(data_dir, base, tmp_path):
+def test_identical_retrain_at_a_perfect_champion_is_a_tie_rejected_on_log_loss(data_dir, base, tmp_path):
     registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
     params = gate_params(data_dir, registry)
     retrained = train_good_model(params, tmp_path / "retrained.h5")
@@ -129,11 +213,48 @@ def test_identical_retrain_is_rejected_below_min_delta(data_dir, base, tmp_path)
     assert result["decision"] == "reject"
     assert result["champion"]["status"] == "ok" and result["champion"]["version"] == "v0001"
     primary = next(rule for rule in result["rules"] if rule["rule"] == "primary_metric")
-    assert primary["delta"] == pytest.approx(0.0, abs=1e-9) and not primary["passed"]
-    assert result["mcnemar"]["discordant"] == 0
+    assert primary["delta"] == pytest.approx(0.0, abs=1e-9) and primary["saturated"] and primary["passed"]
+    assert result["mcnemar"]["discordant"] == 0 and result["loss_test"]["p_value"] == 1.0
+    loss = next(rule for rule in result["rules"] if rule["rule"] == "log_loss")
+    assert loss["improvement"] == pytest.approx(0.0, abs=1e-9) and result["tie"]
     logged = read_log(registry)[-1]
     assert logged["action"] == "reject" and any(r.endswith("FAIL") for r in logged["reasons"])
-    assert logged["failed"] == [primary["text"]] == [r["text"] for r in result["rules"] if not r["passed"]]
+    assert logged["failed"] == [loss["text"]] == [r["text"] for r in result["rules"] if not r["passed"]]
+    assert logged["tie"] and reject_streak(read_log(registry)) == 0
+
+
+def sharpened(model_path, params, path, factor):
+    """The model with its output logit times ``factor``: the same verdicts at 0.5, surer above 1, less sure below."""
+    from tasks.inference.model_file import load_model
+    from tasks.model.network import save_model
+
+    model = load_model(model_path)
+    output = model.get_layer("output")
+    output.set_weights([weights * factor for weights in output.get_weights()])
+    return save_model(model, path, params.data.class_mapping, params.model)
+
+
+@pytest.mark.slow
+def test_at_a_perfect_champion_a_surer_candidate_is_promoted_and_a_less_sure_one_is_a_tie(data_dir, base, tmp_path):
+    registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
+    params = gate_params(data_dir, registry)
+    model = good_model(data_dir, base)
+    surer = gate_candidate(params, sharpened(model, params, tmp_path / "surer.h5", 2.0), tmp_path / "reports",
+                           record=False)
+    assert surer["champion"]["metrics"]["accuracy"] == surer["candidate"]["metrics"]["accuracy"] == 1.0
+    assert (surer["decision"], surer["saturated"], surer["deciding_metric"]) == ("promote", True, "log_loss")
+    assert any(reason.startswith("accuracy has saturated") for reason in surer["reasons"])
+    assert surer["loss_test"]["candidate_lower"] > 0 == surer["loss_test"]["champion_lower"]
+    written = json.loads((tmp_path / "reports" / "gate.json").read_text())
+    assert (written["saturated"], written["deciding_metric"]) == (1, "log_loss")
+    assert written["candidate"]["log_loss"] < written["champion"]["log_loss"]
+
+    softer = gate_candidate(params, sharpened(model, params, tmp_path / "softer.h5", 0.5), tmp_path / "softer")
+    assert softer["decision"] == "reject" and softer["tie"] and failed(softer["rules"]) == ["log_loss"]
+    assert "a tie at the ceiling" in " ".join(softer["reasons"])
+    logged = read_log(registry)
+    assert (logged[-1]["action"], logged[-1]["tie"], logged[-1]["metric"]) == ("reject", True, "log_loss")
+    assert reject_streak(logged) == 0
 
 
 @pytest.mark.slow

@@ -313,6 +313,13 @@ def test_reject_streak_counts_rejections_since_the_last_other_decision():
     assert reject_streak([]) == 0
 
 
+def test_a_tie_at_the_ceiling_ends_the_reject_streak_like_a_promotion():
+    worse, tie = {"action": "reject"}, {"action": "reject", "tie": True}
+    assert reject_streak([worse, worse, tie]) == 0  # the nights: no alert
+    assert reject_streak([worse, tie, worse, worse]) == 2
+    assert reject_streak([tie, worse, {"action": "reject", "tie": False}]) == 2
+
+
 @pytest.mark.slow
 def test_an_operators_reason_goes_to_the_card_and_the_log_on_one_line(data_dir, base, tmp_path):
     registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
