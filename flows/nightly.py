@@ -23,6 +23,7 @@ from prefect.states import Cancelled, Completed, State
 from prefect.tasks import exponential_backoff
 
 from flows.names import (
+    DECISION_STATES,
     DEFECT_TYPES_KEY,
     DEPLOYMENT_NAME,
     METRICS_KEY,
@@ -204,11 +205,13 @@ def _read_report(params: Params, name: str) -> dict[str, Any] | None:
 
 
 @flow(name=NIGHTLY_FLOW)
-def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict[str, Any] | State:
+def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> State:
     """Retrain when data, params or code changed; publish only a candidate that beats the champion.
 
     ``params_path`` names the project: its folder holds dvc.yaml, data/ and the registry.
-    A run started while another holds the project's run lock ends Cancelled at once.
+    The run ends in a Completed-type state named after the decision (:data:`DECISION_STATES`)
+    whose result is the run's summary. A run started while another holds the project's run
+    lock ends Cancelled at once.
     """
     params_file = Path(params_path).resolve()
     if params_file.name != "params.yaml":
@@ -228,7 +231,7 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
             project_lock(project, "nightly_retrain run", params.lock.timeout),
             contextlib.chdir(project),
         ):
-            return _run_pipeline(params, push, None if limit is None else time.monotonic() + limit)
+            summary = _run_pipeline(params, push, None if limit is None else time.monotonic() + limit)
     except RunInProgress as exc:
         get_run_logger().warning(str(exc))
         return Cancelled(message=str(exc))
@@ -239,6 +242,10 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
         )
         report_failure(message, {}, [])
         raise NightlyTimeout(message) from None
+    return Completed(
+        name=DECISION_STATES[summary["decision"]], data=summary,
+        message=f"decision {summary['decision']}; champion {summary['champion_version'] or 'none yet'}",
+    )
 
 
 class NightlyTimeout(TimeoutError):

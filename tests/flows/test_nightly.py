@@ -105,6 +105,16 @@ def log_messages(state: Any, awaited_prefix: str) -> list[str]:
     return settled(read, lambda messages: any(m.startswith(awaited_prefix) for m in messages))
 
 
+def runs_list_state(state: Any) -> tuple[str, str]:
+    """The flow run's state type and name as the server lists it (the dashboard's runs list)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        (listed,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
+    return listed.state_type.value, listed.state_name
+
+
 def copy_project(project: Path, target: Path) -> Path:
     """A private copy (git, DVC cache, dvc.lock, registry) for a test that changes things."""
     shutil.copytree(project, target, symlinks=True)
@@ -116,6 +126,7 @@ def test_first_run_trains_gates_and_publishes(nightly_project: dict[str, Any]) -
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["decision"] == "promote"
+    assert runs_list_state(state) == ("COMPLETED", "Promoted")
     assert summary["stages"] == dict.fromkeys(PIPELINE_STAGES, "ran")
     assert summary["published_version"] == "v0001"
     assert summary["champion_path"] == str(project / "registry" / "champion.h5")
@@ -166,6 +177,7 @@ def test_second_run_with_nothing_changed_skips_every_stage(nightly_project: dict
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["decision"] == "unchanged"
+    assert runs_list_state(state) == ("COMPLETED", "Unchanged")
     assert summary["last_decision"] == "promote"
     assert summary["stages"] == dict.fromkeys(PIPELINE_STAGES, "skipped")
     runs = task_runs(state, (*PIPELINE_STAGES, "snapshot", "report"))
@@ -213,6 +225,17 @@ def test_two_runs_at_once_publish_once(nightly_project: dict[str, Any], tmp_path
     champion = read_champion(project / "registry")
     assert champion.version == "v0002" and champion.problem is None
     assert [e["action"] for e in read_log(project / "registry")] == ["promote", "promote"]
+
+
+def test_a_rejected_candidate_names_the_run_rejected(nightly_project: dict[str, Any], tmp_path: Path) -> None:
+    project = copy_project(nightly_project["project"], tmp_path / "project")
+    # Only the gate reruns: the same model against itself as champion gains less than min_delta.
+    update_params(project, {"gate": {"min_delta": 0.01}})
+    state = nightly_retrain(params_path=str(project / "params.yaml"), return_state=True)
+
+    assert state.result()["decision"] == "reject"
+    assert runs_list_state(state) == ("COMPLETED", "Rejected")
+    assert list_versions(project / "registry") == ["v0001"]
 
 
 @pytest.mark.slow
