@@ -184,6 +184,8 @@ def _server(params: Params) -> int:
     server = params.server
     host = socket.gethostname() if server.host in ("0.0.0.0", "::") else server.host
     os.environ.setdefault("PREFECT_UI_API_URL", f"http://{host}:{server.port}/api")
+    # The alert bodies the server renders link the run's dashboard page only when it knows its UI's URL.
+    os.environ.setdefault("PREFECT_UI_URL", f"http://{host}:{server.port}")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     print(f"Prefect server on PostgreSQL at {url.split('@')[-1]}: API and dashboard at http://{host}:{server.port}; "
           f"elsewhere set PREFECT_API_URL=http://{host}:{server.port}/api", flush=True)
