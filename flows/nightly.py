@@ -31,12 +31,12 @@ from flows.names import (
     REPORT_KEY,
     report_description,
 )
-from flows.params import load_params
+from flows.params import load_params, project_params_file
 from flows.stages import RunInProgress, exclusive_run, pipeline_changes, record_stage, stage_changes
 from tasks.durable import details_path
 from tasks.errors import FanaoiError
 from tasks.nightly_report import defect_type_rows, failure_markdown, metric_rows, report_markdown, validation_lines
-from tasks.params import NightlyParams, Params, ParamsError
+from tasks.params import NightlyParams, Params
 from tasks.project_lock import project_lock
 
 RUN_LOCK = ".fanaoi/nightly.lock"
@@ -213,12 +213,7 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> Stat
     whose result is the run's summary. A run started while another holds the project's run
     lock ends Cancelled at once.
     """
-    params_file = Path(params_path).resolve()
-    if params_file.name != "params.yaml":
-        raise ParamsError(
-            f"{params_file}: the dvc.yaml stages read params.yaml; rename the file or "
-            f"pass the params.yaml of the project to run"
-        )
+    params_file = project_params_file(params_path)
     params = load_params(params_file)
     project = params_file.parent
     limit = params.nightly.timeout_seconds

@@ -70,9 +70,10 @@ def _serve_model(
 @command("retrain")
 def _retrain(params: Params, ctx: typer.Context, no_push: NoPush = False) -> int:
     """Run the nightly flow once (demo data first if data/ is empty)."""
+    from flows.params import project_params_file
     from flows.prefect_env import use_offline_defaults
 
-    params_path = params_file(ctx).resolve()
+    params_path = project_params_file(params_file(ctx))  # another file: refused before a run starts, fails, alerts
     data_dir = params_path.parent / params.data.dir
     if not data_dir.is_dir() or not any(data_dir.iterdir()):
         demo = params.demo
