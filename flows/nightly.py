@@ -336,6 +336,7 @@ def summarize(
     gate = gate or _read_report(params, "gate.json") or {}
     evaluation = evaluation or _read_report(params, "evaluation.json") or {}
     champion = read_champion(params.registry.dir)
+    champion_card = (champion.card if champion else None) or {}
     registry = Path(params.registry.dir).resolve()
     return {
         "decision": gate.get("decision") if stages["gate"] else "unchanged",
@@ -344,6 +345,8 @@ def summarize(
         "failed": gate.get("failed", []),
         "threshold": gate.get("threshold"),
         "threshold_source": gate.get("threshold_source"),
+        "champion_threshold": champion_card.get("threshold"),
+        "champion_threshold_source": champion_card.get("threshold_source"),
         "stages": {name: "ran" if ran else "skipped" for name, ran in stages.items()},
         "data_snapshot": snapshot["md5"],
         "data_changed": snapshot["changed"],

@@ -72,6 +72,7 @@ def _retrain(params: Params, ctx: typer.Context, no_push: NoPush = False) -> int
     """Run the nightly flow once (demo data first if data/ is empty)."""
     from flows.params import project_params_file
     from flows.prefect_env import use_offline_defaults
+    from tasks.nightly_report import unchanged_why
 
     params_path = project_params_file(params_file(ctx))  # another file: refused before a run starts, fails, alerts
     data_dir = params_path.parent / params.data.dir
@@ -88,8 +89,7 @@ def _retrain(params: Params, ctx: typer.Context, no_push: NoPush = False) -> int
         return 1
     summary = state.result()  # a failed run raises its own error here
     unchanged = summary["decision"] == "unchanged"
-    print(f"decision: {summary['decision'].upper()}"
-          + (" (no stage ran: data, params and code as in dvc.lock)" if unchanged else ""))
+    print(f"decision: {summary['decision'].upper()}" + (f" ({unchanged_why(summary['stages'])})" if unchanged else ""))
     if unchanged and summary["last_decision"]:
         print(f"last gate decision: {summary['last_decision']}, because:")
     for reason in summary["reasons"]:

@@ -364,6 +364,31 @@ def test_report_says_unchanged_and_keeps_the_last_decision() -> None:
     assert "- accuracy 0.9 < 0.95" in text
 
 
+def test_an_unchanged_report_says_which_stages_ran_and_the_champions_threshold() -> None:
+    summary = {
+        "decision": "unchanged", "last_decision": "reject", "reasons": ["accuracy +0.0000 >= 0.005: FAIL"],
+        "stages": {"validate": "ran", "train": "skipped", "evaluate": "skipped", "gate": "skipped"},
+        "threshold": 0.6123, "threshold_source": "calibrated: candidate",
+        "champion_threshold": 0.4712, "champion_threshold_source": "calibrated: champion",
+        "data_snapshot": "abc.dir", "data_changed": True, "published_version": None,
+        "champion_version": "v0003", "champion_path": "/r/champion.h5", "candidate_path": "/m/candidate.h5",
+        "metrics": [], "kept_epoch_vs_evaluate": {}, "reports_url": "http://127.0.0.1:8000/reports",
+        "reports_dir": "reports",
+    }
+    text = report_markdown(summary)
+    assert "no stage ran" not in text
+    assert "(validate ran; train, evaluate, gate as in dvc.lock: no new candidate to gate)" in text
+    assert "- stages: validate ran, train skipped, evaluate skipped, gate skipped" in text
+    assert "- NG threshold of the champion 0.4712: calibrated: champion" in text
+    assert "0.6123" not in text  # the rejected candidate's, from the last gate report
+
+    nothing_ran = report_markdown({**summary, "stages": dict.fromkeys(PIPELINE_STAGES, "skipped")})
+    assert "(no stage ran: data, params and code as in dvc.lock)" in nothing_ran
+    rejected = report_markdown({**summary, "decision": "reject", "stages": dict.fromkeys(PIPELINE_STAGES, "ran")})
+    assert "- NG threshold of the champion 0.4712: calibrated: champion" in rejected
+    assert "- NG threshold of the rejected candidate 0.6123: calibrated: candidate" in rejected
+
+
 def test_report_links_the_validation_page_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the flow writes its report from the project folder
     summary = {
