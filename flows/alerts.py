@@ -15,6 +15,7 @@ receiver.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -36,8 +37,10 @@ FAILED_BODY = """\
 The nightly retraining run {{ flow_run.name }} ended {{ flow_run.state.name }} at {{ flow_run.state.timestamp }}.
 Why: {{ flow_run.state.message }}
 The champion is unchanged: a failed run publishes nothing.
-Flow run: {{ flow_run|ui_url }} (id {{ flow_run.id }}); its report artifact nightly-retrain-report says \
-which stage failed. `fanaoi status` on the project machine shows the state of the line.
+Flow run: {% if flow_run|ui_url %}{{ flow_run|ui_url }}{% else %}{{ api_url }}/flow_runs/{{ flow_run.id }} \
+(the API's record of the run: set PREFECT_UI_URL where the server runs for its dashboard page){% endif %} \
+(id {{ flow_run.id }}); its report artifact nightly-retrain-report says which stage failed. \
+`fanaoi status` on the project machine shows the state of the line.
 """
 REJECTS_SUBJECT = "FanAOI: candidate rejected {{ event.payload.consecutive_rejects }} nights in a row"
 REJECTS_BODY = """\
@@ -137,7 +140,18 @@ def notification_block_id(alerts: AlertParams) -> UUID:
     return block.save(WEBHOOK_BLOCK, overwrite=True)
 
 
-def automations(alerts: AlertParams, block_id: UUID) -> list[Any]:
+def failed_body(api_url: str) -> str:
+    """:data:`FAILED_BODY` with ``api_url`` as the fallback link to the run.
+
+    The server renders the body, and its ``ui_url`` filter gives nothing unless PREFECT_UI_URL
+    is set where the server runs (`fanaoi server` sets it; `prefect server start` does not).
+    The server does not know its own API URL either: the one the alerts are installed through
+    is written into the template, so an alert always says where the run is.
+    """
+    return "{% set api_url = " + json.dumps(api_url.rstrip("/")) + " %}" + FAILED_BODY
+
+
+def automations(alerts: AlertParams, block_id: UUID, api_url: str) -> list[Any]:
     """The two automations, for the nightly-retrain flow of any deployment or direct run."""
     from prefect.automations import Automation
     from prefect.events.actions import SendNotification
@@ -152,7 +166,7 @@ def automations(alerts: AlertParams, block_id: UUID) -> list[Any]:
             match_related={"prefect.resource.role": "flow", "prefect.resource.name": NIGHTLY_FLOW},
             posture=Posture.Reactive, threshold=1,
         ),
-        actions=[SendNotification(block_document_id=block_id, subject=FAILED_SUBJECT, body=FAILED_BODY)],
+        actions=[SendNotification(block_document_id=block_id, subject=FAILED_SUBJECT, body=failed_body(api_url))],
     )
     found = [failed]
     if alerts.reject_streak:
@@ -172,9 +186,10 @@ def install_alerts(alerts: AlertParams) -> list[str]:
     of params leaves one of each.
     """
     from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
 
     block_id = notification_block_id(alerts)
-    wanted = automations(alerts, block_id)
+    wanted = automations(alerts, block_id, get_current_settings().api.url)
     with get_client(sync_client=True) as client:
         for name in (FAILED_AUTOMATION, REJECTS_AUTOMATION):
             for old in client.read_automations_by_name(name):

@@ -12,6 +12,11 @@ REPORT_KEY = "nightly-retrain-report"
 METRICS_KEY = "nightly-retrain-metrics"
 DEFECT_TYPES_KEY = "nightly-retrain-defect-types"
 
+# The final state name of a nightly run that finished: Prefect's runs list shows a
+# Completed-type state's own name (as it shows "Cached"), so the decision is seen there
+# without opening the report. Failures keep Prefect's Failed, Crashed and TimedOut.
+DECISION_STATES = {"promote": "Promoted", "reject": "Rejected", "unchanged": "Unchanged"}
+
 # The report artifact's description is "nightly retrain: <decision>": the dashboard shows
 # it in the artifact list, and `fanaoi status` reads the decision back from it.
 REPORT_DESCRIPTION = "nightly retrain: "

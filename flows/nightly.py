@@ -23,6 +23,7 @@ from prefect.states import Cancelled, Completed, State
 from prefect.tasks import exponential_backoff
 
 from flows.names import (
+    DECISION_STATES,
     DEFECT_TYPES_KEY,
     DEPLOYMENT_NAME,
     METRICS_KEY,
@@ -30,12 +31,12 @@ from flows.names import (
     REPORT_KEY,
     report_description,
 )
-from flows.params import load_params
+from flows.params import load_params, project_params_file
 from flows.stages import RunInProgress, exclusive_run, pipeline_changes, record_stage, stage_changes
 from tasks.durable import details_path
 from tasks.errors import FanaoiError
 from tasks.nightly_report import defect_type_rows, failure_markdown, metric_rows, report_markdown, validation_lines
-from tasks.params import NightlyParams, Params, ParamsError
+from tasks.params import NightlyParams, Params
 from tasks.project_lock import project_lock
 
 RUN_LOCK = ".fanaoi/nightly.lock"
@@ -204,18 +205,15 @@ def _read_report(params: Params, name: str) -> dict[str, Any] | None:
 
 
 @flow(name=NIGHTLY_FLOW)
-def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict[str, Any] | State:
+def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> State:
     """Retrain when data, params or code changed; publish only a candidate that beats the champion.
 
     ``params_path`` names the project: its folder holds dvc.yaml, data/ and the registry.
-    A run started while another holds the project's run lock ends Cancelled at once.
+    The run ends in a Completed-type state named after the decision (:data:`DECISION_STATES`)
+    whose result is the run's summary. A run started while another holds the project's run
+    lock ends Cancelled at once.
     """
-    params_file = Path(params_path).resolve()
-    if params_file.name != "params.yaml":
-        raise ParamsError(
-            f"{params_file}: the dvc.yaml stages read params.yaml; rename the file or "
-            f"pass the params.yaml of the project to run"
-        )
+    params_file = project_params_file(params_path)
     params = load_params(params_file)
     project = params_file.parent
     limit = params.nightly.timeout_seconds
@@ -228,7 +226,7 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
             project_lock(project, "nightly_retrain run", params.lock.timeout),
             contextlib.chdir(project),
         ):
-            return _run_pipeline(params, push, None if limit is None else time.monotonic() + limit)
+            summary = _run_pipeline(params, push, None if limit is None else time.monotonic() + limit)
     except RunInProgress as exc:
         get_run_logger().warning(str(exc))
         return Cancelled(message=str(exc))
@@ -239,6 +237,10 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> dict
         )
         report_failure(message, {}, [])
         raise NightlyTimeout(message) from None
+    return Completed(
+        name=DECISION_STATES[summary["decision"]], data=summary,
+        message=f"decision {summary['decision']}; champion {summary['champion_version'] or 'none yet'}",
+    )
 
 
 class NightlyTimeout(TimeoutError):
@@ -334,6 +336,7 @@ def summarize(
     gate = gate or _read_report(params, "gate.json") or {}
     evaluation = evaluation or _read_report(params, "evaluation.json") or {}
     champion = read_champion(params.registry.dir)
+    champion_card = (champion.card if champion else None) or {}
     registry = Path(params.registry.dir).resolve()
     return {
         "decision": gate.get("decision") if stages["gate"] else "unchanged",
@@ -344,6 +347,8 @@ def summarize(
         "threshold_source": gate.get("threshold_source"),
         "saturated": gate.get("saturated", False),
         "deciding_metric": gate.get("deciding_metric"),
+        "champion_threshold": champion_card.get("threshold"),
+        "champion_threshold_source": champion_card.get("threshold_source"),
         "stages": {name: "ran" if ran else "skipped" for name, ran in stages.items()},
         "data_snapshot": snapshot["md5"],
         "data_changed": snapshot["changed"],

@@ -20,6 +20,21 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     return params_from(_read_yaml(path), source=str(path))
 
 
+def project_params_file(path: str | Path) -> Path:
+    """``path`` resolved, when it is a project's params.yaml: its folder is the project to run.
+
+    The dvc.yaml stages read params.yaml beside them and nothing else, so a pipeline run
+    with another file would record in dvc.lock what those stages did not read.
+    """
+    path = Path(path).resolve()
+    if path.name != "params.yaml":
+        raise ParamsError(
+            f"{path}: the dvc.yaml stages read the project's params.yaml, not another file; put these "
+            f"values in the params.yaml of the project to run and pass that one (or no --params)"
+        )
+    return path
+
+
 def params_from(changes: dict[str, Any], source: str = "params.yaml") -> Params:
     """The project's params with ``changes`` (nested like params.yaml) applied and checked."""
     defaults = _read_yaml(PROJECT_PARAMS)

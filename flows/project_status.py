@@ -73,7 +73,7 @@ class Source(TypedDict, total=False):
 
 
 def project_status(project: Path, data_dir: str, registry_dir: Path, now: datetime) -> dict[str, Any]:
-    """Champion, data and the agreement between registry, data and dvc.lock."""
+    """Champion, data, the agreement between registry, data and dvc.lock, and the last rejection."""
     champion = champion_status(registry_dir, now)
     data = data_status(project, data_dir)
     log_entries = _noted(data["problems"], LOG, lambda: read_log(registry_dir), [])
@@ -81,6 +81,7 @@ def project_status(project: Path, data_dir: str, registry_dir: Path, now: dateti
         "champion": champion,
         "data": data,
         "agreement": agreement(champion, data, log_entries),
+        "last_reject": next((entry for entry in reversed(log_entries) if entry["action"] == "reject"), None),
     }
 
 

@@ -57,7 +57,18 @@ class Artifact(TypedDict, total=False):
 
 def configured_api_url() -> str | None:
     """PREFECT_API_URL from the environment, else from the active Prefect profile."""
-    if url := os.environ.get("PREFECT_API_URL"):
+    return _configured("PREFECT_API_URL")
+
+
+def ui_url(api_url: str) -> str:
+    """The dashboard's address: PREFECT_UI_URL, else the API's without ``/api``, as Prefect
+    itself infers it for a server of its own (not Prefect Cloud)."""
+    return (_configured("PREFECT_UI_URL") or api_url.rstrip("/").removesuffix("/api")).rstrip("/")
+
+
+def _configured(setting: str) -> str | None:
+    """``setting`` from the environment, else from the active Prefect profile."""
+    if url := os.environ.get(setting):
         return url
     home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
     profiles_path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml"))
@@ -66,7 +77,7 @@ def configured_api_url() -> str | None:
     except (OSError, tomllib.TOMLDecodeError):
         return None
     active = os.environ.get("PREFECT_PROFILE") or profiles.get("active")
-    return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
+    return profiles.get("profiles", {}).get(active, {}).get(setting)
 
 
 def nightly_runs(api_url: str | None, timeout: float, now: datetime) -> dict[str, Any]:
@@ -91,11 +102,12 @@ def nightly_runs(api_url: str | None, timeout: float, now: datetime) -> dict[str
         error = None
     if error:
         return {"server": api_url, "error": error}
+    dashboard = ui_url(api_url)
     return {
         "server": api_url,
         "error": None,
-        "last_run": _describe(last, decision, now) if last else None,
-        "next_run": _describe(upcoming, None, now) if upcoming else None,
+        "last_run": _describe(last, decision, now, dashboard) if last else None,
+        "next_run": _describe(upcoming, None, now, dashboard) if upcoming else None,
     }
 
 
@@ -141,7 +153,7 @@ async def _listed(client: httpx.AsyncClient, path: str, item: type, query: dict[
     return checked(list[item], found, f"{path} answered", "Prefect answers a list of objects", BadAnswer)
 
 
-def _describe(run: dict[str, Any], decision: str | None, now: datetime) -> dict[str, Any]:
+def _describe(run: dict[str, Any], decision: str | None, now: datetime, dashboard: str) -> dict[str, Any]:
     start = run.get("start_time") or run.get("expected_start_time")
     end = run.get("end_time")
     duration = _seconds_between(start, end) if end else None
@@ -157,6 +169,7 @@ def _describe(run: dict[str, Any], decision: str | None, now: datetime) -> dict[
         "duration_seconds": duration,
         "starts_in_seconds": _seconds_between(now.isoformat(), start) if not end else None,
         "decision": decision,
+        "url": f"{dashboard}/runs/flow-run/{run['id']}",
     }
 
 

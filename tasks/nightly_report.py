@@ -80,7 +80,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Nightly retrain: {decision.upper()}", ""]
     if decision == "unchanged":
         lines.append(
-            f"Nothing changed since the last run: no stage ran. Last decision: "
+            f"No new gate decision ({unchanged_why(summary['stages'])}). Last decision: "
             f"**{summary['last_decision'] or 'none yet'}**."
         )
     elif summary["published_version"]:
@@ -110,7 +110,6 @@ def report_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 def deciding_lines(summary: dict[str, Any]) -> list[str]:
     """Which metric decided, when the primary one had saturated and could no longer tell the models apart."""
     if not summary.get("saturated") or summary["decision"] == "unchanged":  # no gate ran tonight
@@ -118,12 +117,27 @@ def deciding_lines(summary: dict[str, Any]) -> list[str]:
     return [f"- decided on **{summary['deciding_metric']}**: the primary metric has saturated (see the reasons)"]
 
 
+def unchanged_why(stages: dict[str, str]) -> str:
+    """Why a run made no gate decision, naming the stages that did run (a changed input of
+    validate can leave its manifest, and so every later stage, as dvc.lock records it)."""
+    ran = [name for name, state in stages.items() if state == "ran"]
+    if not ran:
+        return "no stage ran: data, params and code as in dvc.lock"
+    current = [name for name, state in stages.items() if state != "ran"]
+    return f"{', '.join(ran)} ran; {', '.join(current)} as in dvc.lock: no new candidate to gate"
+
 
 def threshold_lines(summary: dict[str, Any]) -> list[str]:
-    """The candidate's NG threshold and where it came from (calibration or its fallback)."""
-    if summary.get("threshold") is None:
-        return []
-    return [f"- NG threshold {summary['threshold']:.4f}: {summary['threshold_source']}"]
+    """The NG threshold in service (the champion's) and, on a night the gate rejected, the
+    candidate's, each with where it came from (calibration or its fallback)."""
+    lines = []
+    if summary.get("champion_threshold") is not None:
+        lines.append(f"- NG threshold of the champion {summary['champion_threshold']:.4f}: "
+                     f"{summary.get('champion_threshold_source') or 'source not recorded'}")
+    if summary["decision"] == "reject" and summary.get("threshold") is not None:
+        lines.append(f"- NG threshold of the rejected candidate {summary['threshold']:.4f}: "
+                     f"{summary['threshold_source']}")
+    return lines
 
 
 

@@ -58,8 +58,12 @@ def status_lines(state: dict) -> list[tuple[str, str]]:
     else:
         last, upcoming = prefect["last_run"], prefect["next_run"]
         lines.append(("last night", _run_line(last) if last else "no finished nightly-retrain run on the server"))
+        if last:
+            lines.append(("", last["url"]))
         lines.append(("next night", f"{upcoming['start']} (in {_duration(upcoming['starts_in_seconds'])})"
                       if upcoming else "none scheduled (is `fanaoi serve` or a deployment with its cron running?)"))
+    if rejected := state["last_reject"]:
+        lines.append(("last reject", f"{rejected['time']}: {printable(history_why(rejected))}"))
     lines.append(("data", f"snapshot {data['snapshot'] or 'none'}; last trained on "
                           f"{data['trained_snapshot'] or 'nothing yet'}"))
     pending = data["pending_batches"]
@@ -92,7 +96,8 @@ def _run_line(run: dict) -> str:
     took = f"took {_duration(run['duration_seconds'])}" if run["duration_seconds"] is not None else "running"
     decision = f"decision {run['decision']}" if run["decision"] else "no report"
     message = f"  ({printable(run['message'])})" if run["message"] and run["state"] != "COMPLETED" else ""
-    return f"{run['state']}  started {run['start']}  {took}  {decision}{message}"
+    # The state's name, not its type: TimedOut is a Failed-type state, Promoted a Completed-type one.
+    return f"{run['state_name'] or run['state']}  started {run['start']}  {took}  {decision}{message}"
 
 
 def _duration(seconds: float | None) -> str:

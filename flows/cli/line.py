@@ -70,9 +70,11 @@ def _serve_model(
 @command("retrain")
 def _retrain(params: Params, ctx: typer.Context, no_push: NoPush = False) -> int:
     """Run the nightly flow once (demo data first if data/ is empty)."""
+    from flows.params import project_params_file
     from flows.prefect_env import use_offline_defaults
+    from tasks.nightly_report import unchanged_why
 
-    params_path = params_file(ctx).resolve()
+    params_path = project_params_file(params_file(ctx))  # another file: refused before a run starts, fails, alerts
     data_dir = params_path.parent / params.data.dir
     if not data_dir.is_dir() or not any(data_dir.iterdir()):
         demo = params.demo
@@ -87,8 +89,7 @@ def _retrain(params: Params, ctx: typer.Context, no_push: NoPush = False) -> int
         return 1
     summary = state.result()  # a failed run raises its own error here
     unchanged = summary["decision"] == "unchanged"
-    print(f"decision: {summary['decision'].upper()}"
-          + (" (no stage ran: data, params and code as in dvc.lock)" if unchanged else ""))
+    print(f"decision: {summary['decision'].upper()}" + (f" ({unchanged_why(summary['stages'])})" if unchanged else ""))
     if unchanged and summary["last_decision"]:
         print(f"last gate decision: {summary['last_decision']}, because:")
     for reason in summary["reasons"]:
@@ -184,6 +185,8 @@ def _server(params: Params) -> int:
     server = params.server
     host = socket.gethostname() if server.host in ("0.0.0.0", "::") else server.host
     os.environ.setdefault("PREFECT_UI_API_URL", f"http://{host}:{server.port}/api")
+    # The alert bodies the server renders link the run's dashboard page only when it knows its UI's URL.
+    os.environ.setdefault("PREFECT_UI_URL", f"http://{host}:{server.port}")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     print(f"Prefect server on PostgreSQL at {url.split('@')[-1]}: API and dashboard at http://{host}:{server.port}; "
           f"elsewhere set PREFECT_API_URL=http://{host}:{server.port}/api", flush=True)

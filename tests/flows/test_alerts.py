@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from flows.alerts import FAILED_AUTOMATION, REJECTS_AUTOMATION, WEBHOOK_ENV, alert_target
+from flows.alerts import FAILED_AUTOMATION, REJECTS_AUTOMATION, WEBHOOK_ENV, alert_target, failed_body
 from flows.params import params_from
 from tasks.registry.champion import read_champion
 from tasks.registry.decisions import read_log
@@ -114,6 +114,49 @@ def test_the_receiver_is_printed_without_its_secrets(monkeypatch: pytest.MonkeyP
     monkeypatch.delenv(WEBHOOK_ENV, raising=False)
     alerts = params_from({"alerts": {"webhook_url": "https://bot:hunter2@hooks.example.com/aoi?token=s3cret"}}).alerts
     assert alert_target(alerts) == "webhook https://***@hooks.example.com/aoi?***"
+
+
+@pytest.mark.parametrize(("ui_url", "link"), [
+    ("http://line-7:4200", "Flow run: http://line-7:4200/runs/flow-run/{id} (id {id})"),
+    (None, "Flow run: http://line-7:4200/api/flow_runs/{id} (the API's record of the run: set PREFECT_UI_URL"),
+])
+def test_the_failed_alert_links_the_run_with_or_without_a_ui_url(ui_url: str | None, link: str) -> None:
+    from uuid import uuid4
+
+    from prefect.server.events.jinja_filters import all_filters
+    from prefect.server.schemas.core import FlowRun
+    from prefect.server.schemas.states import State, StateType
+    from prefect.server.utilities.user_templates import register_user_template_filters, render_user_template_sync
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    register_user_template_filters(all_filters)  # as the server's notification action does
+    run = FlowRun(flow_id=uuid4(), name="fuzzy-heron",
+                  state=State(type=StateType.FAILED, name="TimedOut", message="took too long"))
+    # The settings of the server process: a UI URL only where it is set (`fanaoi server` sets it).
+    unset = {"restore_defaults": {PREFECT_UI_URL, PREFECT_API_URL}}
+    with temporary_settings(**({"updates": {PREFECT_UI_URL: ui_url}} if ui_url else unset)):
+        body = render_user_template_sync(failed_body("http://line-7:4200/api/"), {"flow_run": run})
+    assert "ended TimedOut" in body and "took too long" in body
+    assert link.format(id=run.id) in body and "None" not in body
+
+
+def test_fanaoi_server_tells_the_server_its_ui_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from flows.cli import main
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: started.append(argv))
+    for name in ("PREFECT_UI_URL", "PREFECT_UI_API_URL"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test, as is what the command sets
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", "postgresql+asyncpg://prefect@127.0.0.1:5432/prefect")
+    params = tmp_path / "params.yaml"
+    params.write_text("server:\n  host: 127.0.0.1\n  port: 4321\n")
+
+    main(["--params", str(params), "server"])
+    assert started and started[0][1:3] == ["server", "start"]
+    assert os.environ["PREFECT_UI_URL"] == "http://127.0.0.1:4321"
+    assert os.environ["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
 
 
 @pytest.mark.integration

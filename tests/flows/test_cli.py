@@ -86,3 +86,18 @@ def test_ingest_prints_a_file_name_with_a_newline_on_one_line(tmp_path, monkeypa
     assert accepted.startswith(f"accepted: {batch / 'GO'}/go\\naccepted: passwd -> data:GO:forged.png -> data/GO/")
     (rejected,) = [line for line in lines if line.startswith("unexpected: ")]
     assert "x\\x1b[2Jy.txt" in rejected and "\x1b" not in rejected
+
+
+def test_retrain_refuses_another_params_file_before_any_run(tmp_path, monkeypatch, capsys):
+    import flows.nightly
+
+    started = []
+    monkeypatch.setattr(flows.nightly, "nightly_retrain", lambda **options: started.append(options))
+    other = tmp_path / "line-7.yaml"
+    other.write_text("train:\n  epochs: 1\n")
+    assert main(["--params", str(other), "retrain"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"fanaoi retrain: error: {other}: the dvc.yaml stages read the project's params.yaml")
+    assert "pass that one" in err
+    assert started == [] and sorted(path.name for path in tmp_path.iterdir()) == ["line-7.yaml"]  # no demo data

@@ -105,6 +105,16 @@ def log_messages(state: Any, awaited_prefix: str) -> list[str]:
     return settled(read, lambda messages: any(m.startswith(awaited_prefix) for m in messages))
 
 
+def runs_list_state(state: Any) -> tuple[str, str]:
+    """The flow run's state type and name as the server lists it (the dashboard's runs list)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        (listed,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
+    return listed.state_type.value, listed.state_name
+
+
 def copy_project(project: Path, target: Path) -> Path:
     """A private copy (git, DVC cache, dvc.lock, registry) for a test that changes things."""
     shutil.copytree(project, target, symlinks=True)
@@ -116,6 +126,7 @@ def test_first_run_trains_gates_and_publishes(nightly_project: dict[str, Any]) -
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["decision"] == "promote"
+    assert runs_list_state(state) == ("COMPLETED", "Promoted")
     assert summary["stages"] == dict.fromkeys(PIPELINE_STAGES, "ran")
     assert summary["published_version"] == "v0001"
     assert summary["champion_path"] == str(project / "registry" / "champion.h5")
@@ -166,6 +177,7 @@ def test_second_run_with_nothing_changed_skips_every_stage(nightly_project: dict
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["decision"] == "unchanged"
+    assert runs_list_state(state) == ("COMPLETED", "Unchanged")
     assert summary["last_decision"] == "promote"
     assert summary["stages"] == dict.fromkeys(PIPELINE_STAGES, "skipped")
     runs = task_runs(state, (*PIPELINE_STAGES, "snapshot", "report"))
@@ -213,6 +225,17 @@ def test_two_runs_at_once_publish_once(nightly_project: dict[str, Any], tmp_path
     champion = read_champion(project / "registry")
     assert champion.version == "v0002" and champion.problem is None
     assert [e["action"] for e in read_log(project / "registry")] == ["promote", "promote"]
+
+
+def test_a_rejected_candidate_names_the_run_rejected(nightly_project: dict[str, Any], tmp_path: Path) -> None:
+    project = copy_project(nightly_project["project"], tmp_path / "project")
+    # Only the gate reruns: the same model against itself as champion gains less than min_delta.
+    update_params(project, {"gate": {"min_delta": 0.01}})
+    state = nightly_retrain(params_path=str(project / "params.yaml"), return_state=True)
+
+    assert state.result()["decision"] == "reject"
+    assert runs_list_state(state) == ("COMPLETED", "Rejected")
+    assert list_versions(project / "registry") == ["v0001"]
 
 
 @pytest.mark.slow
@@ -353,6 +376,29 @@ def test_report_names_the_metric_that_decided_when_the_primary_one_saturated() -
     line = "- decided on **log_loss**: the primary metric has saturated (see the reasons)"
     assert line in report_markdown(summary)
     assert line not in report_markdown({**summary, "decision": "unchanged"})  # no gate ran tonight
+def test_an_unchanged_report_says_which_stages_ran_and_the_champions_threshold() -> None:
+    summary = {
+        "decision": "unchanged", "last_decision": "reject", "reasons": ["accuracy +0.0000 >= 0.005: FAIL"],
+        "stages": {"validate": "ran", "train": "skipped", "evaluate": "skipped", "gate": "skipped"},
+        "threshold": 0.6123, "threshold_source": "calibrated: candidate",
+        "champion_threshold": 0.4712, "champion_threshold_source": "calibrated: champion",
+        "data_snapshot": "abc.dir", "data_changed": True, "published_version": None,
+        "champion_version": "v0003", "champion_path": "/r/champion.h5", "candidate_path": "/m/candidate.h5",
+        "metrics": [], "kept_epoch_vs_evaluate": {}, "reports_url": "http://127.0.0.1:8000/reports",
+        "reports_dir": "reports",
+    }
+    text = report_markdown(summary)
+    assert "no stage ran" not in text
+    assert "(validate ran; train, evaluate, gate as in dvc.lock: no new candidate to gate)" in text
+    assert "- stages: validate ran, train skipped, evaluate skipped, gate skipped" in text
+    assert "- NG threshold of the champion 0.4712: calibrated: champion" in text
+    assert "0.6123" not in text  # the rejected candidate's, from the last gate report
+
+    nothing_ran = report_markdown({**summary, "stages": dict.fromkeys(PIPELINE_STAGES, "skipped")})
+    assert "(no stage ran: data, params and code as in dvc.lock)" in nothing_ran
+    rejected = report_markdown({**summary, "decision": "reject", "stages": dict.fromkeys(PIPELINE_STAGES, "ran")})
+    assert "- NG threshold of the champion 0.4712: calibrated: champion" in rejected
+    assert "- NG threshold of the rejected candidate 0.6123: calibrated: candidate" in rejected
 
 
 def test_report_links_the_validation_page_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

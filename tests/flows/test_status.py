@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from flows.status import nightly_runs
+from flows.cli.formatting import status_lines
+from flows.status import nightly_runs, ui_url
 from tests.conftest import heavy_packages_imported_by, make_image_folder
 from tests.dvc_support import BIN, tool_env
 from tests.prefect_support import free_port
@@ -69,6 +70,41 @@ def test_a_server_that_is_down_is_reported_not_waited_for(nightly_project: dict[
     state = status_json(nightly_project["project"], api_url=url)
     assert state["prefect"]["server"] == url
     assert state["prefect"]["error"].startswith(f"no Prefect server at {url} (ConnectError")
+
+
+def test_the_last_run_shows_its_state_name_and_its_page(nightly_project: dict[str, Any]) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value()  # the session's temporary Prefect server, which ran the first night
+    last = status_json(nightly_project["project"], api_url=api_url)["prefect"]["last_run"]
+    assert last["url"] == f"{api_url.removesuffix('/api')}/runs/flow-run/{last['id']}"
+    lines = status(nightly_project["project"], api_url=api_url).stdout.splitlines()
+    shown = next(number for number, line in enumerate(lines) if line.startswith("last night"))
+    assert lines[shown].startswith(f"last night  {last['state_name']}  started ")
+    assert lines[shown + 1] == f"{'':12}{last['url']}"
+
+
+def test_status_shows_a_timed_out_night_as_such_and_the_last_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
+    run = {"id": "0a1b", "state": "FAILED", "state_name": "TimedOut", "start": "2026-12-02T02:00:04Z",
+           "duration_seconds": 14400.0, "decision": "failed", "message": "the run took longer than ...",
+           "url": "http://line-7:4200/runs/flow-run/0a1b"}
+    rejected = {"time": "2026-12-01T02:14:03+00:00", "action": "reject", "version": None,
+                "reasons": ["accuracy 0.98: ok"], "failed": ["escape_rate 0.0210 <= 0.0200: FAIL"]}
+    state = {
+        "champion": None, "agreement": [], "last_reject": rejected,
+        "prefect": {"server": "http://line-7:4200/api", "error": None, "last_run": run, "next_run": None},
+        "data": {"problems": {}, "snapshot": None, "trained_snapshot": None, "pending_batches": []},
+    }
+    lines = dict(status_lines(state))
+    assert lines["last night"].startswith("TimedOut  started 2026-12-02T02:00:04Z  took 4 h  decision failed")
+    assert lines[""] == "http://line-7:4200/runs/flow-run/0a1b"
+    assert lines["last reject"] == "2026-12-01T02:14:03+00:00: escape_rate 0.0210 <= 0.0200: FAIL"
+
+    monkeypatch.delenv("PREFECT_UI_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", "/nonexistent")  # no profile
+    assert ui_url("http://line-7:4200/api/") == "http://line-7:4200"
+    monkeypatch.setenv("PREFECT_UI_URL", "https://prefect.line-7.example/")  # behind a proxy
+    assert ui_url("http://line-7:4200/api") == "https://prefect.line-7.example"
 
 
 def test_status_imports_no_heavy_package() -> None:
