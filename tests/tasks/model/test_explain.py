@@ -17,7 +17,7 @@ from tasks.model.explain_pictures import feature_grid, filter_grid, grad_cam, no
 from tasks.params import replace
 from tasks.registry.explain_source import explain_model
 from tests.browser_support import external_references, offline_dom, requires_chromium, tables
-from tests.conftest import BASE, copy_with_defect_types
+from tests.conftest import BASE, copy_with_defect_types, write_manifest
 
 
 def _with(params, **sections):
@@ -174,8 +174,10 @@ def test_unknown_class_in_data_is_named(trained_workspace, tmp_path):
     (data / "GO").rename(data / "OK")
     params = trained_workspace["params"]
     params = _with(params, data=replace(BASE.data, dir=str(data), classes=("OK", "NG"), split=params.data.split))
+    reports = write_manifest(params, tmp_path / "reports")
     with pytest.raises(ExplainError, match=r"knows the classes \['GO', 'NG'\] but the data has OK"):
-        explain_model(params, model_path=trained_workspace["model_path"], out_dir=tmp_path / "out")
+        explain_model(params, model_path=trained_workspace["model_path"], out_dir=tmp_path / "out",
+                      reports_dir=reports)
 
 
 def test_a_path_that_is_not_an_image_is_named(trained_workspace, tmp_path):
