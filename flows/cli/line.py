@@ -52,6 +52,7 @@ def _predict(
 @command("serve-model")
 def _serve_model(
     params: Params,
+    ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="default: serve.host")] = None,
     port: Annotated[int | None, typer.Option(help="default: serve.port")] = None,
 ) -> int:
@@ -61,9 +62,9 @@ def _serve_model(
     host = host or params.serve.host
     port = params.serve.port if port is None else port
     print(f"serving the champion of {params.registry.dir} on http://{host}:{port} "
-          f"(POST /predict, GET /health, GET /model, docs at /docs, "
+          f"(home page at /, POST /predict, GET /health, GET /model, docs at /docs, "
           f"{params.serve.reports_dir}/ at /reports/)")
-    run_server(params, host, port)
+    run_server(params, params_file(ctx).resolve().parent, host, port)
     return 0
 
 
