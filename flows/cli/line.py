@@ -11,6 +11,7 @@ import typer
 from flows.cli import AsJson, NoPush, command, params_file
 from flows.cli.data import draw_demo_data
 from flows.cli.formatting import print_defect_types, status_lines
+from flows.names import NIGHTLY_FLOW
 from tasks.errors import FanaoiError, printable
 from tasks.params import Params
 
@@ -114,6 +115,7 @@ def _serve(params: Params, ctx: typer.Context) -> int:
     use_offline_defaults()
     from prefect import serve
 
+    from flows.deployment_route import replace_pool_deployment
     from flows.nightly import nightly_deployment
 
     # Prefect's temporary local API has no scheduler: served there, the cron never fires.
@@ -126,8 +128,12 @@ def _serve(params: Params, ctx: typer.Context) -> int:
     else:
         print("alerts: none (set alerts.webhook_url or alerts.block to be told when a night fails)")
     deployment = nightly_deployment(params, params_file(ctx))
-    print(f"serving nightly-retrain/{deployment.name} on cron {params.nightly.cron!r}; "
-          f"run it now with `prefect deployment run nightly-retrain/{deployment.name}`")
+    full_name = f"{NIGHTLY_FLOW}/{deployment.name}"
+    if pool := replace_pool_deployment(full_name):
+        print(f"replaced {full_name} of work pool {pool!r} (from `prefect deploy`) and its trigger: "
+              f"this process runs it now; `prefect deploy --all` hands it back to the pool")
+    print(f"serving {full_name} on cron {params.nightly.cron!r}; "
+          f"run it now with `prefect deployment run {full_name}`")
     serve(deployment)
     return 0
 
