@@ -76,7 +76,7 @@ def project_status(project: Path, data_dir: str, registry_dir: Path, now: dateti
     """Champion, data, the agreement between registry, data and dvc.lock, and the last rejection."""
     champion = champion_status(registry_dir, now)
     data = data_status(project, data_dir)
-    log_entries = _noted(data["problems"], LOG, lambda: read_log(registry_dir), [])
+    log_entries = noted(data["problems"], LOG, lambda: read_log(registry_dir), [])
     return {
         "champion": champion,
         "data": data,
@@ -85,7 +85,7 @@ def project_status(project: Path, data_dir: str, registry_dir: Path, now: dateti
     }
 
 
-def _noted(problems: dict[str, str], key: str, read: Callable[[], T], instead: T) -> T:
+def noted(problems: dict[str, str], key: str, read: Callable[[], T], instead: T) -> T:
     """What ``read`` returns; ``instead`` when the file is damaged, its message kept under ``key``."""
     try:
         return read()
@@ -126,9 +126,9 @@ def _age(published: str | None, now: datetime) -> float | None:
 def data_status(project: Path, data_dir: str) -> dict[str, Any]:
     """The snapshot data.dvc points at, what data/ holds, what the last training used."""
     problems: dict[str, str] = {}
-    pointer = _noted(problems, POINTER, lambda: _pointer(project, data_dir), {})
-    trained = _noted(problems, LOCK, lambda: _trained_snapshot(project, data_dir), None)
-    pending = _noted(problems, INDEX, lambda: pending_batches(project, data_dir, trained), None)
+    pointer = noted(problems, POINTER, lambda: _pointer(project, data_dir), {})
+    trained = noted(problems, LOCK, lambda: trained_snapshot(project, data_dir), None)
+    pending = noted(problems, INDEX, lambda: pending_batches(project, data_dir, trained), None)
     on_disk = _folder_totals(project / data_dir)
     return {
         "snapshot": pointer.get("md5"),
@@ -150,7 +150,7 @@ def _pointer(project: Path, data_dir: str) -> dict[str, Any]:
     return checked(Pointer, pointer, str(path), fix)["outs"][0] if pointer is not None else {}
 
 
-def _trained_snapshot(project: Path, data_dir: str) -> str | None:
+def trained_snapshot(project: Path, data_dir: str) -> str | None:
     """The md5 of ``data_dir`` that dvc.lock recorded for the train stage."""
     path = project / "dvc.lock"
     fix = "restore it with `git checkout -- dvc.lock`; the next nightly run rewrites it"

@@ -1,5 +1,5 @@
-"""Serve the champion over HTTP (FastAPI): POST /predict, GET /health, GET /model, and the
-pages of ``reports/`` read-only under GET /reports/.
+"""Serve the champion over HTTP (FastAPI): POST /predict, GET /health, GET /model, the line's
+home page at GET /, and the pages of ``reports/`` read-only under GET /reports/.
 
 Uploads pass the pipeline's one image check (tasks.data.image_check) and are decoded and
 thresholded exactly as ``fanaoi predict`` does (tasks.inference.predictor's Predictor and
@@ -27,12 +27,13 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flows.line_home import home_page, reports_page
 from tasks.data.dataset import decode_image
 from tasks.data.image_check import EMPTY, FORMAT, UNIDENTIFIED, ImageRejected, check_image
 from tasks.errors import FanaoiError
@@ -204,7 +205,7 @@ def classify(loaded: LoadedChampion, data: bytes) -> dict[str, Any]:
 
 
 TOKEN_ENV = "FANAOI_SERVE_TOKEN"
-PROTECTED_PATHS = ("/predict", "/model")  # need the bearer token when one is set
+PROTECTED_PATHS = ("/", "/predict", "/model")  # need the bearer token when one is set
 UNCOUNTED_PATHS = ("/health",)  # always answered: the line asks it while the service is busy
 UPLOAD_PATHS = ("/predict",)  # the routes that read a body: their slot is taken once it has arrived
 
@@ -219,10 +220,10 @@ def exposure_warning(host: str, token: str | None) -> str | None:
     if host == "localhost" or _is_loopback(host):
         return None
     if token:
-        return (f"serving on {host}: reachable from other machines; /predict and /model need "
-                f"the bearer token, /health is open")
+        return (f"serving on {host}: reachable from other machines; /, /predict and /model need "
+                f"the bearer token, /health and /reports/ are open")
     return (f"serving on {host} WITHOUT a token: anyone who can reach this machine can use "
-            f"/predict and read /model; set {TOKEN_ENV} (or serve.token), or bind to 127.0.0.1")
+            f"/predict and read / and /model; set {TOKEN_ENV} (or serve.token), or bind to 127.0.0.1")
 
 
 def _is_loopback(host: str) -> bool:
@@ -357,8 +358,11 @@ class _Slot:
             self.held = False
 
 
-def create_app(params: Params) -> FastAPI:
-    """The service over the registry of ``params``; raises if there is no usable champion."""
+def create_app(params: Params, project: Path = Path()) -> FastAPI:
+    """The service over the registry of ``params``; raises if there is no usable champion.
+
+    ``project`` is the folder of the params file: the home page reads its ingest index and dvc.lock.
+    """
     serve, limits = params.serve, params.validate
     holder = ChampionHolder(params.registry.dir)
     app = FastAPI(
@@ -399,6 +403,20 @@ def create_app(params: Params) -> FastAPI:
         """The model card of the champion in use."""
         return holder.current().card
 
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def home() -> str:
+        """The line's home page: the champion, the last decisions, new data, links to every page."""
+        return home_page(
+            holder.current().card, holder.reload_error, registry_dir=Path(params.registry.dir),
+            reports_dir=Path(serve.reports_dir), project=project, data_dir=params.data.dir,
+        )
+
+    # Before the mount, which would answer /reports/ with a 404 (it serves files, not folders).
+    @app.get("/reports/", response_class=HTMLResponse, include_in_schema=False)
+    def reports() -> str:
+        """What reports/ holds, one link per file."""
+        return reports_page(Path(serve.reports_dir))
+
     app.mount("/reports", ReportFiles(directory=serve.reports_dir, html=True, check_dir=False), name="reports")
     app.add_middleware(ServiceGuard, serve=serve, token=service_token(serve))
     return app
@@ -417,10 +435,10 @@ class ReportFiles(StaticFiles):
             await super().check_config()
 
 
-def run_server(params: Params, host: str, port: int) -> None:
+def run_server(params: Params, project: Path, host: str, port: int) -> None:
     """Serve until interrupted (uvicorn, one process; predictions run in its thread pool)."""
     import uvicorn
 
     if warning := exposure_warning(host, service_token(params.serve)):
         log.warning(warning)
-    uvicorn.run(create_app(params), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(params, project), host=host, port=port, log_level="info")

@@ -11,6 +11,7 @@ import typer
 from flows.cli import AsJson, NoPush, command, params_file
 from flows.cli.data import draw_demo_data
 from flows.cli.formatting import print_defect_types, status_lines
+from flows.names import NIGHTLY_FLOW
 from tasks.errors import FanaoiError, printable
 from tasks.params import Params
 
@@ -52,6 +53,7 @@ def _predict(
 @command("serve-model")
 def _serve_model(
     params: Params,
+    ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="default: serve.host")] = None,
     port: Annotated[int | None, typer.Option(help="default: serve.port")] = None,
 ) -> int:
@@ -61,9 +63,9 @@ def _serve_model(
     host = host or params.serve.host
     port = params.serve.port if port is None else port
     print(f"serving the champion of {params.registry.dir} on http://{host}:{port} "
-          f"(POST /predict, GET /health, GET /model, docs at /docs, "
+          f"(home page at /, POST /predict, GET /health, GET /model, docs at /docs, "
           f"{params.serve.reports_dir}/ at /reports/)")
-    run_server(params, host, port)
+    run_server(params, params_file(ctx).resolve().parent, host, port)
     return 0
 
 
@@ -114,6 +116,7 @@ def _serve(params: Params, ctx: typer.Context) -> int:
     use_offline_defaults()
     from prefect import serve
 
+    from flows.deployment_route import replace_pool_deployment
     from flows.nightly import nightly_deployment
 
     # Prefect's temporary local API has no scheduler: served there, the cron never fires.
@@ -126,8 +129,12 @@ def _serve(params: Params, ctx: typer.Context) -> int:
     else:
         print("alerts: none (set alerts.webhook_url or alerts.block to be told when a night fails)")
     deployment = nightly_deployment(params, params_file(ctx))
-    print(f"serving nightly-retrain/{deployment.name} on cron {params.nightly.cron!r}; "
-          f"run it now with `prefect deployment run nightly-retrain/{deployment.name}`")
+    full_name = f"{NIGHTLY_FLOW}/{deployment.name}"
+    if pool := replace_pool_deployment(full_name):
+        print(f"replaced {full_name} of work pool {pool!r} (from `prefect deploy`) and its trigger: "
+              f"this process runs it now; `prefect deploy --all` hands it back to the pool")
+    print(f"serving {full_name} on cron {params.nightly.cron!r}; "
+          f"run it now with `prefect deployment run {full_name}`")
     serve(deployment)
     return 0
 

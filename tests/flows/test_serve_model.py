@@ -291,7 +291,7 @@ def test_requests_beyond_max_concurrency_get_503_and_health_stays_open(
         assert upload(client, image).status_code == 200  # the slots are free again
 
 
-def test_a_token_guards_predict_and_model_but_not_health(
+def test_a_token_guards_home_predict_and_model_but_not_health(
     trained_workspace, registry, validation_paths, monkeypatch
 ):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
@@ -308,6 +308,8 @@ def test_a_token_guards_predict_and_model_but_not_health(
                            files={"file": ("fan.png", image, "image/png")}).status_code == 200
         assert client.get("/model").status_code == 401
         assert client.get("/model", headers=good).json()["version"] == "v0001"
+        assert client.get("/").status_code == 401  # the home page shows the decisions and their reasons
+        assert "Champion v0001" in client.get("/", headers=good).text
         assert client.get("/health").status_code == 200
     monkeypatch.setenv(TOKEN_ENV, "from-the-environment-1234")
     with TestClient(create_app(params)) as client:

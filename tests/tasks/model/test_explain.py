@@ -240,6 +240,7 @@ def test_page_draws_its_charts_tables_and_pictures_offline(explained, tmp_path):
     out = explained["out"]
     page = (out / "index.html").read_text(encoding="utf-8")
     assert external_references(page) == []
+    assert '<a id="home" href="/">' in page  # back to the line's home page of `fanaoi serve-model`
     dom = offline_dom(out / "index.html", tmp_path / "profile")
     charts = re.findall(r'<svg[^>]*aria-label="([^"]+)"', dom)
     assert charts == ["ROC (validation)", "Accuracy per epoch", "Loss per epoch"]
