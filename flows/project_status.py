@@ -263,7 +263,9 @@ def _folder_vs_pointer(data: dict[str, Any]) -> dict[str, Any]:
         return _check(name, True, f"{found[0]:,} files, {found[1]:,} bytes")
     return _check(name, False, (
         f"data/ holds {found[0]:,} files ({found[1]:,} bytes), data.dvc records "
-        f"{recorded[0] or 0:,} ({recorded[1] or 0:,} bytes): `fanaoi snapshot` records it"
+        f"{recorded[0] or 0:,} ({recorded[1] or 0:,} bytes): files changed by hand passed no check; "
+        f"`fanaoi validate` checks them, then `fanaoi snapshot` records them (or `dvc checkout data.dvc` "
+        f"puts data/ back as recorded)"
     ))
 
 
