@@ -44,6 +44,8 @@ REPEATS = 3  # timed passes; the best is reported (least disturbed by other proc
 def demo_registry(root: Path, params: Params, count: int, epochs: int) -> Params:
     """Params whose data set and registry (with a champion) live under ``root``."""
     from tasks.data.demo_set import generate_demo_dataset
+    from tasks.data.validate import run_validate
+    from tasks.model.evaluate import run_evaluate
     from tasks.model.train import run_train
     from tasks.registry.gate import run_gate
     from tasks.registry.publish import publish
@@ -58,10 +60,13 @@ def demo_registry(root: Path, params: Params, count: int, epochs: int) -> Params
         data=replace(params.data, dir=str(data_dir)),
         train=replace(params.train, epochs=epochs, checkpoint_dir=str(root / "ckpt")),
         registry=replace(params.registry, dir=str(root / "registry")),
+        paths=replace(params.paths, reports=str(root / "reports")),
     )
-    candidate = root / "candidate.h5"
-    summary = run_train(params, candidate, root / "reports")
-    result = run_gate(params, candidate, root / "reports", record=False)
+    candidate, reports = root / "candidate.h5", root / "reports"
+    run_validate(params, reports, report=lambda _: None)
+    summary = run_train(params, candidate, reports)
+    run_evaluate(params, candidate, reports, report=lambda _: None)
+    result = run_gate(params, candidate, reports, record=False)
     publish(candidate, result, params, repo_dir=root, force_reason="export benchmark",
             report=lambda _: None)
     print(f"champion: {params.model.architecture} {params.model.input_size[0]}x{params.model.input_size[1]}, "
@@ -169,7 +174,8 @@ def main() -> None:
             print(f"{fmt:12}{entry['bytes'] / 1e6:>10.2f}MB{entry['bytes'] / h5_bytes:>8.2f}"
                   f"{entry['max_abs_diff']:>12.2g}{time.perf_counter() - started:>10.1f}  {entry['runtime']}")
 
-        validation = check_images(params.data, model_params_from_file(folder / "model.h5"), args.images)
+        validation = check_images(params.data, Path(params.paths.reports), model_params_from_file(folder / "model.h5"),
+                                  args.images)
         images = np.resize(validation, (args.images, *validation.shape[1:])).astype(np.float32)
         print(f"\npredict {len(images)} images ({len(validation)} distinct validation images), "
               f"best of {REPEATS} passes")

@@ -219,7 +219,7 @@ def test_page_gives_escapes_per_defect_type_with_upper_bounds(trained_workspace,
     data = copy_with_defect_types(trained_workspace["data_dir"], tmp_path / "data")
     params = _with(params, data=replace(params.data, dir=str(data)), explain=replace(BASE.explain, max_heatmaps=0))
     summary = explain_model(params, model_path=trained_workspace["model_path"], out_dir=tmp_path / "out",
-                          reports_dir=trained_workspace["reports"])
+                            reports_dir=write_manifest(params, tmp_path / "reports"))
     validation = select(list_images(data, params.data), "validation")
     per_type = summary["validation"]["defect_types"]
     assert {kind: row["count"] for kind, row in per_type.items()} == Counter(

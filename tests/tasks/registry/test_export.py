@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def test_each_export_matches_keras_and_is_listed_on_the_cards(params, registry, 
     assert entry["max_abs_diff"] < 1e-4 and entry["checked_images"] > 0 and entry["bytes"] > 0
     # Run the written file again, independently of the check export_version made.
     model_path = registry / "versions" / "v0001" / "model.h5"
-    images = check_images(params.data, model_params_from_file(model_path), 200)
+    images = check_images(params.data, Path(params.paths.reports), model_params_from_file(model_path), 200)
     keras_probabilities = load_model(model_path).predict(images, verbose=0).reshape(-1)
     assert np.max(np.abs(RUNNERS[fmt](export, images) - keras_probabilities)) < 1e-4
     # v0001 is the champion: its card agrees everywhere, and the registry still trusts it.
