@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import re
 import shlex
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.child_process import child_command, child_env
 from tasks.durable import add_file_stats, cache_file, read_json, write_json
 from tasks.errors import FanaoiError
 
@@ -170,16 +170,19 @@ def require_dvc_repo(repo_dir: Path) -> None:
 
 
 def run_dvc(repo_dir: Path | str, *args: str) -> str:
-    """One dvc command in ``repo_dir``; a failure raises SnapshotError with the fix."""
+    """One dvc command in ``repo_dir``; a failure raises SnapshotError with the fix.
+
+    DVC runs in a child that dies with this process (tasks.child_process): a killed ingest
+    or snapshot leaves no ``dvc add`` or ``dvc push`` running behind it.
+    """
     if importlib.util.find_spec("dvc") is None:
         raise SnapshotError(
             f"dvc is not installed for {sys.executable}; run `make venv` "
             f"(installs requirements.lock) or `pip install 'dvc>=3.60,<4'`"
         )
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=repo_dir, env=env, capture_output=True, text=True, check=False,
+        child_command("dvc", *args),
+        cwd=repo_dir, env=child_env(DVC_NO_ANALYTICS="1"), capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:
         raise dvc_failure(Path(repo_dir), args, result.stderr + result.stdout)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.child_process import child_command, child_env
 from tasks.data.snapshot import data_snapshot_id
 from tasks.durable import fsync_path, replace_path, sha256_of, write_json
 from tasks.errors import printable
@@ -169,16 +168,12 @@ def smoke_test(model_path: Path, references: Sequence[dict[str, Any]]) -> None:
     ``references`` are {"path", "probability"} pairs scored during the gate. A file that
     cannot be loaded, or predicts differently, raises PublishError.
     """
-    project_root = str(Path(__file__).resolve().parents[2])
-    env = {
-        **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-        "PYTHONPATH": os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")])),
-    }
     paths = [str(reference["path"]) for reference in references]
     try:
         result = subprocess.run(
-            [sys.executable, "-m", SMOKE_MODULE, str(os.getpid()), str(model_path), *paths],
-            capture_output=True, text=True, env=env, timeout=SMOKE_TIMEOUT_SECONDS, check=False,
+            child_command(SMOKE_MODULE, str(model_path), *paths),
+            capture_output=True, text=True, env=child_env(TF_CPP_MIN_LOG_LEVEL="2"),
+            timeout=SMOKE_TIMEOUT_SECONDS, check=False,
         )
     except subprocess.TimeoutExpired:
         raise PublishError(
