@@ -22,19 +22,22 @@ from tasks.errors import printable
 from tasks.inference.model_file import read_model_metadata
 from tasks.params import Params
 from tasks.registry.champion import read_champion
-from tasks.registry.decisions import append_log, decision_entry
+from tasks.registry.decisions import decision_entry
 from tasks.registry.store import (
     CARD_ATTR,
     CHAMPION_MODEL,
     HISTORY_FILE,
     MODEL_SHA256,
+    PENDING_ENTRY,
     STAGING_PREFIX,
     RegistryError,
+    append_log,
     copy_atomic,
+    finish_publish,
     install_champion,
     list_versions,
+    recover_leftovers,
     registry_lock,
-    remove_leftovers,
     utc_now,
     version_number,
 )
@@ -222,7 +225,7 @@ def publish(
     if force_reason is not None:  # typed by an operator; the card and the log are printed line by line
         force_reason = printable(force_reason)
     with registry_lock(registry_dir, params.registry.lock_timeout):
-        remove_leftovers(registry_dir)
+        recover_leftovers(registry_dir)
         previous = read_champion(registry_dir)
         previous_version = previous.version if previous else None
         version = _next_version(registry_dir)
@@ -240,12 +243,12 @@ def publish(
             entry = decision_entry("reject", gate_result, None, previous_version, [str(exc)])
             append_log(registry_dir, entry)
             raise
-        replace_path(staged, registry_dir / "versions" / version)
-        install_champion(registry_dir, version)
         reasons = gate_result["reasons"]
         if force_reason:
             reasons = [*reasons, f"forced by operator: {force_reason}"]
-        entry = decision_entry(action, gate_result, version, previous_version, reasons)
-        append_log(registry_dir, entry)
+        # The log line moves in with the folder: a kill from here on is finished by the next command.
+        write_json(staged / PENDING_ENTRY, decision_entry(action, gate_result, version, previous_version, reasons))
+        replace_path(staged, registry_dir / "versions" / version)
+        finish_publish(registry_dir, version)
     report(f"published {version} as champion: {registry_dir / CHAMPION_MODEL}")
     return card
