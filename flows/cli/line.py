@@ -149,7 +149,7 @@ def _status(params: Params, ctx: typer.Context, as_json: AsJson = False) -> int:
 
     project = params_file(ctx).resolve().parent
     now = now_utc()
-    state = project_status(project, params.data.dir, project / params.registry.dir, now)
+    state = project_status(project, params.data.dir, project / params.registry.dir, now, params.validate.cache_dir)
     state["prefect"] = nightly_runs(configured_api_url(), params.status.api_timeout, now)
     if as_json:
         print(json.dumps(state, indent=2))

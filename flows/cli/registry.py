@@ -124,7 +124,7 @@ def _history(
     at: Annotated[str | None, typer.Option(metavar="TIME", help="ISO 8601, e.g. 2026-11-20T03:00")] = None,
 ) -> int:
     """Every gate decision, promotion and rollback; --at: which version was champion at TIME."""
-    from tasks.registry.decisions import champion_at, parse_time, read_log
+    from tasks.registry.decisions import champion_at, parse_time, read_log, unlogged_versions
 
     if at:
         entry = champion_at(params.registry.dir, parse_time(at))
@@ -132,13 +132,20 @@ def _history(
         print(printable(f"champion at {at}: {found}"))
         return 0
     print(f"{'time':26}{'action':9}{'version':8}{'previous':9}{'metric':20}{'escape':8}{'overkill':9}why")
-    for entry in read_log(params.registry.dir):
+    entries = read_log(params.registry.dir)
+    for entry in entries:
         why = history_why(entry)
         metric = f"{entry['metric']} {entry['value']:.4f}" if entry.get("value") is not None else "-"
         rates = [f"{entry[k]:.4f}" if k in entry else "-" for k in ("escape_rate", "overkill_rate")]
         # One line per entry, even from a log written before reasons were escaped, or edited by hand.
         print(printable(f"{entry['time']:26}{entry['action']:9}{entry.get('version') or '-':8}"
                         f"{entry.get('previous') or '-':9}{metric:20}{rates[0]:8}{rates[1]:9}{why}"))
+    for version, pending in unlogged_versions(params.registry.dir, entries).items():
+        folder = Path(params.registry.dir) / "versions" / version
+        why = ("a publish killed before its log line; the next command that changes the registry finishes it"
+               if pending else "published by a run killed before its log line, or the line was removed")
+        print(printable(f"{'-':26}{'unlogged':9}{version:8}{'-':9}{'-':20}{'-':8}{'-':9}"
+                        f"no line in log.jsonl for {folder}: {why}"))
     return 0
 
 

@@ -15,6 +15,11 @@ after a successful ``dvc add`` (and ``dvc push``) records every file's (path, si
 mtime, inode), the bytes of ``data.dvc`` and the remote settings; while all of them are
 unchanged the commands are skipped. It is the key DVC's own state database trusts
 to skip re-hashing a file.
+
+The stamp also records the modification time of the data folder and of each folder below
+it: adding, removing or renaming a file changes its folder's time, so ``fanaoi status``
+tells whether data/ still holds the snapshot with a few stats, whatever the number of
+images (see :func:`changed_folders`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.child_process import child_command, child_env
 from tasks.durable import add_file_stats, cache_file, read_json, write_json
 from tasks.errors import FanaoiError
 
@@ -94,6 +100,7 @@ def snapshot_data(
     )
     stamp = read_json(stamp_path) if stamp_path else {}
     files = _files_digest(repo_dir / data_dir) if stamp_path else None
+    folders = _folder_times(repo_dir / data_dir) if stamp_path else {}
     before = data_snapshot_id(repo_dir, data_dir)
     skipped = files is not None and stamp.get("state") == _state(repo_dir, data_dir, files)
     if not skipped:
@@ -103,11 +110,11 @@ def snapshot_data(
         # A file changed while dvc add ran may be in data/ but not in data.dvc: no stamp.
         if files is not None and _files_digest(repo_dir / data_dir) != files:
             files = None
-        _write_stamp(stamp_path, repo_dir, data_dir, files, pushed=False)
+        _write_stamp(stamp_path, repo_dir, data_dir, files, folders=folders, pushed=False)
     after = data_snapshot_id(repo_dir, data_dir)
     if push and not (skipped and stamp.get("pushed")):
         run_dvc(repo_dir, "push", pointer_file(repo_dir, data_dir).name)
-        _write_stamp(stamp_path, repo_dir, data_dir, files, pushed=True)
+        _write_stamp(stamp_path, repo_dir, data_dir, files, folders=folders, pushed=True)
     return {"md5": after, "changed": after != before, "pushed": push, "skipped": skipped}
 
 
@@ -116,6 +123,35 @@ def _files_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     add_file_stats(digest, folder, "")
     return digest.hexdigest()
+
+
+def _folder_times(folder: Path) -> dict[str, int]:
+    """The modification time (ns) of ``folder`` and of every folder below it, by relative path."""
+    return {os.path.relpath(root, folder): os.stat(root).st_mtime_ns for root, _dirs, _files in os.walk(folder)}
+
+
+def changed_folders(repo_dir: Path, data_dir: str, stamp_dir: str, md5: str) -> list[str] | None:
+    """The folders of ``data_dir`` whose files changed since snapshot ``md5`` was recorded ([]: none).
+
+    One stat per folder of the stamp, not per file: a file added, removed or renamed changes
+    its folder's time (one rewritten in place under its old name does not; DVC sees it). None
+    when the stamp is not of that snapshot: none written yet, or the snapshot was made by a
+    plain ``dvc add``.
+    """
+    folder = repo_dir / data_dir
+    stamp = read_json(cache_file(repo_dir / stamp_dir, folder, "snapshot"))
+    recorded = stamp.get("folders")
+    if stamp.get("md5") != md5 or not isinstance(recorded, dict):
+        return None
+    changed = []
+    for relative, mtime in recorded.items():
+        try:
+            now = os.stat(folder / relative).st_mtime_ns
+        except OSError:
+            now = None
+        if now != mtime:
+            changed.append(os.path.normpath(os.path.join(data_dir, relative)))
+    return changed
 
 
 def _state(repo_dir: Path, data_dir: str, files: str) -> str:
@@ -129,7 +165,7 @@ def _state(repo_dir: Path, data_dir: str, files: str) -> str:
 
 
 def _write_stamp(
-    path: Path | None, repo_dir: Path, data_dir: str, files: str | None, pushed: bool,
+    path: Path | None, repo_dir: Path, data_dir: str, files: str | None, *, folders: dict[str, int], pushed: bool,
 ) -> None:
     """Record the snapshot just made (or pushed); with no trustworthy digest, forget it."""
     if path is None:
@@ -137,7 +173,10 @@ def _write_stamp(
     if files is None:
         path.unlink(missing_ok=True)
         return
-    write_json(path, {"state": _state(repo_dir, data_dir, files), "pushed": pushed}, indent=None)
+    write_json(path, {
+        "state": _state(repo_dir, data_dir, files), "pushed": pushed,
+        "md5": data_snapshot_id(repo_dir, data_dir), "folders": folders,
+    }, indent=None)
 
 
 def commit_command(data_dir: str = "data", md5: str | None = None) -> str:
@@ -170,16 +209,19 @@ def require_dvc_repo(repo_dir: Path) -> None:
 
 
 def run_dvc(repo_dir: Path | str, *args: str) -> str:
-    """One dvc command in ``repo_dir``; a failure raises SnapshotError with the fix."""
+    """One dvc command in ``repo_dir``; a failure raises SnapshotError with the fix.
+
+    DVC runs in a child that dies with this process (tasks.child_process): a killed ingest
+    or snapshot leaves no ``dvc add`` or ``dvc push`` running behind it.
+    """
     if importlib.util.find_spec("dvc") is None:
         raise SnapshotError(
             f"dvc is not installed for {sys.executable}; run `make venv` "
             f"(installs requirements.lock) or `pip install 'dvc>=3.60,<4'`"
         )
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=repo_dir, env=env, capture_output=True, text=True, check=False,
+        child_command("dvc", *args),
+        cwd=repo_dir, env=child_env(DVC_NO_ANALYTICS="1"), capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:
         raise dvc_failure(Path(repo_dir), args, result.stderr + result.stdout)

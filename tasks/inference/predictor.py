@@ -9,11 +9,8 @@ error of its own and the others are still classified.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import re
-import signal
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -170,18 +167,14 @@ def predict_files(
 
 
 def smoke_main(argv: Sequence[str]) -> None:
-    """``python -m tasks.inference.predictor PARENT_PID MODEL IMAGE...``: the publish smoke test's fresh
+    """``python -m tasks.inference.predictor MODEL IMAGE...``: the publish smoke test's fresh
     process loads the file and prints the images' probabilities as JSON.
 
-    It dies with its parent (Linux PR_SET_PDEATHSIG), and gives up at once if the parent is
-    already gone: a killed publish leaves no TensorFlow process behind.
+    The publish starts it through tasks.child_process: a killed publish leaves no
+    TensorFlow process behind.
     """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-    if os.getppid() != int(argv[0]):
-        sys.exit("the publishing process is gone")
-    predictor = predictor_from_file(argv[1], threshold=0.5)
-    probabilities = probabilities_of(predictor, [Path(p) for p in argv[2:]], batch_size=32)
+    predictor = predictor_from_file(argv[0], threshold=0.5)
+    probabilities = probabilities_of(predictor, [Path(p) for p in argv[1:]], batch_size=32)
     sys.stdout.write(json.dumps([float(p) for p in probabilities]) + "\n")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -18,12 +17,13 @@ from tasks.params import RegistryParams
 from tasks.registry.champion import integrity_problem, published_version, read_champion, read_embedded_card
 from tasks.registry.store import (
     LOG_FILE,
+    PENDING_ENTRY,
     RegistryError,
+    append_log,
     install_champion,
     list_versions,
+    recover_leftovers,
     registry_lock,
-    remove_leftovers,
-    utc_now,
 )
 from tasks.shapes import STRICT, IsoTime, checked
 
@@ -69,6 +69,20 @@ def read_log(registry_dir: Path | str) -> list[dict[str, Any]]:
     return entries
 
 
+def unlogged_versions(registry_dir: Path | str, entries: Sequence[dict[str, Any]]) -> dict[str, bool]:
+    """Version folders that no log line published, each with whether its publish is pending
+    (killed before its line was logged: the next command that changes the registry finishes it).
+
+    The others were published by a FanAOI older than pending lines, or their line was removed.
+    """
+    logged = {entry.get("version") for entry in entries if entry["action"] in ("promote", "force")}
+    folder = Path(registry_dir) / "versions"
+    return {
+        version: (folder / version / PENDING_ENTRY).exists()
+        for version in list_versions(registry_dir) if version not in logged
+    }
+
+
 def reject_streak(entries: Sequence[dict[str, Any]]) -> int:
     """Rejections of a worse candidate since the last night that was not one.
 
@@ -105,19 +119,11 @@ def champion_at(registry_dir: Path | str, moment: datetime) -> dict[str, Any] | 
     return current
 
 
-def append_log(registry_dir: Path, entry: dict[str, Any]) -> None:
-    """Append one decision; the caller holds the registry lock."""
-    with (registry_dir / LOG_FILE).open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"time": utc_now(), **entry}) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def record_decision(registry: RegistryParams, entry: dict[str, Any]) -> None:
     """Append a decision that publishes nothing (a gate rejection) to log.jsonl."""
     registry_dir = Path(registry.dir)
     with registry_lock(registry_dir, registry.lock_timeout):
-        remove_leftovers(registry_dir)
+        recover_leftovers(registry_dir)
         append_log(registry_dir, entry)
 
 
@@ -146,7 +152,7 @@ def rollback(registry: RegistryParams, version: str, reason: str | None = None) 
     """Make an earlier published version the champion again (atomic, logged). Returns its card."""
     registry_dir = Path(registry.dir)
     with registry_lock(registry_dir, registry.lock_timeout):
-        remove_leftovers(registry_dir)
+        recover_leftovers(registry_dir)
         version, folder = published_version(registry_dir, version)
         card = read_embedded_card(folder / "model.h5")
         others = [v for v in list_versions(registry_dir) if v != version]

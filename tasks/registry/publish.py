@@ -8,34 +8,36 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.child_process import child_command, child_env
 from tasks.data.snapshot import data_snapshot_id
 from tasks.durable import fsync_path, replace_path, sha256_of, write_json
 from tasks.errors import printable
 from tasks.inference.model_file import read_model_metadata
 from tasks.params import Params
 from tasks.registry.champion import read_champion
-from tasks.registry.decisions import append_log, decision_entry
+from tasks.registry.decisions import decision_entry
 from tasks.registry.store import (
     CARD_ATTR,
     CHAMPION_MODEL,
     HISTORY_FILE,
     MODEL_SHA256,
+    PENDING_ENTRY,
     STAGING_PREFIX,
     RegistryError,
+    append_log,
     copy_atomic,
+    finish_publish,
     install_champion,
     list_versions,
+    recover_leftovers,
     registry_lock,
-    remove_leftovers,
     utc_now,
     version_number,
 )
@@ -169,16 +171,12 @@ def smoke_test(model_path: Path, references: Sequence[dict[str, Any]]) -> None:
     ``references`` are {"path", "probability"} pairs scored during the gate. A file that
     cannot be loaded, or predicts differently, raises PublishError.
     """
-    project_root = str(Path(__file__).resolve().parents[2])
-    env = {
-        **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-        "PYTHONPATH": os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")])),
-    }
     paths = [str(reference["path"]) for reference in references]
     try:
         result = subprocess.run(
-            [sys.executable, "-m", SMOKE_MODULE, str(os.getpid()), str(model_path), *paths],
-            capture_output=True, text=True, env=env, timeout=SMOKE_TIMEOUT_SECONDS, check=False,
+            child_command(SMOKE_MODULE, str(model_path), *paths),
+            capture_output=True, text=True, env=child_env(TF_CPP_MIN_LOG_LEVEL="2"),
+            timeout=SMOKE_TIMEOUT_SECONDS, check=False,
         )
     except subprocess.TimeoutExpired:
         raise PublishError(
@@ -227,7 +225,7 @@ def publish(
     if force_reason is not None:  # typed by an operator; the card and the log are printed line by line
         force_reason = printable(force_reason)
     with registry_lock(registry_dir, params.registry.lock_timeout):
-        remove_leftovers(registry_dir)
+        recover_leftovers(registry_dir)
         previous = read_champion(registry_dir)
         previous_version = previous.version if previous else None
         version = _next_version(registry_dir)
@@ -245,12 +243,12 @@ def publish(
             entry = decision_entry("reject", gate_result, None, previous_version, [str(exc)])
             append_log(registry_dir, entry)
             raise
-        replace_path(staged, registry_dir / "versions" / version)
-        install_champion(registry_dir, version)
         reasons = gate_result["reasons"]
         if force_reason:
             reasons = [*reasons, f"forced by operator: {force_reason}"]
-        entry = decision_entry(action, gate_result, version, previous_version, reasons)
-        append_log(registry_dir, entry)
+        # The log line moves in with the folder: a kill from here on is finished by the next command.
+        write_json(staged / PENDING_ENTRY, decision_entry(action, gate_result, version, previous_version, reasons))
+        replace_path(staged, registry_dir / "versions" / version)
+        finish_publish(registry_dir, version)
     report(f"published {version} as champion: {registry_dir / CHAMPION_MODEL}")
     return card

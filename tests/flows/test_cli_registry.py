@@ -223,3 +223,22 @@ def test_history_prints_one_row_per_entry_whatever_a_reason_holds(tmp_path, caps
     header, rolled_back, rejected = out.splitlines()
     assert rolled_back.endswith(FORGED_REASON.replace("\n", r"\n").replace("\x1b", r"\x1b"))
     assert rejected.split()[1] == "reject" and "\x1b" not in out
+
+
+def test_history_lists_a_version_folder_that_has_no_log_line(tmp_path, capsys):
+    """A version published by a run killed before its log line (or a line deleted by hand) is shown, marked."""
+    registry = tmp_path / "registry"
+    for version in ("v0001", "v0002"):
+        (registry / "versions" / version).mkdir(parents=True)
+    entry = {"time": "2026-11-20T03:00:00+00:00", "action": "promote", "version": "v0001", "previous": None,
+             "reasons": ["every rule passed"], "failed": []}
+    (registry / "log.jsonl").write_text(json.dumps(entry) + "\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"registry:\n  dir: {registry}\n")
+
+    assert main(["--params", str(params), "history"]) == 0
+
+    header, promoted, unlogged = capsys.readouterr().out.splitlines()
+    assert promoted.split()[1:3] == ["promote", "v0001"]
+    assert unlogged.split()[1:3] == ["unlogged", "v0002"]
+    assert "no line in log.jsonl" in unlogged and str(registry / "versions" / "v0002") in unlogged

@@ -136,3 +136,35 @@ def test_an_intact_project_has_no_problems(project, capsys) -> None:
     assert [row["batch"] for row in state["data"]["pending_batches"]] == ["/batches/b1"]
     assert run("history") == 0
     assert "reject" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_status_tells_whether_data_holds_the_snapshot_without_listing_data(tmp_path, monkeypatch, capsys) -> None:
+    """Its time does not grow with the number of images: one stat per folder, no walk of data/."""
+    import os
+
+    from tasks.data.snapshot import snapshot_data
+    from tests.conftest import make_image_folder
+    from tests.dvc_support import make_dvc_repo
+
+    repo = make_dvc_repo(tmp_path / "repo", remote=None)
+    (repo / "params.yaml").write_text("validate:\n  cache_dir: .cache\n")
+    make_image_folder(repo / "data", per_class=3)
+    snapshot_data(repo, "data", push=False, stamp_dir=".cache")
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    listed: list[str] = []
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path=".", real=real: listed.append(os.fspath(path)) or real(path))
+
+    def data_check() -> dict:
+        assert run("status", "--json") == 0
+        return json.loads(capsys.readouterr().out)["agreement"][0]
+
+    assert data_check()["ok"] and data_check()["detail"].startswith("6 files")
+    (repo / "data" / "NG" / "new.png").write_bytes(b"png")
+    changed = data_check()
+    assert not [path for path in listed if Path(path).resolve().is_relative_to(repo / "data")]
+    assert not changed["ok"] and "added, removed or renamed in data/NG since" in changed["detail"]

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ from tasks.data.snapshot import (
     snapshot_data,
 )
 from tests.conftest import make_image_folder
-from tests.dvc_support import make_dvc_repo, run
+from tests.dvc_support import PROJECT, make_dvc_repo, run, tool_env
 
 
 def test_snapshot_id_is_none_before_the_first_snapshot(tmp_path: Path) -> None:
@@ -180,3 +185,48 @@ def test_an_unchanged_folder_skips_dvc_and_any_change_defeats_the_shortcut(
     assert snapshot_data(repo, stamp_dir=".fanaoi")["skipped"] and calls == []
     monkeypatch.chdir(repo)  # the CLI names the repo ".", the flow by its absolute path
     assert snapshot_data(Path("."), stamp_dir=".fanaoi")["skipped"] and calls == []
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting for a reaper has stopped running)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["term", "int", "kill"])
+def test_killing_an_ingest_kills_its_dvc_child(tmp_path: Path, kill: signal.Signals) -> None:
+    repo = make_dvc_repo(tmp_path / "repo", remote=None)
+    (repo / "params.yaml").write_text("validate:\n  min_per_class: 1\n")
+    batch = make_image_folder(tmp_path / "batch", per_class=1)
+    # A `python -m dvc` that hangs, as a huge push does: first on the path, ahead of the real one.
+    fake = tmp_path / "fake" / "dvc"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    pid_file = tmp_path / "dvc.pid"
+    (fake / "__main__.py").write_text(
+        f"import os, pathlib, time\npathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\ntime.sleep(300)\n"
+    )
+    env = {**tool_env(), "PYTHONPATH": os.pathsep.join([str(fake.parent), str(PROJECT)])}
+    ingest = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ingest", str(batch), "--no-push"],
+        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert ingest.poll() is None and time.monotonic() < deadline, "the ingest never started dvc"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        ingest.send_signal(kill)
+        ingest.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), f"dvc child {child} outlived the ingest killed with {kill.name}"
+    finally:
+        ingest.kill()
+        if pid_file.is_file() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)

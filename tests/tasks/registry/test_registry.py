@@ -14,7 +14,15 @@ import pytest
 from tasks.data.dataset import sha256_of
 from tasks.inference.model_file import load_model
 from tasks.registry.champion import champion_card, read_champion
-from tasks.registry.decisions import champion_at, parse_time, read_log, reject_streak, rollback
+from tasks.registry.decisions import (
+    champion_at,
+    decision_entry,
+    parse_time,
+    read_log,
+    record_decision,
+    reject_streak,
+    rollback,
+)
 from tasks.registry.publish import PublishError, publish
 from tasks.registry.store import (
     CHAMPION_CARD,
@@ -267,6 +275,43 @@ def test_leftovers_of_a_killed_publish_are_removed_by_the_next_command(data_dir,
     assert not staged.exists() and not list(registry.glob(".*.tmp"))
     assert not list(registry.glob(".card-*"))
     assert list_versions(registry) == ["v0001", "v0002"]
+
+
+class Killed(BaseException):
+    """What a kill does to a publish: it stops where it is, no `except Exception` runs."""
+
+
+@pytest.mark.slow
+def test_a_publish_killed_during_the_champion_copy_is_finished_by_the_next_command(
+    data_dir, base, tmp_path, monkeypatch
+):
+    import tasks.registry.store
+
+    registry = copy_registry(one_version_registry(data_dir, base), tmp_path / "registry")
+    params = gate_params(data_dir, registry)
+    good = good_model(data_dir, base)
+    result = gate_candidate(params, good, tmp_path / "reports", record=False)
+    result["decision"] = "promote"
+    copy = tasks.registry.store.copy_atomic
+
+    def killed_at_the_champion(source, target):
+        if target.name == CHAMPION_MODEL:
+            raise Killed
+        copy(source, target)
+
+    monkeypatch.setattr(tasks.registry.store, "copy_atomic", killed_at_the_champion)
+    with pytest.raises(Killed):
+        publish(good, result, params)
+    monkeypatch.undo()
+    assert list_versions(registry) == ["v0001", "v0002"] and read_champion(registry).version == "v0001"
+
+    reject = {**result, "decision": "reject"}
+    record_decision(params.registry, decision_entry("reject", reject, None, "v0002", ["worse"]))
+
+    assert [(e["action"], e["version"]) for e in read_log(registry)] == [
+        ("promote", "v0001"), ("promote", "v0002"), ("reject", None)]
+    assert read_champion(registry).version == "v0002" and read_champion(registry).problem is None
+    assert sorted(p.name for p in (registry / "versions" / "v0002").iterdir()) == ["card.json", "model.h5"]
 
 
 @pytest.mark.integration
