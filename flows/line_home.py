@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from flows.project_status import CARD_METRICS, INDEX, LOG, noted, pending_batches, trained_snapshot
 from tasks.data.validate import VALIDATION_PAGE
@@ -70,3 +75,23 @@ def reports_page(reports_dir: Path) -> str:
     """The index of reports/: one link per file, by path."""
     files = report_files(reports_dir) if reports_dir.is_dir() else []
     return render_page("reports.html.j2", files=files, reports_url=REPORTS_URL, reports_dir=str(reports_dir))
+
+
+class ReportFiles(StaticFiles):
+    """``reports/`` read-only (GET and HEAD; anything else 405), without its dotfiles.
+
+    Starlette resolves each path, symlinks included, and serves nothing outside the
+    folder, so ``../`` in any spelling is a 404. A reports folder not written yet is a 404
+    too, not an error: the service may start before the first nightly run.
+    """
+
+    async def check_config(self) -> None:
+        if self.directory is not None and os.path.isdir(self.directory):
+            await super().check_config()
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        # Dotfiles are a tool's state (partial writes, caches), not pages: the index leaves
+        # them out, and a guessed name gets the same 404 as a missing file.
+        if any(part.startswith(".") for part in PurePosixPath(path).parts):
+            raise HTTPException(status_code=404)
+        return await super().get_response(path, scope)

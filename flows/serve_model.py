@@ -28,12 +28,11 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from flows.line_home import home_page, reports_page
+from flows.line_home import ReportFiles, home_page, reports_page
 from tasks.data.dataset import decode_image
 from tasks.data.image_check import EMPTY, FORMAT, UNIDENTIFIED, ImageRejected, check_image
 from tasks.errors import FanaoiError
@@ -420,19 +419,6 @@ def create_app(params: Params, project: Path = Path()) -> FastAPI:
     app.mount("/reports", ReportFiles(directory=serve.reports_dir, html=True, check_dir=False), name="reports")
     app.add_middleware(ServiceGuard, serve=serve, token=service_token(serve))
     return app
-
-
-class ReportFiles(StaticFiles):
-    """``reports/`` read-only (GET and HEAD; anything else 405).
-
-    Starlette resolves each path, symlinks included, and serves nothing outside the
-    folder, so ``../`` in any spelling is a 404. A reports folder not written yet is a 404
-    too, not an error: the service may start before the first nightly run.
-    """
-
-    async def check_config(self) -> None:
-        if self.directory is not None and os.path.isdir(self.directory):
-            await super().check_config()
 
 
 def run_server(params: Params, project: Path, host: str, port: int) -> None:

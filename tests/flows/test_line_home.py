@@ -127,3 +127,22 @@ def test_an_operator_walks_from_home_to_the_reports_and_back_offline(
         tab.click("#home")
         assert tab.url == home and "Champion v0001" in tab.dom
         assert tab.failed_requests == [] and external_references(tab.dom) == []
+
+
+def test_reports_serves_files_but_no_dotfile_even_by_its_name(tmp_path):
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.testclient import TestClient
+
+    from flows.line_home import ReportFiles
+
+    reports = tmp_path / "reports"
+    (reports / ".cache").mkdir(parents=True)
+    (reports / ".cache" / "inside.json").write_text("{}")
+    (reports / ".partial.html").write_text("half")
+    (reports / "gate.json").write_text("{}")
+    app = Starlette(routes=[Mount("/reports", ReportFiles(directory=reports, html=True))])
+    with TestClient(app) as client:
+        assert client.get("/reports/gate.json").status_code == 200
+        for hidden in (".partial.html", ".cache/inside.json", "%2Ecache/inside.json"):
+            assert client.get(f"/reports/{hidden}").status_code == 404, hidden
