@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ from flows.cli.formatting import status_lines
 from flows.status import nightly_runs, ui_url
 from tests.conftest import heavy_packages_imported_by, make_image_folder
 from tests.dvc_support import BIN, tool_env
+from tests.http_support import fake_api
 from tests.prefect_support import free_port
 
 pytestmark = pytest.mark.integration
@@ -137,47 +134,6 @@ def test_an_ingested_batch_shows_until_a_run_trains_on_it(
     assert checks(status_json(project))["data/ = data.dvc"] is False
     # It may be broken: status never advises snapshotting what no check has read.
     assert "`fanaoi validate` checks them, then `fanaoi snapshot` records them" in status(project).stdout
-
-
-@contextmanager
-def fake_api(body: bytes, content_type: str = "application/json", trickle: float = 0.0) -> Iterator[str]:
-    """An HTTP server on loopback answering every request with ``body``; its /api URL.
-
-    With ``trickle``, it sends the whole answer one byte per ``trickle`` seconds (for 3 s
-    at most, then hangs up): a server too slow to finish, yet never silent long enough
-    for a per-read timeout.
-    """
-    answer = (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nConnection: close\r\n"
-              f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-    class Answer(BaseHTTPRequestHandler):
-        def answer(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if not trickle:
-                self.wfile.write(answer)
-                return
-            stop = time.monotonic() + 3
-            for byte in answer:
-                if time.monotonic() > stop:
-                    break
-                self.wfile.write(bytes([byte]))
-                self.wfile.flush()
-                time.sleep(trickle)
-            self.close_connection = True
-
-        do_GET = do_POST = answer
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/api"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 NOT_PREFECT = {
