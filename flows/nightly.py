@@ -25,7 +25,6 @@ from prefect.tasks import exponential_backoff
 from flows.names import (
     DECISION_STATES,
     DEFECT_TYPES_KEY,
-    DEPLOYMENT_NAME,
     METRICS_KEY,
     NIGHTLY_FLOW,
     REPORT_KEY,
@@ -226,6 +225,7 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> Stat
             project_lock(project, "nightly_retrain run", params.lock.timeout),
             contextlib.chdir(project),
         ):
+            _crash_dead_runs(params_file)
             summary = _run_pipeline(params, push, None if limit is None else time.monotonic() + limit)
     except RunInProgress as exc:
         get_run_logger().warning(str(exc))
@@ -241,6 +241,18 @@ def nightly_retrain(params_path: str = "params.yaml", push: bool = True) -> Stat
         name=DECISION_STATES[summary["decision"]], data=summary,
         message=f"decision {summary['decision']}; champion {summary['champion_version'] or 'none yet'}",
     )
+
+
+def _crash_dead_runs(params_file: Path) -> None:
+    """Earlier runs of this project left Running by a killed process end Crashed (flows/dead_runs.py)."""
+    from prefect.runtime import flow_run
+
+    from flows.dead_runs import mark_dead_runs_crashed
+
+    try:
+        mark_dead_runs_crashed(params_file, flow_run.id)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping of dead runs must never fail tonight's run
+        get_run_logger().warning("could not check for runs left Running by a killed process: %s", exc)
 
 
 class NightlyTimeout(TimeoutError):
@@ -397,54 +409,3 @@ def report_failure(message: str, stages: dict[str, bool], links: list[str]) -> N
     )
 
 
-def local_timezone() -> str:
-    """This machine's IANA time zone name, so "02:00" means 02:00 on the line's clock."""
-    import tzlocal
-
-    return tzlocal.get_localzone_name()
-
-
-def ingest_triggers(nightly: NightlyParams) -> list[Any]:
-    """Run once batches stop arriving: ``nightly.ingest_quiet_seconds`` after the last one.
-
-    A proactive trigger whose ``after`` and ``expect`` are the same event is Prefect's
-    debounce: each batch restarts the window, and the run starts when a window passes
-    with no batch, so five batches in a row start one run, after the last. ``for_each``
-    matters: without it the server keeps an open window even with no batch, and a quiet
-    trigger would start a run every window.
-    """
-    from datetime import timedelta
-
-    from prefect.events import DeploymentEventTrigger
-    from prefect.events.schemas.automations import Posture
-
-    from flows.events import BATCH_INGESTED, project_resource
-
-    if nightly.ingest_quiet_seconds is None:
-        return []
-    return [DeploymentEventTrigger(
-        name=f"{nightly.project}: batches ingested, then quiet",
-        after={BATCH_INGESTED}, expect={BATCH_INGESTED},
-        match={"prefect.resource.id": project_resource(nightly.project)["prefect.resource.id"]},
-        for_each={"prefect.resource.id"},
-        posture=Posture.Proactive, threshold=1, within=timedelta(seconds=nightly.ingest_quiet_seconds),
-    )]
-
-
-def nightly_deployment(params: Params, params_file: Path) -> Any:
-    """The nightly_retrain deployment: cron from params, a run after ingests, one run at a time."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig
-    from prefect.schedules import Cron
-
-    nightly = params.nightly
-    return nightly_retrain.to_deployment(
-        name=DEPLOYMENT_NAME,
-        schedules=[Cron(nightly.cron, timezone=nightly.timezone or local_timezone())],
-        triggers=ingest_triggers(nightly),
-        concurrency_limit=ConcurrencyLimitConfig(
-            limit=1, collision_strategy=nightly.collision_strategy
-        ),
-        parameters={"params_path": str(params_file.resolve())},
-        description="Nightly retraining of the GO/NG fan classifier (params.yaml: nightly)",
-        tags=["fanaoi"],
-    )

@@ -116,8 +116,7 @@ def _serve(params: Params, ctx: typer.Context) -> int:
     use_offline_defaults()
     from prefect import serve
 
-    from flows.deployment_route import replace_pool_deployment
-    from flows.nightly import nightly_deployment
+    from flows.deployment_route import nightly_deployment, replace_pool_deployment
 
     # Prefect's temporary local API has no scheduler: served there, the cron never fires.
     _require_prefect_server("scheduling the nightly runs")

@@ -16,14 +16,13 @@ import pytest
 import yaml
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 
+from flows.deployment_route import ingest_triggers, nightly_deployment
 from flows.nightly import (
     DEFECT_TYPES_KEY,
     METRICS_KEY,
     REPORT_KEY,
     SKIPPED,
-    ingest_triggers,
     is_transient,
-    nightly_deployment,
     nightly_retrain,
 )
 from flows.params import load_params
