@@ -254,7 +254,8 @@ PROBES: list[Probe] = [
     ("+ version folder with no log line", "history lists it, marked", probe_unlogged_version),
     ("+ kill -9 of ingest during dvc", "dvc child gone within 5 s", probe_killed_ingest),
     ("+ status at 3,200 vs 13,400 images", "same time", skipped("drawing takes minutes: measured by hand (README)")),
-    ("+ nightly killed -9: Crashed", "marked Crashed", skipped("not built yet (issue 28, item 9)")),
+    ("+ nightly killed -9: Crashed", "marked Crashed",
+     skipped("needs a Prefect server: tests/flows/test_dead_runs.py")),
     ("+ /reports/.hidden on serve-model", "404",
      skipped("tests/flows/test_line_home.py, test_reports_serves_files_but_no_dotfile_even_by_its_name")),
 ]
