@@ -205,6 +205,8 @@ def classify(loaded: LoadedChampion, data: bytes) -> dict[str, Any]:
 
 TOKEN_ENV = "FANAOI_SERVE_TOKEN"
 PROTECTED_PATHS = ("/", "/predict", "/model")  # need the bearer token when one is set
+# ...and everything under it: reports name data files and batch folders and show part images
+PROTECTED_PREFIX = "/reports"
 UNCOUNTED_PATHS = ("/health",)  # always answered: the line asks it while the service is busy
 UPLOAD_PATHS = ("/predict",)  # the routes that read a body: their slot is taken once it has arrived
 
@@ -219,10 +221,10 @@ def exposure_warning(host: str, token: str | None) -> str | None:
     if host == "localhost" or _is_loopback(host):
         return None
     if token:
-        return (f"serving on {host}: reachable from other machines; /, /predict and /model need "
-                f"the bearer token, /health and /reports/ are open")
+        return (f"serving on {host}: reachable from other machines; /, /predict, /model and /reports/ "
+                f"need the bearer token, /health is open")
     return (f"serving on {host} WITHOUT a token: anyone who can reach this machine can use "
-            f"/predict and read / and /model; set {TOKEN_ENV} (or serve.token), or bind to 127.0.0.1")
+            f"/predict and read /, /model and /reports/; set {TOKEN_ENV} (or serve.token), or bind to 127.0.0.1")
 
 
 def _is_loopback(host: str) -> bool:
@@ -283,7 +285,7 @@ class ServiceGuard:
 
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         headers = Headers(scope=scope)
-        if self.token and scope["path"] in PROTECTED_PATHS:
+        if self.token and (scope["path"] in PROTECTED_PATHS or scope["path"].startswith(PROTECTED_PREFIX)):
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
                 return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={

@@ -291,11 +291,14 @@ def test_requests_beyond_max_concurrency_get_503_and_health_stays_open(
         assert upload(client, image).status_code == 200  # the slots are free again
 
 
-def test_a_token_guards_home_predict_and_model_but_not_health(
-    trained_workspace, registry, validation_paths, monkeypatch
+def test_a_token_guards_home_predict_model_and_reports_but_not_health(
+    trained_workspace, registry, validation_paths, monkeypatch, tmp_path
 ):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-    params = serve_params(trained_workspace, registry, token="s3cret-line-7-token")
+    (tmp_path / "reports" / "ingest").mkdir(parents=True)
+    (tmp_path / "reports" / "ingest" / "batch.json").write_text('{"batch": "/home/supplier/lot-17"}')
+    params = serve_params(trained_workspace, registry, token="s3cret-line-7-token",
+                          reports_dir=str(tmp_path / "reports"))
     image = validation_paths[0].read_bytes()
     with TestClient(create_app(params)) as client:
         assert upload(client, image).status_code == 401
@@ -311,6 +314,9 @@ def test_a_token_guards_home_predict_and_model_but_not_health(
         assert client.get("/").status_code == 401  # the home page shows the decisions and their reasons
         assert "Champion v0001" in client.get("/", headers=good).text
         assert client.get("/health").status_code == 200
+        for page in ("/reports/", "/reports/ingest/batch.json"):  # batch paths, part images
+            assert client.get(page).status_code == 401, page
+            assert client.get(page, headers=good).status_code == 200, page
     monkeypatch.setenv(TOKEN_ENV, "from-the-environment-1234")
     with TestClient(create_app(params)) as client:
         assert client.get("/model", headers=good).status_code == 401  # the variable wins
