@@ -198,6 +198,19 @@ def publish_stage(params: Params, gate: dict[str, Any]) -> dict[str, Any] | None
     return card
 
 
+@task(name="explain", cache_policy=NO_CACHE)
+def explain_stage(params: Params, version: str) -> str | None:
+    """The new champion's explain page, drawn now so that the links to it (the nightly report,
+    the line's home page) always open; a page that cannot be drawn never fails the night."""
+    from tasks.registry.explain_source import explain_model
+
+    try:
+        return explain_model(params, version=version, report=get_run_logger().debug)["index"]
+    except FanaoiError as exc:
+        get_run_logger().warning("the explain page of %s was not drawn: %s", version, exc)
+        return None
+
+
 def _read_report(params: Params, name: str) -> dict[str, Any] | None:
     path = details_path(Path(params.paths.reports) / name)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -310,6 +323,8 @@ def _run_pipeline(params: Params, push: bool, deadline: float | None) -> dict[st
     except FanaoiError as exc:
         report_failure(str(exc), stages, validation_lines(params.paths.reports, reports_base_url(params)))
         raise
+    if card:
+        explain_stage(params, card["version"])
     summary = summarize(params, stages, snapshot, card, gate=gate, evaluation=evaluation)
     if summary["decision"] == "reject":
         alert_on_reject_streak(params, summary)

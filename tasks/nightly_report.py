@@ -157,8 +157,8 @@ def explain_lines(version: str | None, reports_dir: str, reports_url: str) -> li
 
     The link is the page as `fanaoi serve-model` serves it (``reports_url``): a file://
     path opens only on the machine that wrote it, not in an operator's browser elsewhere.
-    The flow does not draw the report itself: on the demo set it takes seconds after
-    every promotion for a page few runs need, so the operator runs `fanaoi explain`.
+    The flow draws the page after each promotion (a few seconds on the demo set); a champion
+    whose page could not be drawn, or published before, gets the command that draws it.
     """
     if version is None:
         return []
@@ -167,7 +167,6 @@ def explain_lines(version: str | None, reports_dir: str, reports_url: str) -> li
     if report.is_file():
         return [f"- look inside {version}: [{report}]({reports_url}/{page}) (served by `fanaoi serve-model`)"]
     return [f"- look inside {version}: `fanaoi explain {version}` writes {report}"]
-
 
 
 def evaluate_vs_kept_epoch_table(comparison: dict[str, Any]) -> list[str]:

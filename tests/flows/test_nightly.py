@@ -132,7 +132,7 @@ def test_first_run_trains_gates_and_publishes(nightly_project: dict[str, Any]) -
     evaluation = json.loads((project / "reports" / "evaluation-details.json").read_text())
     assert summary["validation"] == evaluation["validation"]
 
-    every_task = ("validate", "snapshot", "train", "evaluate", "gate", "publish", "report")
+    every_task = ("validate", "snapshot", "train", "evaluate", "gate", "publish", "explain", "report")
     runs = task_runs(state, every_task)
     for name in every_task:
         assert runs[name].state.name == "Completed", name
@@ -155,6 +155,9 @@ def test_first_run_publishes_report_and_metrics_artifacts(nightly_project: dict[
     assert "# Nightly retrain: PROMOTE" in report.data
     assert data_snapshot_id(project) in report.data
     assert "| validation accuracy |" in report.data  # the evaluate-vs-last-epoch table
+    # The new champion's explain page is drawn by the run itself: the report's link opens.
+    assert (project / "reports" / "explain" / "v0001" / "index.html").is_file()
+    assert "explain/v0001/" in report.data
     table = found[METRICS_KEY]
     assert table.type == "table"
     rows = {row["metric"]: row for row in json.loads(table.data)}
