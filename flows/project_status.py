@@ -272,22 +272,21 @@ def _folder_vs_pointer(data: dict[str, Any]) -> dict[str, Any]:
     if data["snapshot"] is None:
         return _check(name, False, "no data snapshot yet: run `fanaoi snapshot` (or the nightly flow)")
     if data["changed_folders"]:
-        return _check(name, False, (
-            f"files were added, removed or renamed in {', '.join(data['changed_folders'])} since "
-            f"data.dvc was written: `fanaoi snapshot` records them"
-        ))
+        return _check(name, False, f"files were added, removed or renamed in "
+                                   f"{', '.join(data['changed_folders'])} since data.dvc was written: {_BY_HAND}")
     if data["folder_files"] is None:
         return _check(name, False, "the data folder is missing: `dvc checkout data.dvc` restores it")
     recorded = (data["snapshot_files"], data["snapshot_bytes"])
     found = (data["folder_files"], data["folder_bytes"])
     if recorded == found:
         return _check(name, True, f"{found[0]:,} files, {found[1]:,} bytes")
-    return _check(name, False, (
-        f"data/ holds {found[0]:,} files ({found[1]:,} bytes), data.dvc records "
-        f"{recorded[0] or 0:,} ({recorded[1] or 0:,} bytes): files changed by hand passed no check; "
-        f"`fanaoi validate` checks them, then `fanaoi snapshot` records them (or `dvc checkout data.dvc` "
-        f"puts data/ back as recorded)"
-    ))
+    return _check(name, False, f"data/ holds {found[0]:,} files ({found[1]:,} bytes), data.dvc records "
+                               f"{recorded[0] or 0:,} ({recorded[1] or 0:,} bytes): {_BY_HAND}")
+
+
+# Files put into data/ by hand passed no check (ingest checks each one): never snapshot them unread.
+_BY_HAND = ("`fanaoi validate` checks them, then `fanaoi snapshot` records them (or `dvc checkout data.dvc` "
+            "puts data/ back as recorded)")
 
 
 def _pointer_vs_lock(data: dict[str, Any]) -> dict[str, Any]:
