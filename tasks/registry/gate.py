@@ -114,9 +114,11 @@ def loss_rule(candidate: dict[str, Any], champion: dict[str, Any], gate: GatePar
     """At the ceiling: the candidate's log loss at least gate.min_loss_improvement (a share) below the champion's."""
     ours, theirs = candidate[LOSS], champion[LOSS]
     improvement = 1 - ours / theirs if theirs else 0.0
-    return _rule(LOSS, improvement >= gate.min_loss_improvement - _EPSILON,
-                 f"at the ceiling log loss decides: {ours:.4f} vs champion {theirs:.4f}: {improvement:.1%} "
-                 f"lower >= min_loss_improvement {gate.min_loss_improvement:.1%}",
+    needed = gate.min_loss_improvement
+    how = (f"{improvement:.1%} lower >= min_loss_improvement {needed:.1%}" if improvement >= 0
+           else f"{-improvement:.1%} higher, not min_loss_improvement {needed:.1%} lower")
+    return _rule(LOSS, improvement >= needed - _EPSILON,
+                 f"at the ceiling log loss decides: {ours:.4f} vs champion {theirs:.4f}: {how}",
                  candidate=ours, champion=theirs, improvement=improvement, limit=gate.min_loss_improvement)
 
 

@@ -128,6 +128,9 @@ def test_at_the_ceiling_a_better_calibrated_candidate_is_promoted_on_log_loss():
 def test_at_the_ceiling_a_candidate_not_clearly_better_calibrated_is_a_tie_rejected(loss):
     decision, rules = decide(metrics(1.0, log_loss=loss), PERFECT, GATE)
     assert decision == "reject" and failed(rules) == ["log_loss"]
+    if loss > 0.050:
+        assert rules[3]["text"].endswith("0.0600 vs champion 0.0500: 20.0% higher, "
+                                         "not min_loss_improvement 10.0% lower: FAIL")
     assert saturation(rules, GATE)["tie"]
 
 
