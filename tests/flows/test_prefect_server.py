@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # Task run states reach the server as events; it records them a moment after the run ends.
 SETTLE_TIMEOUT = 30
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-NIGHTLY_TASKS = ("pipeline-status", "validate", "snapshot", "train", "evaluate", "gate", "publish", "report")
+NIGHTLY_TASKS = ("pipeline-status", "validate", "snapshot", "train", "evaluate", "gate", "publish", "explain", "report")
 
 
 def settled_task_states(server: PrefectServer, flow_run_id: str) -> dict[str, str]:

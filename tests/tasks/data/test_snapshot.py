@@ -210,9 +210,12 @@ def test_killing_an_ingest_kills_its_dvc_child(tmp_path: Path, kill: signal.Sign
         f"import os, pathlib, time\npathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\ntime.sleep(300)\n"
     )
     env = {**tool_env(), "PYTHONPATH": os.pathsep.join([str(fake.parent), str(PROJECT)])}
+    # A shell starting a background job without job control (CI, nohup ... &) makes it ignore
+    # SIGINT, and children inherit that: the ingest gets Ctrl-C's default, as at a terminal.
     ingest = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "ingest", str(batch), "--no-push"],
         cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - one syscall, no lock
     )
     try:
         deadline = time.monotonic() + 120
