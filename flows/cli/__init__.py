@@ -55,6 +55,18 @@ def _options(
     # through its own handler too): noise between the epoch lines.
     for chatty in ("httpx", "dvc"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_expected_error_without_traceback)
+
+
+def _expected_error_without_traceback(record: logging.LogRecord) -> bool:
+    """Print an expected error (it names the file and the fix) without the traceback Prefect's
+    engine logs with it: the command's one error line follows, and the traceback stays in the
+    dashboard's log, whose handler saw the record first. ``-v`` keeps it here too."""
+    if record.exc_info and isinstance(record.exc_info[1], EXPECTED_ERRORS):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def command(name: str, *, locked: bool = False) -> Callable[[Callable[..., int]], Callable[..., int]]:
