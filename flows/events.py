@@ -34,7 +34,9 @@ def emit(event: str, project: str, payload: dict[str, Any]) -> bool:
         log.debug("no Prefect server (PREFECT_API_URL): %s not sent", event)
         return False
     sent = emit_event(event=event, resource=project_resource(project), payload=payload)
-    # A CLI process may exit right after: hand the event over before it does.
+    # A CLI process may exit right after: hand the event over before it does. Meanwhile
+    # Prefect's worker logs "Still processing items" as a warning: the wait we chose, not news.
+    logging.getLogger(EventsWorker.__name__).setLevel(logging.ERROR)
     EventsWorker.drain_all(timeout=DRAIN_TIMEOUT)
     return sent is not None
 
