@@ -5,6 +5,8 @@ import pytest
 
 from flows.cli import main
 from tests.conftest import heavy_packages_imported_by, make_image_folder
+from tests.dvc_support import BIN, tool_env
+from tests.flows.conftest import make_flow_project
 
 
 def test_help_does_not_import_heavy_packages():
@@ -101,3 +103,21 @@ def test_retrain_refuses_another_params_file_before_any_run(tmp_path, monkeypatc
     assert err.startswith(f"fanaoi retrain: error: {other}: the dvc.yaml stages read the project's params.yaml")
     assert "pass that one" in err
     assert started == [] and sorted(path.name for path in tmp_path.iterdir()) == ["line-7.yaml"]  # no demo data
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_failed_run_prints_its_error_once_without_the_engine_s_traceback(tmp_path):
+    project = make_flow_project(tmp_path)
+    (project / "data" / "NG" / "broken.png").write_text("not an image")
+    env = {name: value for name, value in tool_env().items() if not name.startswith("PREFECT_")}
+    retrain = subprocess.run(
+        [str(BIN / "fanaoi"), "--params", str(project / "params.yaml"), "retrain", "--no-push"],
+        cwd=project, env={**env, "PREFECT_HOME": str(tmp_path / "prefect-home")},
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert retrain.returncode == 1
+    assert "Traceback" not in retrain.stderr  # the engine logs one with the error; the dashboard keeps it
+    assert retrain.stderr.count("data/NG/broken.png: not an image") >= 1
+    last = [line for line in retrain.stderr.splitlines() if line.startswith("fanaoi retrain: error:")]
+    assert len(last) == 1 and "broken.png" in last[0]
