@@ -76,14 +76,19 @@ class PrefectServer:
         return self.log.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=STOP_TIMEOUT)
+        if self.process.poll() is None:
+            stop_group(self.process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group ``process`` leads (started with ``start_new_session``), then
+    SIGKILL it if it is not gone within STOP_TIMEOUT."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=STOP_TIMEOUT)
 
 
 def api(server: PrefectServer, method: str, path: str, body: dict | None = None) -> Any:

@@ -6,9 +6,7 @@ A real Prefect server (the session's), `prefect deploy` from the repo's prefect.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import pytest
 from tests.dvc_support import BIN, PROJECT
 from tests.flows.conftest import make_flow_project
 from tests.flows.test_ingest_trigger import TERMINAL, wait_for
-from tests.prefect_support import RUN_TIMEOUT, STOP_TIMEOUT, PrefectServer, api
+from tests.prefect_support import RUN_TIMEOUT, PrefectServer, api, stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -72,9 +70,4 @@ def test_serve_replaces_a_work_pool_deployment_and_its_trigger_and_runs_it(
                         lambda found: found["state_type"] in TERMINAL, RUN_TIMEOUT, "the run's end")
         assert done["state_type"] == "COMPLETED", (done["state"], (tmp_path / "serve.log").read_text()[-3000:])
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait(timeout=STOP_TIMEOUT)
+        stop_group(serve)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from tasks.registry.champion import read_champion
 from tests.conftest import make_image_folder
 from tests.dvc_support import BIN
 from tests.flows.conftest import make_flow_project, update_params
-from tests.prefect_support import RUN_TIMEOUT, STOP_TIMEOUT, PrefectServer, api, runs_of
+from tests.prefect_support import RUN_TIMEOUT, PrefectServer, api, runs_of, stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,12 +49,7 @@ def served(prefect_server: PrefectServer, tmp_path: Path) -> Iterator[tuple[Path
     try:
         yield project, process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=STOP_TIMEOUT)
+        stop_group(process)
 
 
 def wait_for(read: Any, ready: Any, timeout: float, what: str) -> Any:
